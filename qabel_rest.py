@@ -1,0 +1,1694 @@
+"""qabel_rest: the local REST server of the Qabel desktop client.
+
+The desktop app starts it (in a thread, or as its own process) on 127.0.0.1:9696;
+every other local program reads and changes the client's two settings documents
+through it:
+
+    GET  /settings   the local settings document       PUT  {"key": K, "value": V}
+    GET  /synced     the synced settings document      POST {"settings": {...}}
+    GET  /health     {"status": "ok"}, no key needed
+
+Usage:
+
+    python qabel_rest.py --port 9696 --data-dir ~/.config/qabel-rest
+
+    server = qabel_rest.make_server(data_dir=path, api_key=key, port=9696)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.settings.put("poll_interval", 10)
+    server.shutdown(); server.server_close()
+
+Security stance: the documents hold private keys and tokens, so every request must
+name an allowed Host (against DNS rebinding), carry no foreign Origin (against web
+pages), and present the API key (X-API-Key or Authorization: Bearer, compared in
+constant time) except GET /health. No CORS header is ever sent; errors and logs never
+contain the key or a settings value; files are mode 0600 in a 0700 directory.
+"""
+
+import argparse
+import copy
+import errno
+import hashlib
+import hmac
+import io
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import selectors
+import signal
+import socket
+import socketserver
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections import namedtuple
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from types import MappingProxyType
+
+try:  # POSIX: advisory lock released by the OS when the process dies
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+try:  # Windows: byte-range lock, also released when the process dies
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None
+
+__version__ = "1.0.0"
+__all__ = [
+    "QabelRestError",
+    "StartupError",
+    "InvalidKey",
+    "InvalidValue",
+    "DocumentUnavailable",
+    "SaveError",
+    "SettingsDocument",
+    "QabelRestServer",
+    "RequestHandler",
+    "make_server",
+    "main",
+]
+
+logger = logging.getLogger("qabel_rest")
+
+
+# ---------------------------------------------------------------------------
+# Constants and schema
+# ---------------------------------------------------------------------------
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9696  # the port of the Qabel spec
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a synced document with many identities fits
+DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for one whole request, first byte to last
+DEFAULT_MAX_CONNECTIONS = 64  # one thread each; beyond it new connections get 503
+SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
+
+# Any JSON value may nest at most this deep (document root = 0). Far below the
+# interpreter's recursion limit, so no parser or validator ever hits it.
+MAX_DEPTH = 64
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+# Longest decimal text of a 64-bit integer, with sign. Longer text is out of range,
+# and int() never sees it (CPython refuses over 4,300 digits with a ValueError).
+_MAX_INT_TEXT = 20
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
+_ENV_API_KEY = "QABEL_REST_API_KEY"
+_KEY_FILE = "api-key"
+_LOCK_FILE = "qabel_rest.lock"
+_SETTINGS_FILE = "settings.json"
+_SYNCED_FILE = "synced.json"
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII: it has to travel in a header
+_INDEX_RE = re.compile(r"0|[1-9][0-9]*")
+_DIGITS_RE = re.compile(r"[0-9]+")  # not \d: that also matches non-ASCII digits
+_HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+# The schema of the Qabel "Client Configuration". A node is one of:
+#   a leaf name (a key of _LEAVES), "any" (any JSON value),
+#   _Obj: an object with declared fields only, some of them required,
+#   _List: a list of items; items with an "id" field must have unique ids,
+#   _Map: an object with any names, each value of one kind.
+_Obj = namedtuple("_Obj", "fields required")
+_List = namedtuple("_List", "item")
+_Map = namedtuple("_Map", "value")
+
+
+def _is_url(value):
+    if type(value) is not str or value != value.strip() or not value.isprintable():
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _is_count(value):
+    return type(value) is int and 0 <= value <= _INT64_MAX
+
+
+# leaf name -> (what it must be, for error messages; its check)
+_LEAVES = MappingProxyType({
+    "id": ("an integer >= 0", _is_count),
+    "time": ("an integer >= 0 (seconds since the epoch)", _is_count),
+    "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0),
+    "str": ("a string", lambda v: type(v) is str),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "url": ("an absolute http or https URL", _is_url),
+    "name": ("a non-empty string", lambda v: type(v) is str and v != ""),
+    "key": ("a string", lambda v: type(v) is str),
+    "object": ("an object", lambda v: type(v) is dict),
+})
+
+
+def _item(**fields):
+    """An item of a synced list: id (required, unique), time stamps, and fields."""
+    declared = {"id": "id", "updated": "time", "created": "time", "deleted": "time"}
+    declared.update(fields)
+    return _Obj(MappingProxyType(declared), frozenset({"id"}))
+
+
+_MODULE_DATA = _Map("object")  # module name -> object, anything JSON inside
+_KEY_NAMES = ("private_primary_key", "public_primary_key", "private_enc_key",
+              "public_enc_key", "private_sign_key", "public_sign_key")
+
+LOCAL_SCHEMA = _Obj(MappingProxyType({
+    "poll_interval": "interval",
+    "drop_last_update": "str",
+    "module_data": _MODULE_DATA,
+}), frozenset())
+
+SYNCED_SCHEMA = _Obj(MappingProxyType({
+    "accounts": _List(_item(provider="str", user="str", auth="str")),
+    "drop_servers": _List(_item(url="url", auth="str", active="bool")),
+    "storage_servers": _List(_item(url="url", auth="str")),
+    "storage_volumes": _List(_item(storage_server_id="id", public_identifier="str",
+                                   token="str", revoke_token="str")),
+    "identities": _List(_item(
+        alias="name",
+        keys=_Obj(MappingProxyType({name: "key" for name in _KEY_NAMES}), frozenset()),
+        drops=_List("url"))),
+    "module_data": _MODULE_DATA,
+}), frozenset())
+
+# The documents of a fresh data dir, as JSON text so that nobody can change them.
+# A stored document missing a top-level field gets it from here.
+LOCAL_DEFAULTS = '{"poll_interval": 30, "drop_last_update": "", "module_data": {}}'
+SYNCED_DEFAULTS = ('{"accounts": [], "drop_servers": [], "storage_servers": [],'
+                   ' "storage_volumes": [], "identities": [], "module_data": {}}')
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class QabelRestError(Exception):
+    """Base of every error this module raises; `status` is its HTTP answer."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = HTTPStatus(status)
+
+
+class StartupError(QabelRestError):
+    """The server cannot start: port taken, data dir or a document unusable."""
+
+
+class InvalidKey(QabelRestError):
+    """The key is not valid for the document (the Qabel spec answers 405)."""
+
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+
+
+class InvalidValue(QabelRestError):
+    """The value or document is not valid (the Qabel spec answers 400)."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+
+class DocumentUnavailable(QabelRestError):
+    """The document file is invalid on disk, or the server is closing: 503."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class SaveError(QabelRestError):
+    """Saving failed; nothing was changed, in memory or on disk."""
+
+
+class _HTTPError(QabelRestError):
+    """An answer of the request path: status, extra headers, and whether to close."""
+
+    def __init__(self, status, message, headers=(), close=False):
+        super().__init__(message, status)
+        self.headers = headers
+        self.close = close
+
+
+class _NotJSON(ValueError):
+    """The text does not parse as JSON (RFC 8259)."""
+
+
+# ---------------------------------------------------------------------------
+# JSON and dotted keys
+# ---------------------------------------------------------------------------
+
+def _reject_constant(name):
+    raise _NotJSON(f"{name} is not JSON")
+
+
+def _parse_int(text):
+    if len(text) > _MAX_INT_TEXT:
+        raise InvalidValue("an integer is out of the 64-bit range")
+    return int(text)
+
+
+def _parse_float(text):
+    number = float(text)
+    if not math.isfinite(number):  # 1e400 parses to inf
+        raise InvalidValue("a number is out of range")
+    return number
+
+
+def _build_object(pairs):
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise InvalidValue("an object has a duplicate key")
+    return result
+
+
+# Stateless, so one instance serves every thread.
+_DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_float,
+                            parse_int=_parse_int, parse_constant=_reject_constant)
+
+
+def _parse_json(data):
+    """Parse strict JSON from UTF-8 bytes or text.
+
+    Raises _NotJSON when it is not JSON at all, InvalidValue when it is JSON that no
+    document may hold (duplicate keys, numbers out of range, too deep).
+    """
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _NotJSON(f"not UTF-8 (byte {exc.start})") from None
+    if data.startswith("\ufeff"):
+        raise _NotJSON("starts with a byte order mark")
+    try:
+        return _DECODER.decode(data)
+    except json.JSONDecodeError as exc:  # its message never quotes the text
+        raise _NotJSON(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise InvalidValue(f"nested deeper than {MAX_DEPTH} levels") from None
+
+
+def _dump_document(document):
+    """The bytes of a document as served and stored: UTF-8 JSON, indented."""
+    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def parse_key(key):
+    """Split a dotted key (or take a list of segments) into a tuple of segments.
+
+    `\\.` is a literal dot and `\\\\` a literal backslash. Raises InvalidKey.
+    """
+    if type(key) is str:
+        if key == "":
+            raise InvalidKey("the key is empty")
+        segments = key.split(".") if "\\" not in key else _split_escaped(key)
+    elif type(key) in (list, tuple):
+        if not key:
+            raise InvalidKey("the key is empty")
+        segments = []
+        for segment in key:
+            if type(segment) is int and segment >= 0:
+                segment = str(segment)
+            elif type(segment) is not str:
+                raise InvalidKey("key segments must be strings")
+            segments.append(segment)
+    else:
+        raise InvalidKey("the key must be a string or a list of strings")
+    for segment in segments:
+        if segment == "":
+            raise InvalidKey("the key has an empty segment")
+        if not _is_text(segment):
+            raise InvalidKey("the key is not valid Unicode")
+    return tuple(segments)
+
+
+def _split_escaped(text):
+    segments, current = [], []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            if escaped not in (".", "\\"):
+                raise InvalidKey("the key has a backslash not followed by . or \\")
+            current.append(escaped)
+        elif char == ".":
+            segments.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    segments.append("".join(current))
+    return segments
+
+
+def format_key(segments):
+    """The dotted form of a tuple of segments, escaping dots and backslashes."""
+    return ".".join(s.replace("\\", "\\\\").replace(".", "\\.") for s in segments) or "(document)"
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+def _is_text(text):
+    """True if text is valid Unicode: no lone surrogates, so it encodes as UTF-8."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_json(value, path):
+    """Check that value is plain JSON that stays strict UTF-8 JSON when written."""
+    kind = type(value)
+    if kind is str:
+        if not _is_text(value):
+            raise InvalidValue(f"{format_key(path)}: a string is not valid Unicode")
+    elif kind is int:
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise InvalidValue(f"{format_key(path)}: an integer is out of the 64-bit range")
+    elif kind is float:
+        if not math.isfinite(value):
+            raise InvalidValue(f"{format_key(path)}: NaN and Infinity are not JSON")
+    elif kind is dict or kind is list:
+        if len(path) >= MAX_DEPTH:
+            raise InvalidValue(f"{format_key(path[:MAX_DEPTH])}: nested deeper than "
+                               f"{MAX_DEPTH} levels")
+        if kind is list:
+            for index, item in enumerate(value):
+                _check_json(item, path + (str(index),))
+            return
+        for name, item in value.items():
+            if type(name) is not str or not _is_text(name):
+                raise InvalidValue(f"{format_key(path)}: object keys must be strings")
+            _check_json(item, path + (name,))
+    elif not (kind is bool or value is None):
+        raise InvalidValue(f"{format_key(path)}: not a JSON value")
+
+
+def _check_schema(value, node, path):
+    """Check value (already plain JSON) against a schema node."""
+    if type(node) is str:
+        if node != "any":
+            what, check = _LEAVES[node]
+            if not check(value):
+                raise InvalidValue(f"{format_key(path)}: must be {what}")
+    elif type(node) is _Obj:
+        if type(value) is not dict:
+            raise InvalidValue(f"{format_key(path)}: must be an object")
+        for name, item in value.items():
+            field = node.fields.get(name)
+            if field is None:
+                raise InvalidValue(f"{format_key(path + (name,))}: unknown field")
+            _check_schema(item, field, path + (name,))
+        for name in sorted(node.required - value.keys()):
+            raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
+    elif type(node) is _List:
+        if type(value) is not list:
+            raise InvalidValue(f"{format_key(path)}: must be a list")
+        for index, item in enumerate(value):
+            _check_schema(item, node.item, path + (str(index),))
+        if _has_ids(node):
+            seen = set()
+            for index, item in enumerate(value):
+                if item["id"] in seen:
+                    raise InvalidValue(f"{format_key(path + (str(index), 'id'))}: duplicate id")
+                seen.add(item["id"])
+    else:  # _Map
+        if type(value) is not dict:
+            raise InvalidValue(f"{format_key(path)}: must be an object")
+        for name, item in value.items():
+            _check_schema(item, node.value, path + (name,))
+
+
+def _has_ids(node):
+    return type(node) is _List and type(node.item) is _Obj and "id" in node.item.fields
+
+
+def validate(value, node, path=()):
+    """Raise InvalidValue unless value is valid JSON for the schema node at path."""
+    _check_json(value, path)
+    _check_schema(value, node, path)
+
+
+def _child_node(node, segment, path):
+    """The schema node below node at segment; InvalidKey if there is none."""
+    if type(node) is _Obj:
+        field = node.fields.get(segment)
+        if field is None:
+            raise InvalidKey(f"{format_key(path)}: unknown field")
+        return field
+    if type(node) is _Map:
+        return node.value
+    if node in ("any", "object"):
+        return "any"
+    raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
+
+
+def _empty_container(node, path):
+    """A missing intermediate container for a key that goes below it."""
+    if type(node) is _List:
+        return []
+    if type(node) in (_Obj, _Map) or node in ("any", "object"):
+        return {}
+    raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
+
+
+def _deep_merge(base, patch):
+    """A new object: patch's fields over base's, objects merged recursively."""
+    result = dict(base)
+    for name, value in patch.items():
+        old = result.get(name)
+        if type(old) is dict and type(value) is dict:
+            value = _deep_merge(old, value)
+        result[name] = value
+    return result
+
+
+_MISSING = object()
+
+
+def _assign(node_value, node, path, depth, value, merge):
+    """Return (a copy of node_value with value set at path[depth:], the stored value).
+
+    node_value is never changed: containers on the path are copied, the rest is
+    shared. The new value is validated against the schema, and only it (plus the ids
+    of the list it lands in): the rest of the document is valid already.
+    """
+    segment = path[depth]
+    here = path[:depth + 1]
+    last = depth == len(path) - 1
+    if type(node_value) is dict:
+        child = _child_node(node, segment, here)
+        result = dict(node_value)
+        if last:
+            result[segment] = stored = _new_value(node_value.get(segment, _MISSING),
+                                                  value, merge, child, here)
+        else:
+            old = node_value.get(segment, _MISSING)
+            if old is _MISSING:
+                old = _empty_container(child, here)
+            result[segment], stored = _assign(old, child, path, depth + 1, value, merge)
+        return result, stored
+    if type(node_value) is list:
+        item_node = node.item if type(node) is _List else "any"
+        if segment == "-":
+            if not last:
+                raise InvalidKey(f"{format_key(here)}: '-' can only be the last segment")
+            index = len(node_value)
+        elif _INDEX_RE.fullmatch(segment) and int(segment) < len(node_value):
+            index = int(segment)
+        else:
+            raise InvalidKey(f"{format_key(here)}: no such list item")
+        result = list(node_value)
+        if index == len(result):
+            result.append(None)
+        if last:
+            old = node_value[index] if index < len(node_value) else _MISSING
+            result[index] = stored = _new_value(old, value, merge, item_node, here)
+        else:
+            result[index], stored = _assign(node_value[index], item_node, path,
+                                            depth + 1, value, merge)
+        if _has_ids(node):
+            _check_unique_id(result, index, here)
+        return result, stored
+    raise InvalidKey(f"{format_key(path[:depth])}: cannot go below a scalar value")
+
+
+def _new_value(old, value, merge, node, path):
+    if value is _MISSING:
+        raise InvalidValue("the value is missing")
+    if merge and type(old) is dict and type(value) is dict:
+        value = _deep_merge(old, value)
+    validate(value, node, path)
+    return value
+
+
+def _check_unique_id(items, index, path):
+    new_id = items[index]["id"]
+    for other_index, item in enumerate(items):
+        if other_index != index and item["id"] == new_id:
+            raise InvalidValue(f"{format_key(path + ('id',))}: duplicate id")
+
+
+def _lookup(document, path):
+    value = document
+    for depth, segment in enumerate(path):
+        if type(value) is dict and segment in value:
+            value = value[segment]
+        elif (type(value) is list and _INDEX_RE.fullmatch(segment)
+              and int(segment) < len(value)):
+            value = value[int(segment)]
+        else:
+            raise InvalidKey(f"{format_key(path[:depth + 1])}: no such key")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Storage: atomic, durable files
+# ---------------------------------------------------------------------------
+
+_REPLACE_ATTEMPTS = 6  # Windows: a virus scanner or indexer may hold the file briefly
+_REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
+
+
+def _replace(source, target):
+    """os.replace, retried a bounded number of times on PermissionError.
+
+    On Windows, replacing a file another process has open (antivirus, indexer,
+    backup) fails with a sharing violation that clears within milliseconds.
+    """
+    delay = _REPLACE_BACKOFF
+    for attempt in range(_REPLACE_ATTEMPTS):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if attempt == _REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+
+
+def _fsync_file(fd):
+    # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does.
+    if fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):  # pragma: no cover - macOS
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def _fsync_dir(directory):
+    """Make a rename in directory durable. POSIX only: Windows cannot open a
+    directory as a file, and NTFS journals the rename itself."""
+    if os.name != "posix":  # pragma: no cover - Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data):
+    """Write data to path atomically and durably, mode 0600.
+
+    A temp file in the same directory is written, fsynced and renamed over path,
+    then the directory is fsynced. On failure the temp file is removed, path is
+    untouched, and the OSError propagates.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                suffix=".tmp", dir=directory)  # mode 0600 on POSIX
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            _fsync_file(fd)
+        finally:
+            os.close(fd)
+        _replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _file_signature(path):
+    """What changes when another program rewrites the file; None if it is missing."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return ("unreadable", exc.errno)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# One snapshot of a document; replaced whole, never changed.
+#   document: the parsed value (never mutated), body: its bytes as served,
+#   signature/digest: of the file it came from or went to, error: why the file on
+#   disk cannot be used (then document is None).
+_State = namedtuple("_State", "document body signature digest error")
+
+
+class SettingsDocument:
+    """One settings document: its file, schema, lock and current state.
+
+    Thread-safe. Every change is validated, written atomically and durably, and only
+    then becomes current; reads never block on anything but a changed file.
+    """
+
+    def __init__(self, path, schema, defaults):
+        self.path = path
+        self.name = os.path.basename(path)
+        self._schema = schema
+        self._defaults = defaults
+        self._lock = threading.Lock()
+        self._state = None
+        self._closed = False
+
+    # -- public, in-process API ----------------------------------------------
+
+    def get(self, key=None):
+        """A copy of the whole document, or of the value at key."""
+        state = self._current()
+        if key is None:
+            return json.loads(state.body)
+        return copy.deepcopy(_lookup(state.document, parse_key(key)))
+
+    def put(self, key, value, merge=False):
+        """Set value at key (deep-merged into an object there if merge); return it."""
+        return copy.deepcopy(self._put(key, copy.deepcopy(value), merge))
+
+    def replace(self, document):
+        """Substitute the whole document; return a copy of it as stored."""
+        return json.loads(self._replace(copy.deepcopy(document)).body)
+
+    # -- used by the HTTP handler: no defensive copies ---------------------------
+
+    def load(self):
+        """Read the file at startup; StartupError if it is unusable."""
+        with self._lock:
+            self._state = self._read_state()
+        if self._state.error:
+            raise StartupError(f"{self.name}: {self._state.error} ({self.path})")
+
+    def close(self):
+        """Refuse every later change (waits for one in progress)."""
+        with self._lock:
+            self._closed = True
+
+    def _current(self):
+        """The current state, re-read first if another program changed the file."""
+        state = self._state
+        if _file_signature(self.path) != state.signature:
+            with self._lock:
+                state = self._sync()
+        if state.error:
+            raise DocumentUnavailable(f"{self.name} on disk is not valid: {state.error}")
+        return state
+
+    def _put(self, key, value, merge):
+        path = parse_key(key)
+        if type(merge) is not bool:
+            raise InvalidValue("merge must be true or false")
+        with self._lock:
+            state = self._writable_state()
+            document, stored = _assign(state.document, self._schema, path, 0, value, merge)
+            self._save(document)
+        return stored
+
+    def _replace(self, document):
+        validate(document, self._schema)
+        with self._lock:
+            self._writable_state()
+            return self._save(self._complete(document))
+
+    def _writable_state(self):
+        if self._closed:
+            raise DocumentUnavailable("the server is shutting down")
+        # Compare content, not just stat: an in-place rewrite within the file
+        # system's timestamp granularity keeps size and mtime.
+        state = self._sync(compare_content=True)
+        if state.error:
+            raise DocumentUnavailable(f"{self.name} on disk is not valid: {state.error}")
+        return state
+
+    def _sync(self, compare_content=False):
+        """Re-read the file if it changed since the last read or write. Holds the lock."""
+        state = self._state
+        if compare_content or _file_signature(self.path) != state.signature:
+            state = self._state = self._read_state(state)
+        return state
+
+    def _read_state(self, known=None):
+        try:
+            with open(self.path, "rb") as file:
+                st = os.fstat(file.fileno())
+                data = file.read()
+        except FileNotFoundError:
+            defaults = json.loads(self._defaults)
+            return _State(defaults, _dump_document(defaults), None, None, None)
+        except OSError as exc:
+            return _State(None, None, ("unreadable", exc.errno), None,
+                          f"cannot read: {exc.strerror}")
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        digest = hashlib.sha256(data).digest()
+        if known is not None and known.digest == digest:
+            return known._replace(signature=signature)
+        try:
+            if not data.strip():
+                raise _NotJSON("the file is empty")
+            document = _parse_json(data)
+            validate(document, self._schema)
+        except (_NotJSON, QabelRestError) as exc:
+            return _State(None, None, signature, digest, str(exc))
+        document = self._complete(document)
+        return _State(document, _dump_document(document), signature, digest, None)
+
+    def _complete(self, document):
+        """The document with every missing top-level field at its default."""
+        defaults = json.loads(self._defaults)
+        defaults.update(document)
+        return defaults
+
+    def _save(self, document):
+        body = _dump_document(document)
+        try:
+            atomic_write(self.path, body)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
+            logger.error("could not save %s: %s", self.path, exc.strerror)
+            raise SaveError(f"could not save {self.name}: {exc.strerror or 'error'}",
+                            HTTPStatus.INSUFFICIENT_STORAGE if full else None) from None
+        self._state = _State(document, body, _file_signature(self.path),
+                             hashlib.sha256(body).digest(), None)
+        return self._state
+
+
+# ---------------------------------------------------------------------------
+# Data directory: location, lock, API key
+# ---------------------------------------------------------------------------
+
+def default_data_dir(environ=None, platform=None):
+    """$QABEL_REST_DATA_DIR, else the platform's per-user config dir + qabel-rest."""
+    environ = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    if environ.get(_ENV_DATA_DIR):
+        return environ[_ENV_DATA_DIR]
+    home = os.path.expanduser("~")
+    if platform == "win32":
+        base = environ.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
+    elif platform == "darwin":
+        base = os.path.join(home, "Library", "Application Support")
+    else:  # XDG: a relative XDG_CONFIG_HOME is invalid and must be ignored
+        base = environ.get("XDG_CONFIG_HOME", "")
+        if not os.path.isabs(base):
+            base = os.path.join(home, ".config")
+    return os.path.join(base, "qabel-rest")
+
+
+def _prepare_data_dir(path):
+    try:
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=_DIR_MODE)
+            os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
+    except OSError as exc:
+        raise StartupError(f"cannot create the data dir: {exc.strerror} ({path})") from None
+
+
+class _DataDirLock:
+    """One server per data dir: an exclusive lock that dies with the process."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.path = os.path.join(directory, _LOCK_FILE)
+        self._fd = None
+
+    def acquire(self):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as exc:
+            raise StartupError(f"the data dir is not writable: {exc.strerror} "
+                               f"({self.directory})") from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # pragma: no cover - Windows: lock one byte far past the pid text
+                os.lseek(fd, 1 << 20, os.SEEK_SET)
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            holder = self._read_holder(fd)
+            os.close(fd)
+            raise StartupError(f"another qabel_rest{holder} is already using the data dir "
+                               f"({self.directory})") from None
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    @staticmethod
+    def _read_holder(fd):
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            pid = os.read(fd, 32).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError):  # pragma: no cover - Windows
+            return ""
+        return f" (pid {pid})" if pid.isdigit() else ""
+
+    def release(self):
+        if self._fd is not None:
+            # Closing the descriptor releases flock and msvcrt locks alike. The file
+            # stays: removing it would let a third process lock a different inode.
+            os.close(self._fd)
+            self._fd = None
+
+
+def _remove_stale_temp_files(directory):
+    """Temp files of a process killed mid-write: never renamed, so never current."""
+    for name in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE):
+        prefix = "." + name + "."
+        for entry in os.listdir(directory):
+            if entry.startswith(prefix) and entry.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(directory, entry))
+                except OSError:
+                    pass
+
+
+def _check_api_key(key, source):
+    if type(key) is not str or not _KEY_RE.fullmatch(key):
+        raise StartupError(f"the API key from {source} must be printable ASCII "
+                           f"without spaces, and not empty")
+    return key
+
+
+def _resolve_api_key(data_dir, api_key, environ):
+    """(key, where it came from): argument, environment, key file, or a new key file."""
+    if api_key is not None:
+        return _check_api_key(api_key, "the command line"), "the command line"
+    if environ.get(_ENV_API_KEY):
+        return _check_api_key(environ[_ENV_API_KEY], "$" + _ENV_API_KEY), "$" + _ENV_API_KEY
+    path = os.path.join(data_dir, _KEY_FILE)
+    try:
+        with open(path, "rb") as file:
+            text = file.read().decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        text = secrets.token_urlsafe(32)  # 256 bits
+        try:
+            atomic_write(path, (text + "\n").encode("ascii"))
+        except OSError as exc:
+            raise StartupError(f"cannot write the key file: {exc.strerror} ({path})") from None
+        logger.info("generated a new API key in %s", path)
+    except OSError as exc:
+        raise StartupError(f"cannot read the key file: {exc.strerror} ({path})") from None
+    return _check_api_key(text, path), path
+
+
+def _host_name(value):
+    """The lower-case host of a Host header value (port dropped); None if malformed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        host, rest = value[:end + 1], value[end + 1:]
+        if end < 0:
+            return None
+    else:
+        host, _, port = value.partition(":")
+        rest = ":" + port if _ else ""
+    if rest and not (rest.startswith(":") and _DIGITS_RE.fullmatch(rest[1:])):
+        return None
+    return host or None
+
+
+def _normal_host(name):
+    """A host name as it appears in a Host header: lower case, IPv6 in brackets."""
+    name = name.strip().lower()
+    if ":" in name and not name.startswith("["):
+        return f"[{name}]"
+    return name
+
+
+# ---------------------------------------------------------------------------
+# HTTP handler
+# ---------------------------------------------------------------------------
+
+_ROUTES = MappingProxyType({
+    "/settings": ("GET", "PUT", "POST"),
+    "/synced": ("GET", "PUT", "POST"),
+    "/health": ("GET",),
+})
+# Methods HTTP defines (RFC 9110 section 9): on a known path and not allowed, 405;
+# any other method is not recognised at all, 501.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
+                            "TRACE", "CONNECT"})
+_JSON_TYPE = "application/json"
+_FORM_TYPE = "application/x-www-form-urlencoded"
+_MAX_FORM_FIELDS = 16
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TIMEOUTS = (TimeoutError, socket.timeout)  # distinct classes before Python 3.10
+
+
+class _SocketReader(io.RawIOBase):
+    """A socket's input, read under a deadline (a time.monotonic() value).
+
+    A per-recv timeout alone lets a client that sends one byte a second hold a
+    thread forever; the deadline bounds the whole request.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.deadline = math.inf
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class _SocketWriter:
+    """A socket's output: every write goes out whole, within a timeout."""
+
+    def __init__(self, sock, timeout):
+        self._sock = sock
+        self._timeout = timeout
+
+    def write(self, data):
+        self._sock.settimeout(self._timeout)
+        self._sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    """The request path: framing, Host, Origin, key, route, body, answer.
+
+    Every answer is JSON and goes out in one write. Errors are raised as
+    QabelRestError anywhere below _dispatch and turned into a response there, once.
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive; every answer has an exact Content-Length
+    server_version = f"qabel_rest/{__version__}"  # and no Python version (version_string)
+    disable_nagle_algorithm = True  # see setup(): no 40 ms delayed-ACK stall
+    max_request_line = 65536  # longer request lines get 414, as in the stdlib
+
+    def version_string(self):
+        return self.server_version
+
+    def setup(self):
+        sock = self.request
+        self.connection = sock
+        if self.disable_nagle_algorithm:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self._reader = _SocketReader(sock)
+        self.rfile = io.BufferedReader(self._reader)
+        self.wfile = _SocketWriter(sock, self.server.request_timeout)
+        self._linger = False
+        self._body_pending = False
+        self._responded = False
+
+    def finish(self):
+        if self._linger:
+            self._lingering_close()
+        self.rfile.close()
+
+    def _lingering_close(self):
+        """Read and drop what the client still sends, briefly, after our answer.
+
+        Closing a socket with unread input sends a reset, which can destroy the
+        answer before the client reads it (RFC 9112 section 9.6).
+        """
+        sock = self.request
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 1.0
+            received = 0
+            while received < 4 * self.server.max_body:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except OSError:
+            pass
+
+    # -- one request ------------------------------------------------------------
+
+    def handle_one_request(self):
+        server = self.server
+        self.close_connection = True
+        self.command = None
+        self._reader.deadline = time.monotonic() + server.idle_timeout
+        try:
+            if not self.rfile.peek(1):
+                return  # the client closed the connection
+        except (OSError, ValueError):
+            return  # idle timeout, reset, or closed by server_close
+        if not server._begin_request(self.request):
+            self.request_version = "HTTP/1.1"
+            self._send_error(_HTTPError(HTTPStatus.SERVICE_UNAVAILABLE,
+                                        "the server is shutting down", close=True))
+            return
+        self._responded = False
+        try:
+            self._reader.deadline = time.monotonic() + server.request_timeout
+            self._handle_one()
+        except _TIMEOUTS:
+            if not self._responded:
+                self._send_error(_HTTPError(HTTPStatus.REQUEST_TIMEOUT,
+                                            "the request took too long", close=True))
+            self.close_connection = True
+        except OSError:
+            self.close_connection = True  # reset, broken pipe: nobody to answer
+        finally:
+            if server._end_request(self.request):
+                self.close_connection = True
+
+    def _handle_one(self):
+        self._body_pending = False
+        self._chunked = False
+        self._length = 0
+        self._expect_continue = False
+        self.raw_requestline = self.rfile.readline(self.max_request_line + 1)
+        if len(self.raw_requestline) > self.max_request_line:
+            self.requestline, self.request_version = "", "HTTP/1.1"
+            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            return
+        if not self.raw_requestline:
+            return
+        if not self.parse_request():
+            return
+        try:
+            self._dispatch()
+        except _TIMEOUTS:
+            raise
+        except QabelRestError as exc:
+            self._send_error(exc)
+        except OSError:
+            raise
+        except Exception:  # a bug: answer 500, keep serving others
+            logger.exception("unexpected error in %s %s", self.command, self._path_only())
+            self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                        "internal error", close=True))
+        if self._body_pending and not self.close_connection:
+            self._drain_body()
+
+    def parse_request(self):
+        if not super().parse_request():
+            self.close_connection = True
+            return False
+        if self.request_version == "HTTP/0.9":
+            # The stdlib answers an HTTP/0.9 GET without a status line; we refuse it.
+            self.request_version = "HTTP/1.0"
+            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+            return False
+        return True
+
+    def handle_expect_100(self):
+        # The stdlib sends 100 Continue here, before any check. We send it from
+        # _read_body, once Host, Origin, key, size and content type have passed.
+        self._expect_continue = True
+        return True
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's error path (bad request line, headers too large): JSON."""
+        if message:
+            message = message.split(" (")[0]  # the stdlib quotes the request there
+        status = HTTPStatus(code)
+        self._send_error(_HTTPError(status, message or status.phrase, close=True))
+
+    def _dispatch(self):
+        server = self.server
+        self._check_framing()
+        self._check_host(server)
+        self._check_origin(server)
+        path = self._path_only()
+        method = "GET" if self.command == "HEAD" else self.command
+        if not (path == "/health" and method == "GET"):
+            self._check_key(server)
+        if self.command not in _KNOWN_METHODS:
+            raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, "method not implemented")
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            raise _HTTPError(HTTPStatus.NOT_FOUND, "no such resource")
+        allow = (("Allow", ", ".join(allowed)),)
+        if method == "OPTIONS":
+            self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, allow)
+            return
+        if method not in allowed:
+            raise _HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", allow)
+        if path == "/health":
+            self._send_json(HTTPStatus.OK, {"status": "ok"})
+            return
+        document = server.settings if path == "/settings" else server.synced
+        if method == "GET":
+            self._send(HTTPStatus.OK, document._current().body)
+            return
+        try:
+            form = self._content_is_form()
+            body = self._read_body(server.max_body)
+            if method == "PUT":
+                self._do_put(document, body, form)
+            else:
+                self._do_post(document, body, form)
+        except InvalidKey as exc:  # a 405 of the Qabel spec: still carries Allow
+            raise _HTTPError(exc.status, exc.message, allow) from None
+
+    # -- checks, in the order of the spec ------------------------------------------
+
+    def _check_framing(self):
+        """RFC 9112 section 6: exactly one way to find the body's end, or 400."""
+        headers = self.headers
+        if len(headers.get_all("Host") or ()) != 1:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "exactly one Host header is required",
+                             close=True)
+        if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "the request target must be a path",
+                             close=True)
+        codings = headers.get_all("Transfer-Encoding")
+        lengths = headers.get_all("Content-Length")
+        if codings:
+            if lengths:  # a request smuggling vector (RFC 9112 section 6.3)
+                raise _HTTPError(HTTPStatus.BAD_REQUEST,
+                                 "both Transfer-Encoding and Content-Length", close=True)
+            if self.request_version == "HTTP/1.0":
+                raise _HTTPError(HTTPStatus.BAD_REQUEST,
+                                 "Transfer-Encoding in an HTTP/1.0 request", close=True)
+            names = [name.strip().lower() for value in codings for name in value.split(",")]
+            if names != ["chunked"]:
+                raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED,
+                                 "transfer coding not supported", close=True)
+            self._chunked = self._body_pending = True
+        elif lengths:
+            values = set()
+            for value in lengths:
+                value = value.strip(" \t")
+                if not _DIGITS_RE.fullmatch(value):
+                    raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed Content-Length",
+                                     close=True)
+                values.add(value.lstrip("0") or "0")
+            if len(values) > 1:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length",
+                                 close=True)
+            value = values.pop()
+            self._length = int(value) if len(value) <= 18 else sys.maxsize
+            self._body_pending = self._length > 0
+
+    def _check_host(self, server):
+        if _host_name(self.headers["Host"]) not in server.allowed_hosts:
+            raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
+
+    def _check_origin(self, server):
+        for origin in self.headers.get_all("Origin") or ():
+            try:
+                parts = urllib.parse.urlsplit(origin.strip())
+            except ValueError:
+                parts = None
+            if (parts is None or parts.scheme not in ("http", "https")
+                    or _host_name(parts.netloc) not in server.allowed_hosts):
+                raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
+
+    def _check_key(self, server):
+        presented = list(self.headers.get_all("X-API-Key") or ())
+        for value in self.headers.get_all("Authorization") or ():
+            scheme, _, token = value.strip().partition(" ")
+            presented.append(token if scheme.lower() == "bearer" else "")
+        if not presented:
+            raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required",
+                             (("WWW-Authenticate", "Bearer"),))
+        valid = True
+        for token in presented:  # every one compared, each in constant time
+            token = token.strip().encode("latin-1", "replace")
+            valid &= hmac.compare_digest(token, server._api_key)
+        if not valid:
+            raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key",
+                             (("WWW-Authenticate", "Bearer"),))
+
+    def _content_is_form(self):
+        """True for a form body, False for JSON; 415 for anything else."""
+        media, _, params = (self.headers.get("Content-Type") or "").partition(";")
+        media = media.strip().lower()
+        charset = re.search(r'charset\s*=\s*"?([^";\s]*)', params, re.IGNORECASE)
+        if charset and charset.group(1).lower() not in ("utf-8", "utf8"):
+            raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
+        if media == _JSON_TYPE:
+            return False
+        if media == _FORM_TYPE:
+            return True
+        raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                         f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
+
+    # -- body ------------------------------------------------------------------
+
+    def _read_body(self, limit):
+        if not self._chunked and self._length > limit:
+            raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"the body is larger than {limit} bytes", close=True)
+        if self._expect_continue:
+            self._expect_continue = False
+            self.wfile.write(_CONTINUE)
+        body = self._read_chunked(limit) if self._chunked else self.rfile.read(self._length)
+        if not self._chunked and len(body) < self._length:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "the body ended early", close=True)
+        self._body_pending = False
+        return body
+
+    def _read_chunked(self, limit):
+        """Decode a chunked body (RFC 9112 section 7.1), at most limit bytes."""
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(4096)
+            if not line.endswith(b"\n"):
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk", close=True)
+            size = line.split(b";", 1)[0].strip(b" \t\r\n")
+            if not _HEX_RE.fullmatch(size):
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size", close=True)
+            size = int(size, 16)
+            if size == 0:
+                break
+            if len(body) + size > limit:
+                raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                 f"the body is larger than {limit} bytes", close=True)
+            data = self.rfile.read(size)
+            if len(data) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk", close=True)
+            body += data
+        for _ in range(64):  # trailer fields, ignored
+            line = self.rfile.readline(4096)
+            if line in (b"\r\n", b"\n"):
+                return bytes(body)
+            if not line.endswith(b"\n"):
+                break
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunked trailer", close=True)
+
+    def _drain_body(self):
+        """Read and drop a body we answered without reading, to keep the framing."""
+        if self._chunked or self._expect_continue or self._length > self.server.max_body:
+            self.close_connection = True  # a 100-continue client may never send it
+            self._linger = True
+            return
+        if len(self.rfile.read(self._length)) < self._length:
+            self.close_connection = True
+
+    # -- the two writes of the Qabel spec ----------------------------------------
+
+    def _do_put(self, document, body, form):
+        if form:
+            fields = _parse_form(body)
+            key = fields.get("key", _MISSING)
+            if type(key) is str and key.startswith("["):
+                try:
+                    key = _parse_json(key)
+                except (_NotJSON, QabelRestError):
+                    raise InvalidKey("the key is not a valid JSON list") from None
+            value = fields.get("value", _MISSING)
+            if value is not _MISSING:
+                try:
+                    value = _parse_json(value)
+                except _NotJSON:
+                    pass  # a plain string
+            merge = False
+        else:
+            try:
+                request = _parse_json(body)
+            except _NotJSON as exc:
+                raise InvalidValue(f"the body is not JSON: {exc}") from None
+            if type(request) is not dict:
+                raise InvalidValue("the body must be a JSON object")
+            key = request.get("key", _MISSING)
+            value = request.get("value", _MISSING)
+            merge = request.get("merge", False)
+        if key is _MISSING:
+            raise InvalidKey("the key is missing")
+        stored = document._put(key, value, merge)
+        self._send_json(HTTPStatus.OK, {"key": key, "value": stored})
+
+    def _do_post(self, document, body, form):
+        try:
+            if form:
+                text = _parse_form(body).get("settings")
+                if text is None:
+                    raise InvalidKey("settings is missing")
+                settings = _parse_json(text)
+            else:
+                request = _parse_json(body)
+                if type(request) is not dict or "settings" not in request:
+                    raise InvalidKey("settings is missing")
+                settings = request["settings"]
+        except _NotJSON as exc:
+            raise InvalidKey(f"settings is not a valid JSON document: {exc}") from None
+        self._send(HTTPStatus.OK, document._replace(settings).body)
+
+    # -- answers -----------------------------------------------------------------
+
+    def _send_json(self, status, payload, headers=()):
+        self._send(status, (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8"),
+                   headers)
+
+    def _send_error(self, error):
+        if error.status >= 500:
+            logger.warning("%s %s: %d %s", self.command, self._path_only(),
+                           error.status, error.message)
+        if getattr(error, "close", False):
+            self.close_connection = True
+            self._linger = self._body_pending
+        self._send_json(error.status, {"error": error.message}, getattr(error, "headers", ()))
+
+    def _send(self, status, body, headers=()):
+        """Send status, headers and body in one write (no Nagle stall, one packet)."""
+        lines = [f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                 f"Server: {self.server_version}\r\n"
+                 f"Date: {self.date_time_string()}\r\n"
+                 f"Content-Type: {_JSON_TYPE}\r\n"
+                 f"Content-Length: {len(body)}\r\n"
+                 "Cache-Control: no-store\r\n"
+                 "X-Content-Type-Options: nosniff\r\n"]
+        for name, value in headers:
+            lines.append(f"{name}: {value}\r\n")
+        if self.close_connection:
+            lines.append("Connection: close\r\n")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        self._responded = True
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.log_request(status.value, len(body))
+
+    def _path_only(self):
+        return (getattr(self, "path", None) or "").partition("?")[0]
+
+    def log_request(self, code="-", size="-"):
+        # Never the query string (a client may misplace the key there), never a body.
+        logger.debug('%s "%s %s" %s %s', self.client_address[0], self.command,
+                     self._path_only(), code, size)
+
+    def log_message(self, format, *args):
+        logger.debug("%s %s", self.client_address[0], format % args)
+
+
+def _parse_form(body):
+    """The fields of a form-encoded body; 400 for bad encoding or a repeated field."""
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
+                                       encoding="utf-8", errors="strict",
+                                       max_num_fields=_MAX_FORM_FIELDS)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidValue("the form body is malformed") from None
+    fields = {}
+    for name, value in pairs:
+        if name in fields:
+            raise InvalidValue(f"the form field {name!r} is repeated")
+        fields[name] = value
+    return fields
+
+
+# ---------------------------------------------------------------------------
+# Server lifecycle
+# ---------------------------------------------------------------------------
+
+_REFUSED_BODY = b'{"error": "too many connections"}\n'
+_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nCache-Control: no-store\r\n"
+            b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n%s"
+            % (len(_REFUSED_BODY), _REFUSED_BODY))
+
+
+class QabelRestServer(ThreadingHTTPServer):
+    """The HTTP server with its two documents; build it with make_server().
+
+    Thread-safe. `settings` and `synced` are the in-process API of the documents.
+    shutdown() may be called from any thread, before or during serve_forever().
+    """
+
+    daemon_threads = True
+    block_on_close = False  # server_close() joins its own threads, with a bound
+    # POSIX: rebind at once after a restart (TIME_WAIT). Windows: SO_REUSEADDR would
+    # let another process bind the same port and steal requests, so it gets
+    # SO_EXCLUSIVEADDRUSE instead (server_bind).
+    allow_reuse_address = os.name != "nt"
+    request_queue_size = 64
+
+    def __init__(self, address, handler_class, *, data_dir, api_key, key_source, lock,
+                 settings, synced, max_body, allowed_hosts, idle_timeout,
+                 request_timeout, max_connections):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.data_dir = data_dir
+        self.key_source = key_source
+        self.settings = settings
+        self.synced = synced
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self._api_key = api_key.encode("ascii")
+        self._dir_lock = lock
+        self._state_lock = threading.RLock()  # RLock: shutdown() may run in a signal handler
+        self._stop_requested = False
+        self._serving_thread = None
+        self._stopped = threading.Event()
+        self._connections = {}  # socket -> [thread, idle?]
+        self._closing = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        try:
+            super().__init__(address, handler_class)
+        except BaseException:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+        bound = self.server_address[0]
+        self.allowed_hosts = frozenset(
+            {*_LOCAL_HOSTS, _normal_host(address[0]), _normal_host(bound),
+             *(_normal_host(name) for name in allowed_hosts)})
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}"
+
+    def server_bind(self):
+        if os.name == "nt":  # pragma: no cover - Windows
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        # Not HTTPServer.server_bind: its getfqdn() can wait seconds on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    # -- serving and stopping -------------------------------------------------------
+
+    def serve_forever(self, poll_interval=0.5):
+        """Handle requests until shutdown(); returns at once if it came first."""
+        with self._state_lock:
+            if self._stop_requested:
+                return
+            self._serving_thread = threading.current_thread()
+            self._stopped.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stop_requested:
+                    for key, _ in selector.select(poll_interval):
+                        if self._stop_requested:
+                            break
+                        if key.fileobj is self:
+                            self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            with self._state_lock:
+                self._serving_thread = None
+                self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever() and wait for it, unless called from its own thread
+        (a request handler, a signal handler) or before it started."""
+        with self._state_lock:
+            self._stop_requested = True
+            thread = self._serving_thread
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # already closed, or its buffer is full: both mean awake
+        if thread is not None and thread is not threading.current_thread():
+            self._stopped.wait()
+
+    def server_close(self):
+        """Close the port, end idle connections, let requests in flight finish
+        (bounded by SHUTDOWN_GRACE), refuse later changes, release the data dir."""
+        with self._state_lock:
+            self._stop_requested = True
+        with self._state_lock:
+            self._closing = True
+            entries = list(self._connections.items())
+        for sock, (thread, idle) in entries:
+            if idle:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        super().server_close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        for sock, (thread, idle) in entries:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.settings.close()
+        self.synced.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._dir_lock.release()
+
+    # -- connections -------------------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        with self._state_lock:
+            refuse = self._closing or len(self._connections) >= self.max_connections
+            if not refuse:
+                thread = threading.Thread(target=self.process_request_thread,
+                                          args=(request, client_address),
+                                          name="qabel_rest connection", daemon=True)
+                self._connections[request] = [thread, True]
+        if refuse:
+            self._refuse(request)
+            return
+        thread.start()
+
+    def _refuse(self, request):
+        try:
+            request.settimeout(1.0)
+            request.sendall(_REFUSED)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._state_lock:
+                self._connections.pop(request, None)
+
+    def _begin_request(self, sock):
+        """Mark a connection busy; False if the server is closing."""
+        with self._state_lock:
+            if self._closing:
+                return False
+            self._connections[sock][1] = False
+            return True
+
+    def _end_request(self, sock):
+        """Mark a connection idle; True if it must close because the server is."""
+        with self._state_lock:
+            entry = self._connections.get(sock)
+            if entry is not None:
+                entry[1] = True
+            return self._closing
+
+
+def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
+                max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
+                idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
+                max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
+    """Prepare the data dir, load both documents, bind; return a QabelRestServer.
+
+    data_dir defaults to $QABEL_REST_DATA_DIR or the platform's config dir; api_key
+    to $QABEL_REST_API_KEY, the key file, or a newly generated key file. Raises
+    StartupError (nothing changed, nothing bound) if the server cannot start.
+    """
+    environ = os.environ
+    if type(max_body) is not int or max_body < 1:
+        raise StartupError("max_body must be a positive integer")
+    data_dir = os.path.abspath(data_dir or default_data_dir(environ))
+    _prepare_data_dir(data_dir)
+    lock = _DataDirLock(data_dir)
+    lock.acquire()
+    try:
+        _remove_stale_temp_files(data_dir)
+        key, key_source = _resolve_api_key(data_dir, api_key, environ)
+        settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
+                                    LOCAL_DEFAULTS)
+        synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA,
+                                  SYNCED_DEFAULTS)
+        settings.load()
+        synced.load()
+        try:
+            return QabelRestServer(
+                (host, port), handler_class, data_dir=data_dir, api_key=key,
+                key_source=key_source, lock=lock, settings=settings, synced=synced,
+                max_body=max_body, allowed_hosts=allowed_hosts, idle_timeout=idle_timeout,
+                request_timeout=request_timeout, max_connections=max_connections)
+        except (OSError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+    except BaseException:
+        lock.release()
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def main(argv=None):
+    """Run the server until SIGINT or SIGTERM; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="qabel_rest", description="The local REST server of the Qabel desktop client.")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (%(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port, 0 for any free one (%(default)s)")
+    parser.add_argument("--data-dir", help="where the documents and the key file live")
+    parser.add_argument("--api-key", help="the API key (default: $QABEL_REST_API_KEY, "
+                                          "else DATA_DIR/api-key, generated if missing)")
+    parser.add_argument("--max-body", type=_positive_int, default=DEFAULT_MAX_BODY,
+                        metavar="BYTES", help="largest request body (%(default)s)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="another name clients may use in the Host header")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s qabel_rest %(levelname)s %(message)s")
+    if hasattr(signal, "SIGXFSZ"):
+        # Over a file size limit a write then fails with EFBIG (answered 507)
+        # instead of the signal killing the server.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        server = make_server(args.data_dir, args.api_key, args.host, args.port,
+                             max_body=args.max_body, allowed_hosts=args.allowed_host)
+    except StartupError as exc:
+        print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+    def stop(signum, frame):
+        server.shutdown()  # from the serving thread: returns at once
+
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
+    where = (f"API key file {server.key_source}" if os.path.isabs(server.key_source)
+             else f"API key from {server.key_source}")
+    print(f"qabel_rest listening on {server.url} ({where})", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    logger.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -124,7 +124,8 @@ _Map = namedtuple("_Map", "value")
 
 
 def _is_url(value):
-    if type(value) is not str or value != value.strip() or not value.isprintable():
+    # RFC 3986: no spaces or control characters anywhere in a URI
+    if type(value) is not str or not value.isprintable() or " " in value:
         return False
     try:
         parts = urllib.parse.urlsplit(value)
@@ -746,7 +747,7 @@ class SettingsDocument:
             with open(self.path, "rb") as file:
                 st = os.fstat(file.fileno())
                 data = file.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
             defaults = json.loads(self._defaults)
             return _State(defaults, _dump_document(defaults), None, None, None)
         except OSError as exc:
@@ -883,12 +884,8 @@ def _check_api_key(key, source):
     return key
 
 
-def _resolve_api_key(data_dir, api_key, environ):
-    """(key, where it came from): argument, environment, key file, or a new key file."""
-    if api_key is not None:
-        return _check_api_key(api_key, "the command line"), "the command line"
-    if environ.get(_ENV_API_KEY):
-        return _check_api_key(environ[_ENV_API_KEY], "$" + _ENV_API_KEY), "$" + _ENV_API_KEY
+def _read_or_create_key_file(data_dir):
+    """(key, path) from DATA_DIR/api-key, generating the file if it is missing."""
     path = os.path.join(data_dir, _KEY_FILE)
     try:
         with open(path, "rb") as file:
@@ -1104,13 +1101,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._drain_body()
 
     def parse_request(self):
-        if not super().parse_request():
-            self.close_connection = True
-            return False
-        if self.request_version == "HTTP/0.9":
-            # The stdlib answers an HTTP/0.9 GET without a status line; we refuse it.
+        if len(self.raw_requestline.split()) == 2:
+            # HTTP/0.9 (no version): refuse before the stdlib waits for headers that
+            # such a client never sends, and answer with a status line it lacks.
             self.request_version = "HTTP/1.0"
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+            return False
+        if not super().parse_request():
+            self.close_connection = True
             return False
         return True
 
@@ -1439,21 +1437,20 @@ class QabelRestServer(ThreadingHTTPServer):
     allow_reuse_address = os.name != "nt"
     request_queue_size = 64
 
-    def __init__(self, address, handler_class, *, data_dir, api_key, key_source, lock,
-                 settings, synced, max_body, allowed_hosts, idle_timeout,
-                 request_timeout, max_connections):
+    def __init__(self, address, handler_class, *, data_dir, settings, synced, max_body,
+                 allowed_hosts, idle_timeout, request_timeout, max_connections):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.data_dir = data_dir
-        self.key_source = key_source
+        self.key_source = None  # where the API key came from: set by make_server
         self.settings = settings
         self.synced = synced
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.max_connections = max_connections
-        self._api_key = api_key.encode("ascii")
-        self._dir_lock = lock
+        self._api_key = None  # bytes: set by make_server, never logged or shown
+        self._dir_lock = None
         self._state_lock = threading.RLock()  # RLock: shutdown() may run in a signal handler
         self._stop_requested = False
         self._serving_thread = None
@@ -1545,7 +1542,8 @@ class QabelRestServer(ThreadingHTTPServer):
         self.synced.close()
         self._wake_r.close()
         self._wake_w.close()
-        self._dir_lock.release()
+        if self._dir_lock is not None:
+            self._dir_lock.release()
 
     # -- connections -------------------------------------------------------------------
 
@@ -1598,40 +1596,54 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                 max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
-    """Prepare the data dir, load both documents, bind; return a QabelRestServer.
+    """Load both documents, bind, lock the data dir; return a QabelRestServer.
 
     data_dir defaults to $QABEL_REST_DATA_DIR or the platform's config dir; api_key
     to $QABEL_REST_API_KEY, the key file, or a newly generated key file. Raises
-    StartupError (nothing changed, nothing bound) if the server cannot start.
+    StartupError if the server cannot start; then no file was changed or created.
     """
     environ = os.environ
     if type(max_body) is not int or max_body < 1:
         raise StartupError("max_body must be a positive integer")
     data_dir = os.path.abspath(data_dir or default_data_dir(environ))
-    _prepare_data_dir(data_dir)
-    lock = _DataDirLock(data_dir)
-    lock.acquire()
+    if api_key is None and environ.get(_ENV_API_KEY):
+        api_key, key_source = environ[_ENV_API_KEY], "$" + _ENV_API_KEY
+    else:
+        key_source = "the command line"
+    if api_key is not None:
+        _check_api_key(api_key, key_source)
+    settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
+                                LOCAL_DEFAULTS)
+    synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA,
+                              SYNCED_DEFAULTS)
+    # Every check that can fail without writing comes first: the documents, then
+    # the port. Only then is anything created: the data dir, the lock, the key.
+    settings.load()
+    synced.load()
     try:
+        server = QabelRestServer(
+            (host, port), handler_class, data_dir=data_dir, settings=settings,
+            synced=synced, max_body=max_body, allowed_hosts=allowed_hosts,
+            idle_timeout=idle_timeout, request_timeout=request_timeout,
+            max_connections=max_connections)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+    try:
+        _prepare_data_dir(data_dir)
+        server._dir_lock = _DataDirLock(data_dir)
+        server._dir_lock.acquire()
         _remove_stale_temp_files(data_dir)
-        key, key_source = _resolve_api_key(data_dir, api_key, environ)
-        settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
-                                    LOCAL_DEFAULTS)
-        synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA,
-                                  SYNCED_DEFAULTS)
-        settings.load()
+        settings.load()  # again, now that no other instance can be writing
         synced.load()
-        try:
-            return QabelRestServer(
-                (host, port), handler_class, data_dir=data_dir, api_key=key,
-                key_source=key_source, lock=lock, settings=settings, synced=synced,
-                max_body=max_body, allowed_hosts=allowed_hosts, idle_timeout=idle_timeout,
-                request_timeout=request_timeout, max_connections=max_connections)
-        except (OSError, OverflowError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+        if api_key is None:
+            api_key, key_source = _read_or_create_key_file(data_dir)
+        server._api_key = api_key.encode("ascii")
+        server.key_source = key_source
     except BaseException:
-        lock.release()
+        server.server_close()
         raise
+    return server
 
 
 # ---------------------------------------------------------------------------

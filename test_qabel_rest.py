@@ -1,0 +1,1781 @@
+"""Tests of qabel_rest: a real server on port 0 over real HTTP, the real process for
+the command line, and the pure helpers directly."""
+
+import errno
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from http.client import parse_headers
+
+import pytest
+
+import qabel_rest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "qabel_rest.py")
+KEY = "test-key-0123456789abcdef0123456789abcdef"
+TIMEOUT = 10  # seconds: every socket and wait in these tests is bounded
+POSIX = os.name == "posix"
+ROOT = POSIX and os.geteuid() == 0
+
+
+# ---------------------------------------------------------------------------
+# Helpers: a raw HTTP/1.1 client, so every byte on the wire is the test's choice
+# ---------------------------------------------------------------------------
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+def read_response(file, head=False):
+    """One response from a buffered socket file; None at EOF."""
+    line = file.readline()
+    if not line:
+        return None
+    status = int(line.split()[1])
+    headers = parse_headers(file)
+    length = int(headers.get("Content-Length", 0))
+    body = b"" if head or status == 100 else file.read(length)
+    assert len(body) == (0 if head or status == 100 else length)
+    return Response(status, headers, body)
+
+
+def build_request(method, path, body=b"", headers=None, host="127.0.0.1"):
+    headers = dict(headers or {})
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    if body or method in ("PUT", "POST"):
+        headers.setdefault("Content-Length", str(len(body)))
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Conn:
+    """One keep-alive connection to a server."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def read(self, head=False):
+        return read_response(self.file, head)
+
+    def request(self, method, path, body=b"", headers=None, host="127.0.0.1"):
+        self.send(build_request(method, path, body, headers, host))
+        return self.read(head=method == "HEAD")
+
+    def closed(self):
+        """True if the server closed the connection (EOF, or a reset)."""
+        try:
+            return self.file.read(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.file.close()
+        self.sock.close()
+
+
+class Live:
+    """A running server and a client for it."""
+
+    def __init__(self, server, thread):
+        self.server = server
+        self.thread = thread
+        self.port = server.server_address[1]
+        self.data_dir = server.data_dir
+
+    def conn(self):
+        return Conn(self.port)
+
+    def call(self, method, path, body=None, headers=None, key=KEY, content_type=None,
+             host="127.0.0.1"):
+        headers = dict(headers or {})
+        if key is not None:
+            headers.setdefault("X-API-Key", key)
+        if isinstance(body, (dict, list)) or body is None and content_type:
+            body = json.dumps(body).encode()
+        if isinstance(body, str):
+            body = body.encode()
+        if body is not None and content_type is None:
+            content_type = "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        conn = self.conn()
+        try:
+            return conn.request(method, path, body or b"", headers, host)
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.call("GET", path, **kw)
+
+    def put(self, path, dotted, value, **kw):
+        return self.call("PUT", path, {"key": dotted, "value": value}, **kw)
+
+    def post(self, path, settings, **kw):
+        return self.call("POST", path, {"settings": settings}, **kw)
+
+    def file(self, name):
+        with open(os.path.join(self.data_dir, name), "rb") as f:
+            return f.read()
+
+    def doc(self, name):
+        return json.loads(self.file(name))
+
+
+def start(data_dir, **options):
+    options.setdefault("api_key", KEY)
+    data_dir = None if data_dir is None else str(data_dir)
+    server = qabel_rest.make_server(data_dir=data_dir, port=0, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return Live(server, thread)
+
+
+def stop(live):
+    live.server.shutdown()
+    live.server.server_close()
+    live.thread.join(TIMEOUT)
+    assert not live.thread.is_alive()
+
+
+@pytest.fixture
+def live(tmp_path):
+    running = start(tmp_path)
+    yield running
+    stop(running)
+
+
+def snapshot(directory):
+    """Name -> bytes of every file in directory."""
+    result = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                result[name] = f.read()
+    return result
+
+
+def documents(directory):
+    snap = snapshot(directory)
+    return {name: snap.get(name) for name in ("settings.json", "synced.json")}
+
+
+def item(id, **fields):
+    return {"id": id, "updated": 1700000000, "created": 1700000000, "deleted": 0, **fields}
+
+
+IDENTITY = item(3, alias="alice", keys={"private_primary_key": "p", "public_primary_key": "P"},
+                drops=["https://drop.qabel.de/abc"])
+
+
+def full_synced():
+    return {
+        "accounts": [item(1, provider="qabel.de", user="alice", auth="tok")],
+        "drop_servers": [item(1, url="https://drop.qabel.de/", auth="", active=True)],
+        "storage_servers": [item(1, url="https://storage.qabel.de/", auth="")],
+        "storage_volumes": [item(1, storage_server_id=1, public_identifier="v",
+                                 token="t", revoke_token="r")],
+        "identities": [IDENTITY],
+        "module_data": {"de.qabel.chat": {"sound": "ping", "list": [1, 2]}},
+    }
+
+
+class Process:
+    """The real process: python qabel_rest.py ..."""
+
+    def __init__(self, data_dir, *args, env=None, preexec_fn=None):
+        environment = dict(os.environ if env is None else env)
+        environment.pop("QABEL_REST_API_KEY", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, MODULE, "--port", "0", "--data-dir", str(data_dir), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
+            preexec_fn=preexec_fn)
+        self.line = self._read_line()
+        match = re.match(r"qabel_rest listening on http://127\.0\.0\.1:(\d+) ", self.line)
+        self.port = int(match.group(1)) if match else None
+
+    def _read_line(self):
+        result = []
+        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()))
+        reader.start()
+        reader.join(TIMEOUT)
+        return result[0].decode() if result else ""
+
+    def finish(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, out.decode(), err.decode()
+
+
+def run_cli(*args, env=None):
+    environment = dict(os.environ if env is None else env)
+    environment.pop("QABEL_REST_API_KEY", None)
+    return subprocess.run([sys.executable, MODULE, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT * 3, env=environment)
+
+
+# ---------------------------------------------------------------------------
+# The endpoint table of the Qabel spec
+# ---------------------------------------------------------------------------
+
+def test_fresh_data_dir_serves_complete_default_documents(live):
+    settings = live.get("/settings")
+    assert settings.status == 200
+    assert settings.json() == {"poll_interval": 30, "drop_last_update": "",
+                               "module_data": {}}
+    synced = live.get("/synced")
+    assert synced.status == 200
+    assert synced.json() == {"accounts": [], "drop_servers": [], "storage_servers": [],
+                             "storage_volumes": [], "identities": [], "module_data": {}}
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+
+
+def test_every_response_is_json_with_exact_length_and_safe_headers(live):
+    for response in (live.get("/settings"), live.get("/nope"), live.get("/health"),
+                     live.get("/settings", key="wrong"), live.put("/settings", "x", 1)):
+        assert response.headers["Content-Type"] == "application/json"
+        assert int(response.headers["Content-Length"]) == len(response.body)
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert "python" not in response.headers.get("Server", "").lower()
+        assert not [h for h in response.headers if h.lower().startswith("access-control")]
+        json.loads(response.body)
+
+
+@pytest.mark.parametrize("path", ["/settings", "/synced"])
+def test_put_200_changes_the_file_before_answering(live, path):
+    response = live.put(path, "module_data.chat.sound", "ping")
+    assert response.status == 200
+    assert response.json() == {"key": "module_data.chat.sound", "value": "ping"}
+    name = path[1:] + ".json"
+    assert live.doc(name)["module_data"] == {"chat": {"sound": "ping"}}
+    assert live.get(path).json()["module_data"] == {"chat": {"sound": "ping"}}
+
+
+@pytest.mark.parametrize("path, key, value", [
+    ("/settings", "poll_interval", 0),
+    ("/settings", "poll_interval", "10"),
+    ("/settings", "poll_interval", True),
+    ("/settings", "drop_last_update", 5),
+    ("/settings", "module_data.chat", "not an object"),
+    ("/synced", "identities", {"id": 1}),
+    ("/synced", "drop_servers.-", {"url": "https://d.de/"}),
+])
+def test_put_400_value_not_valid_for_key_leaves_file(live, path, key, value):
+    live.put(path, "module_data.keep", {"x": 1})
+    before = documents(live.data_dir)
+    response = live.put(path, key, value)
+    assert response.status == 400
+    assert "error" in response.json()
+    assert documents(live.data_dir) == before
+
+
+@pytest.mark.parametrize("path, key", [
+    ("/settings", "no_such_field"),
+    ("/settings", ""),
+    ("/settings", "module_data..x"),
+    ("/settings", "module_data."),
+    ("/settings", ".module_data"),
+    ("/settings", "poll_interval.x"),
+    ("/settings", "module_data\\x"),
+    ("/settings", 5),
+    ("/settings", None),
+    ("/settings", []),
+    ("/settings", ["module_data", ""]),
+    ("/settings", ["module_data", True]),
+    ("/synced", "identities.0"),
+    ("/synced", "identities.-.alias"),
+    ("/synced", "identities.x"),
+    ("/synced", "accounts.0.provider"),
+])
+def test_put_405_key_not_valid_carries_allow(live, path, key):
+    before = documents(live.data_dir)
+    response = live.put(path, key, "v")
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET, PUT, POST"
+    assert "error" in response.json()
+    assert documents(live.data_dir) == before
+
+
+def test_put_405_when_key_missing_and_400_when_value_missing(live):
+    assert live.call("PUT", "/settings", {"value": 1}).status == 405
+    response = live.call("PUT", "/settings", {"key": "poll_interval"})
+    assert response.status == 400
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+
+
+@pytest.mark.parametrize("path, document", [
+    ("/settings", {"poll_interval": 12.5, "drop_last_update": "Sun, 22 Nov 2026",
+                   "module_data": {"chat": {"a": [1, {"b": None}]}}}),
+    ("/synced", full_synced()),
+])
+def test_post_200_substitutes_the_document(live, path, document):
+    response = live.post(path, document)
+    assert response.status == 200
+    assert response.json() == document
+    assert live.doc(path[1:] + ".json") == document
+    assert live.get(path).json() == document
+
+
+def test_post_fills_missing_top_level_fields_with_defaults(live):
+    response = live.post("/settings", {"poll_interval": 5})
+    assert response.status == 200
+    assert response.json() == {"poll_interval": 5, "drop_last_update": "", "module_data": {}}
+    assert live.doc("settings.json") == response.json()
+
+
+@pytest.mark.parametrize("path, settings", [
+    ("/settings", {"unknown": 1}),
+    ("/settings", {"poll_interval": -1}),
+    ("/settings", []),
+    ("/settings", "{}"),
+    ("/settings", None),
+    ("/synced", {"identities": [item(1, alias="a"), item(1, alias="b")]}),
+    ("/synced", {"identities": [{"alias": "no id"}]}),
+    ("/synced", {"accounts": [item(1, bogus="x")]}),
+])
+def test_post_400_settings_with_invalid_keys_or_values(live, path, settings):
+    live.post(path, {"module_data": {"keep": {}}})
+    before = documents(live.data_dir)
+    response = live.post(path, settings)
+    assert response.status == 400
+    assert documents(live.data_dir) == before
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"{not json", "application/json"),
+    (b"", "application/json"),
+    (b'{"settings": NaN}', "application/json"),
+    (b'{"other": {}}', "application/json"),
+    (b"5", "application/json"),
+    (b"settings=%7Bnot+json", "application/x-www-form-urlencoded"),
+    (b"other=1", "application/x-www-form-urlencoded"),
+])
+def test_post_405_settings_not_a_valid_json_document(live, body, content_type):
+    response = live.call("POST", "/settings", body, content_type=content_type)
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET, PUT, POST"
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+
+
+def test_health_needs_no_key(live):
+    response = live.get("/health", key=None)
+    assert response.status == 200
+    assert response.json() == {"status": "ok"}
+    head = live.call("HEAD", "/health", key=None)
+    assert head.status == 200 and head.body == b""
+    assert live.call("PUT", "/health", {}).status == 405
+
+
+def test_unknown_path_404_other_method_405(live):
+    assert live.get("/nope").status == 404
+    assert live.get("/settings/").status == 404
+    for method in ("DELETE", "PATCH"):
+        response = live.call(method, "/synced")
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET, PUT, POST"
+    assert live.call("DELETE", "/health").headers["Allow"] == "GET"
+
+
+def test_head_is_get_without_body(live):
+    live.put("/settings", "poll_interval", 7)
+    conn = live.conn()
+    head = conn.request("HEAD", "/settings", headers={"X-API-Key": KEY})
+    get = conn.request("GET", "/settings", headers={"X-API-Key": KEY})
+    conn.close()
+    assert head.status == 200 and head.body == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    assert get.json()["poll_interval"] == 7
+
+
+def test_options_answers_allow_without_cors(live):
+    response = live.call("OPTIONS", "/settings")
+    assert response.status == 200
+    assert response.headers["Allow"] == "GET, PUT, POST"
+    assert not [h for h in response.headers if h.lower().startswith("access-control")]
+    assert live.call("OPTIONS", "/settings", key=None).status == 401
+
+
+def test_unknown_method_501_as_json(live):
+    response = live.call("BREW", "/settings")
+    assert response.status == 501
+    assert "error" in response.json()
+
+
+# ---------------------------------------------------------------------------
+# Bodies: JSON, forms, other types, limits
+# ---------------------------------------------------------------------------
+
+def test_form_put_reads_value_as_json_else_string(live):
+    form = "application/x-www-form-urlencoded"
+    response = live.call("PUT", "/settings", "key=poll_interval&value=15", content_type=form)
+    assert response.status == 200 and response.json()["value"] == 15
+    response = live.call("PUT", "/settings", "key=drop_last_update&value=Sun%2C+22+Nov",
+                         content_type=form)
+    assert response.status == 200 and response.json()["value"] == "Sun, 22 Nov"
+    body = "key=module_data.m&value=" + urllib.parse.quote('{"a": [1, 2]}')
+    assert live.call("PUT", "/settings", body, content_type=form).json()["value"] == {"a": [1, 2]}
+    body = "key=" + urllib.parse.quote('["module_data", "de.qabel.chat", "x"]') + "&value=1"
+    assert live.call("PUT", "/settings", body, content_type=form).status == 200
+    assert live.doc("settings.json")["module_data"]["de.qabel.chat"] == {"x": 1}
+
+
+@pytest.mark.parametrize("body, status", [
+    ("value=1", 405),
+    ("key=poll_interval", 400),
+    ("key=poll_interval&value=0", 400),
+    ("key=poll_interval&key=poll_interval&value=1", 400),
+    ("key=%ff&value=1", 400),
+    ("key=%5Bbad&value=1", 405),
+    ("key=poll_interval&value=" + urllib.parse.quote('{"a": 1, "a": 2}'), 400),
+])
+def test_form_put_errors(live, body, status):
+    response = live.call("PUT", "/settings", body,
+                         content_type="application/x-www-form-urlencoded")
+    assert response.status == status
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+
+
+def test_form_post(live):
+    body = "settings=" + urllib.parse.quote(json.dumps({"poll_interval": 3}))
+    response = live.call("POST", "/settings", body,
+                         content_type="application/x-www-form-urlencoded; charset=utf-8")
+    assert response.status == 200
+    assert live.doc("settings.json")["poll_interval"] == 3
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/xml",
+                                          "application/json; charset=latin-1",
+                                          "multipart/form-data; boundary=x"])
+def test_other_content_types_415(live, content_type):
+    headers = {"X-API-Key": KEY}
+    if content_type:
+        headers["Content-Type"] = content_type
+    conn = live.conn()
+    response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 1}',
+                            headers)
+    assert response.status == 415
+    # the unread body was drained: the connection still works
+    assert conn.request("GET", "/health").status == 200
+    conn.close()
+
+
+def test_body_over_limit_413_and_close(tmp_path):
+    live = start(tmp_path, max_body=100)
+    try:
+        conn = live.conn()
+        body = json.dumps({"key": "module_data.x", "value": {"s": "y" * 200}}).encode()
+        response = conn.request("PUT", "/settings", body,
+                                {"X-API-Key": KEY, "Content-Type": "application/json"})
+        assert response.status == 413
+        assert response.headers["Connection"] == "close"
+        assert conn.closed()
+        conn.close()
+        assert live.put("/settings", "module_data.x", {"s": "ok"}).status == 200
+    finally:
+        stop(live)
+
+
+def test_json_put_merge_deep_merges_objects(live):
+    live.put("/settings", "module_data.chat", {"a": 1, "nested": {"x": 1, "y": 2}})
+    response = live.call("PUT", "/settings", {"key": "module_data.chat", "merge": True,
+                                              "value": {"b": 2, "nested": {"y": 3}}})
+    assert response.status == 200
+    expected = {"a": 1, "b": 2, "nested": {"x": 1, "y": 3}}
+    assert response.json()["value"] == expected
+    assert live.doc("settings.json")["module_data"]["chat"] == expected
+    # without merge the value replaces the object
+    live.put("/settings", "module_data.chat", {"c": 3})
+    assert live.doc("settings.json")["module_data"]["chat"] == {"c": 3}
+    bad = live.call("PUT", "/settings", {"key": "module_data.chat", "merge": "yes",
+                                         "value": {}})
+    assert bad.status == 400
+
+
+def test_merge_into_a_list_item_keeps_schema_rules(live):
+    live.post("/synced", full_synced())
+    response = live.call("PUT", "/synced", {"key": "identities.0", "merge": True,
+                                            "value": {"alias": "bob"}})
+    assert response.status == 200
+    stored = live.doc("synced.json")["identities"][0]
+    assert stored["alias"] == "bob" and stored["keys"] == IDENTITY["keys"]
+    bad = live.call("PUT", "/synced", {"key": "identities.0", "merge": True,
+                                       "value": {"unknown": 1}})
+    assert bad.status == 400
+
+
+# ---------------------------------------------------------------------------
+# Dotted keys
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, segments", [
+    ("a", ("a",)),
+    ("foo.bar.baz", ("foo", "bar", "baz")),
+    ("module_data.de\\.qabel\\.chat.sound", ("module_data", "de.qabel.chat", "sound")),
+    ("a\\\\.b", ("a\\", "b")),
+    ("a\\\\\\.b", ("a\\.b",)),
+    (["module_data", "de.qabel.chat"], ("module_data", "de.qabel.chat")),
+    (("identities", 0, "alias"), ("identities", "0", "alias")),
+])
+def test_parse_key(text, segments):
+    assert qabel_rest.parse_key(text) == segments
+    assert qabel_rest.parse_key(qabel_rest.format_key(segments)) == segments
+
+
+@pytest.mark.parametrize("text", ["", ".", "a.", ".a", "a..b", "a\\", "a\\b", [], [""],
+                                  ["a", 1.5], ["a", True], ["a", -1], 5, None, {"a": 1},
+                                  "a.\ud800"])
+def test_parse_key_rejects(text):
+    with pytest.raises(qabel_rest.InvalidKey):
+        qabel_rest.parse_key(text)
+
+
+def test_key_with_escaped_dots_and_as_json_array(live):
+    assert live.put("/settings", "module_data.de\\.qabel\\.chat.sound", "a").status == 200
+    assert live.put("/settings", ["module_data", "de.qabel.chat", "volume"], 3).status == 200
+    assert live.put("/settings", "module_data.back\\\\slash", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {
+        "de.qabel.chat": {"sound": "a", "volume": 3}, "back\\slash": {}}
+
+
+def test_list_index_and_append(live):
+    first = {"id": 1, "url": "https://a.de/", "auth": "x", "active": True}
+    assert live.put("/synced", "drop_servers.-", first).status == 200
+    assert live.put("/synced", "drop_servers.-", {"id": 2, "url": "http://b.de/"}).status == 200
+    assert live.put("/synced", "drop_servers.1.active", False).status == 200
+    assert live.put("/synced", "drop_servers.0.url", "https://c.de/x").status == 200
+    servers = live.doc("synced.json")["drop_servers"]
+    assert servers == [dict(first, url="https://c.de/x"),
+                       {"id": 2, "url": "http://b.de/", "active": False}]
+    assert live.put("/synced", "drop_servers.2", first).status == 405  # past the end
+    assert live.put("/synced", "drop_servers.01.active", True).status == 405
+    assert live.put("/synced", "drop_servers.-1.active", True).status == 405
+
+
+def test_append_to_a_nested_list_and_create_missing_ones(live):
+    live.put("/synced", "identities.-", {"id": 5, "alias": "a"})
+    assert live.put("/synced", "identities.0.drops.-", "https://d.de/1").status == 200
+    assert live.put("/synced", "identities.0.drops.-", "ftp://d.de/").status == 400
+    assert live.put("/synced", "identities.0.keys.public_enc_key", "K").status == 200
+    assert live.put("/synced", "identities.0.keys.other", "K").status == 405
+    ident = live.doc("synced.json")["identities"][0]
+    assert ident == {"id": 5, "alias": "a", "drops": ["https://d.de/1"],
+                     "keys": {"public_enc_key": "K"}}
+
+
+def test_module_data_creates_intermediates_and_keeps_siblings(live):
+    live.put("/settings", "module_data.chat.sound", "ping")
+    live.put("/settings", "module_data.chat.deep.er.value", [1])
+    live.put("/settings", "module_data.chat.deep.er.value.-", 2)
+    live.put("/settings", "module_data.chat.deep.er.value.0", {"x": 1})
+    live.put("/settings", "poll_interval", 9)
+    assert live.doc("settings.json") == {
+        "poll_interval": 9, "drop_last_update": "",
+        "module_data": {"chat": {"sound": "ping", "deep": {"er": {"value": [{"x": 1}, 2]}}}}}
+    assert live.put("/settings", "module_data.chat.sound.x", 1).status == 405
+    assert live.put("/settings", "module_data.chat.deep.er.value.5", 1).status == 405
+
+
+def test_unique_ids_on_put(live):
+    live.post("/synced", {"accounts": [item(1), item(2)]})
+    assert live.put("/synced", "accounts.1.id", 1).status == 400
+    assert live.put("/synced", "accounts.-", item(2)).status == 400
+    assert live.put("/synced", "accounts.1", item(1)).status == 400
+    assert live.put("/synced", "accounts.1", item(7)).status == 200
+    assert live.put("/synced", "accounts.0.id", 1).status == 200  # itself: no clash
+    assert [a["id"] for a in live.doc("synced.json")["accounts"]] == [1, 7]
+
+
+# ---------------------------------------------------------------------------
+# The schema: one case per rule
+# ---------------------------------------------------------------------------
+
+BIG = 1 << 63
+SCHEMA_CASES = [
+    # local settings
+    ("settings", "poll_interval", 1, True),
+    ("settings", "poll_interval", 0.5, True),
+    ("settings", "poll_interval", 0, False),
+    ("settings", "poll_interval", -3, False),
+    ("settings", "poll_interval", True, False),
+    ("settings", "poll_interval", "5", False),
+    ("settings", "poll_interval", None, False),
+    ("settings", "poll_interval", BIG, False),
+    ("settings", "drop_last_update", "Sun, 22 Nov 2026 14:00:00 GMT", True),
+    ("settings", "drop_last_update", 1700000000, False),
+    ("settings", "module_data", {"m": {"anything": [None, 1.5, "x", {"y": True}]}}, True),
+    ("settings", "module_data", {"m": 1}, False),
+    ("settings", "module_data", [], False),
+    # INT / LONG
+    ("synced", "accounts.0.id", 0, True),
+    ("synced", "accounts.0.id", BIG - 1, True),
+    ("synced", "accounts.0.id", BIG, False),
+    ("synced", "accounts.0.id", -1, False),
+    ("synced", "accounts.0.id", True, False),
+    ("synced", "accounts.0.id", 1.0, False),
+    ("synced", "accounts.0.updated", 1700000000, True),
+    ("synced", "accounts.0.created", -1, False),
+    ("synced", "accounts.0.deleted", False, False),
+    ("synced", "accounts.0.deleted", "0", False),
+    ("synced", "storage_volumes.0.storage_server_id", 4, True),
+    ("synced", "storage_volumes.0.storage_server_id", -4, False),
+    # STR, BOOL
+    ("synced", "accounts.0.provider", "qabel.de", True),
+    ("synced", "accounts.0.user", 5, False),
+    ("synced", "accounts.0.auth", None, False),
+    ("synced", "drop_servers.0.active", True, True),
+    ("synced", "drop_servers.0.active", 1, False),
+    ("synced", "drop_servers.0.active", "true", False),
+    # URL
+    ("synced", "drop_servers.0.url", "http://localhost:8000/drop", True),
+    ("synced", "drop_servers.0.url", "https://[::1]/", True),
+    ("synced", "storage_servers.0.url", "ftp://s.de/", False),
+    ("synced", "storage_servers.0.url", "https:///nohost", False),
+    ("synced", "storage_servers.0.url", "/relative", False),
+    ("synced", "storage_servers.0.url", "s.de", False),
+    ("synced", "storage_servers.0.url", "https://s.de:99999/", False),
+    ("synced", "storage_servers.0.url", "https://s.de/ x", False),
+    ("synced", "storage_servers.0.url", " https://s.de/", False),
+    ("synced", "storage_servers.0.url", "https://[::1/", False),
+    ("synced", "storage_servers.0.url", 5, False),
+    # NAME, KEY, lists
+    ("synced", "identities.0.alias", "a", True),
+    ("synced", "identities.0.alias", "", False),
+    ("synced", "identities.0.alias", 1, False),
+    ("synced", "identities.0.keys.private_sign_key", "k", True),
+    ("synced", "identities.0.keys.private_sign_key", 5, False),
+    ("synced", "identities.0.keys", {"public_sign_key": "k"}, True),
+    ("synced", "identities.0.keys", {"other_key": "k"}, False),
+    ("synced", "identities.0.keys", ["k"], False),
+    ("synced", "identities.0.drops", ["https://d.de/a", "http://e.de/"], True),
+    ("synced", "identities.0.drops", ["d.de"], False),
+    ("synced", "identities.0.drops", "https://d.de/a", False),
+    ("synced", "identities", [], True),
+    ("synced", "identities", [item(1, alias="a"), item(2, alias="b")], True),
+    ("synced", "identities", [item(1, alias="a"), item(1, alias="b")], False),
+    ("synced", "identities", [{"alias": "a"}], False),
+    ("synced", "identities", {}, False),
+    ("synced", "accounts.0", item(9, provider="p", user="u", auth="a"), True),
+    ("synced", "accounts.0", item(9, url="https://x.de/"), False),
+    ("synced", "storage_volumes.0", item(9, token="t", revoke_token="r",
+                                         public_identifier="p"), True),
+    ("synced", "storage_volumes.0", {"token": "t"}, False),
+    # nowhere: NaN, Infinity, lone surrogates
+    ("settings", "module_data.m", {"s": "\ud800"}, False),
+    ("settings", "module_data.m", {"\udc00": 1}, False),
+    ("settings", "module_data.m", {"f": float("nan")}, False),
+    ("settings", "module_data.m", {"f": float("inf")}, False),
+    ("settings", "module_data.m", {"big": BIG}, False),
+    ("settings", "module_data.m", {"t": (1, 2)}, False),
+    ("settings", "module_data.m", {1: "non-string key"}, False),
+]
+
+
+@pytest.mark.parametrize("which, key, value, valid", SCHEMA_CASES)
+def test_schema_rule_in_process(tmp_path, which, key, value, valid):
+    live = start(tmp_path)
+    try:
+        document = getattr(live.server, which)
+        if which == "synced":
+            document.replace(full_synced())
+        before = documents(live.data_dir)
+        if valid:
+            assert document.put(key, value) == value
+            assert document.get(key) == value
+            assert json.loads(live.file(which + ".json")) == document.get()
+        else:
+            with pytest.raises(qabel_rest.InvalidValue):
+                document.put(key, value)
+            assert documents(live.data_dir) == before
+    finally:
+        stop(live)
+
+
+def _encodable(value):
+    """True if value goes over HTTP as itself."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False).encode("utf-8")) == value
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return False
+
+
+@pytest.mark.parametrize("which, key, value, valid",
+                         [case for case in SCHEMA_CASES if _encodable(case[2])])
+def test_schema_rule_over_http(live, which, key, value, valid):
+    path = "/" + which
+    if which == "synced":
+        live.post(path, full_synced())
+    before = documents(live.data_dir)
+    response = live.put(path, key, value)
+    assert response.status == (200 if valid else 400)
+    if valid:
+        assert json.loads(live.file(which + ".json")) == live.get(path).json()
+    else:
+        assert documents(live.data_dir) == before
+        if isinstance(value, str) and len(value) > 5:
+            assert value not in response.body.decode()  # errors never echo values
+
+
+def test_validate_unit():
+    qabel_rest.validate({"poll_interval": 1}, qabel_rest.LOCAL_SCHEMA)
+    with pytest.raises(qabel_rest.InvalidValue, match="poll_interval"):
+        qabel_rest.validate({"poll_interval": "1"}, qabel_rest.LOCAL_SCHEMA)
+    deep = current = {}
+    for _ in range(qabel_rest.MAX_DEPTH):
+        current["x"] = current = {}
+    with pytest.raises(qabel_rest.InvalidValue, match="deeper"):
+        qabel_rest.validate({"module_data": {"m": deep}}, qabel_rest.LOCAL_SCHEMA)
+    cyclic = {}
+    cyclic["self"] = cyclic
+    with pytest.raises(qabel_rest.InvalidValue):
+        qabel_rest.validate({"module_data": {"m": cyclic}}, qabel_rest.LOCAL_SCHEMA)
+    with pytest.raises(qabel_rest.InvalidValue):
+        qabel_rest.validate({"module_data": {"m": {"s": {1, 2}}}}, qabel_rest.LOCAL_SCHEMA)
+
+
+# ---------------------------------------------------------------------------
+# Hostile JSON
+# ---------------------------------------------------------------------------
+
+HOSTILE_BODIES = [
+    b'{"key": "module_data.m", "value": {"x": NaN}}',
+    b'{"key": "module_data.m", "value": {"x": Infinity}}',
+    b'{"key": "module_data.m", "value": {"x": -Infinity}}',
+    b'{"key": "module_data.m", "value": {"x": 1e400}}',
+    b'{"key": "module_data.m", "value": {"x": 9223372036854775808}}',
+    b'{"key": "module_data.m", "value": {"x": -9223372036854775809}}',
+    b'{"key": "module_data.m", "value": {"x": ' + b"9" * 5000 + b"}}",
+    b'{"key": "module_data.m", "value": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+    b'{"key": "module_data.m", "value": {"x": ' + b"[" * 70 + b"]" * 70 + b"}}",
+    b'{"key": "module_data.m", "value": {"x": 1, "x": 2}}',
+    b'{"key": "module_data.m", "key": "poll_interval", "value": {}}',
+    b'{"key": "module_data.m", "value": {"x": "\xff"}}',
+    b'\xef\xbb\xbf{"key": "module_data.m", "value": {}}',
+    '{"key": "module_data.m", "value": {}}'.encode("utf-16"),
+    b'{"key": "module_data.m", "value": {"x": "\\ud800"}}',
+    b'{"key": "module_data.m", "value": {"\\udfff": 1}}',
+    b'{"key": "module_data.m", "value": {"x": "a\x01b"}}',
+    b"5", b"null", b"[]", b"", b"   ", b'"str"',
+    b'{"key": "module_data.m", "value": {}} trailing',
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_BODIES, ids=range(len(HOSTILE_BODIES)))
+def test_hostile_json_put_is_400_and_changes_nothing(live, body):
+    live.put("/settings", "module_data.m", {"keep": 1})
+    before = documents(live.data_dir)
+    response = live.call("PUT", "/settings", body)
+    assert response.status == 400
+    assert documents(live.data_dir) == before
+    assert live.get("/health").status == 200
+
+
+@pytest.mark.parametrize("body, status", [
+    (b'{"settings": {"poll_interval": NaN}}', 405),
+    (b'{"settings": {"poll_interval": 1e400}}', 400),
+    (b'{"settings": {"poll_interval": 1, "poll_interval": 2}}', 400),
+    (b'{"settings": {"module_data": {"m": {"x": 99999999999999999999}}}}', 400),
+    (b'{"settings": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400),
+    (b'{"settings": {"drop_last_update": "\\udc00"}}', 400),
+    (b'\xef\xbb\xbf{"settings": {}}', 405),
+    (b'{"settings": {"drop_last_update": "\xc3\x28"}}', 405),
+    (b"[]", 405), (b"null", 405), (b"", 405),
+])
+def test_hostile_json_post(live, body, status):
+    response = live.call("POST", "/settings", body)
+    assert response.status == status
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+
+
+def test_key_missing_or_not_string_or_list(live):
+    for body in ({"value": 1}, {"key": 5, "value": 1}, {"key": {"a": 1}, "value": 1},
+                 {"key": None, "value": 1}):
+        assert live.call("PUT", "/settings", body).status == 405
+
+
+def test_parse_json_unit():
+    assert qabel_rest._parse_json(b'{"a": [1, 2.5, "\\u00e9"]}') == {"a": [1, 2.5, "\u00e9"]}
+    with pytest.raises(qabel_rest._NotJSON, match="line 2 column 1"):
+        qabel_rest._parse_json(b'{"a":\n}')
+
+
+# ---------------------------------------------------------------------------
+# Security: Host, Origin, key
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host, status", [
+    ("localhost", 200), ("localhost:9696", 200), ("LOCALHOST:1", 200),
+    ("127.0.0.1", 200), ("127.0.0.1:80", 200), ("[::1]", 200), ("[::1]:9696", 200),
+    ("evil.com", 403), ("evil.com:9696", 403), ("localhost.evil.com", 403),
+    ("127.0.0.2", 403), ("", 403), ("localhost:x", 403), ("[::1", 403),
+    ("[::2]:1", 403), ("0.0.0.0", 403), ("qabel.local", 403),
+])
+def test_host_allowlist(live, host, status):
+    assert live.get("/settings", host=host).status == status
+    assert live.get("/health", host=host, key=None).status == status
+
+
+def test_allowed_host_option_and_bound_host(tmp_path):
+    live = start(tmp_path, allowed_hosts=["Qabel.Local", "::2"])
+    try:
+        assert live.get("/settings", host="qabel.local:9696").status == 200
+        assert live.get("/settings", host="[::2]").status == 200
+        assert live.get("/settings", host="other.local").status == 403
+    finally:
+        stop(live)
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("http://localhost:3000", 200), ("https://127.0.0.1", 200), ("http://[::1]:1", 200),
+    ("http://evil.com", 403), ("https://localhost.evil.com", 403), ("null", 403),
+    ("file://", 403), ("http://evil.com:80@localhost", 403), ("", 403),
+])
+def test_origin_check(live, origin, status):
+    response = live.get("/settings", headers={"Origin": origin})
+    assert response.status == status
+    assert not [h for h in response.headers if h.lower().startswith("access-control")]
+
+
+def test_checks_run_in_order_host_origin_key(live):
+    bad_host = live.get("/settings", host="evil.com", key="wrong",
+                        headers={"Origin": "http://evil.com"})
+    assert bad_host.status == 403 and "host" in bad_host.json()["error"]
+    bad_origin = live.get("/settings", key="wrong", headers={"Origin": "http://evil.com"})
+    assert bad_origin.status == 403 and "origin" in bad_origin.json()["error"]
+    assert live.get("/nope", key="wrong").status == 401  # key before 404
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"X-API-Key": KEY}, 200),
+    ({"Authorization": "Bearer " + KEY}, 200),
+    ({"Authorization": "bearer " + KEY}, 200),
+    ({}, 401),
+    ({"X-API-Key": "wrong"}, 401),
+    ({"X-API-Key": KEY[:-1]}, 401),
+    ({"X-API-Key": KEY + "x"}, 401),
+    ({"X-API-Key": ""}, 401),
+    ({"Authorization": "Basic " + KEY}, 401),
+    ({"Authorization": KEY}, 401),
+    ({"Authorization": "Bearer"}, 401),
+    ({"X-API-Key": KEY, "Authorization": "Bearer wrong"}, 401),
+    ({"X-API-Key": "k\xe9y"}, 401),
+])
+def test_api_key(live, headers, status):
+    response = live.get("/settings", key=None, headers=headers)
+    assert response.status == status
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert KEY not in response.body.decode()
+
+
+def test_api_key_never_from_query_string(live):
+    for query in ("?api_key=" + KEY, "?apikey=" + KEY, "?X-API-Key=" + KEY, "?key=" + KEY):
+        assert live.get("/settings" + query, key=None).status == 401
+    assert live.get("/settings?x=1").status == 200
+
+
+def test_error_bodies_and_logs_never_contain_key_or_values(live, caplog):
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+    secret = "s3cr3t-private-key-material"
+    live.put("/synced", "identities.-", {"id": 1, "alias": "a",
+                                         "keys": {"private_sign_key": secret}})
+    bodies = [
+        live.put("/synced", "identities.0.alias", {"x": secret}).body,
+        live.put("/synced", "identities.0.drops", [secret]).body,
+        live.put("/settings", "poll_interval", secret).body,
+        live.put("/settings", "module_data.m", {"x": [secret] * 2, "y": 10 ** 30}).body,
+        live.call("PUT", "/settings", '{"key": "module_data.m", "value": "' + secret + '",}').body,
+        live.call("POST", "/settings", '{"settings": {"drop_last_update": 1, "x": "'
+                  + secret + '"}}').body,
+        live.get("/settings?key=" + KEY, key=None).body,
+        live.get("/settings", key=secret).body,
+    ]
+    for body in bodies:
+        assert secret not in body.decode()
+        assert KEY not in body.decode()
+    assert secret not in caplog.text
+    assert KEY not in caplog.text
+    assert "/settings" in caplog.text  # the request log is there, just clean
+
+
+# ---------------------------------------------------------------------------
+# Files: modes, atomic writes, restart, files changed underneath
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not POSIX, reason="POSIX modes")
+def test_file_and_dir_modes(tmp_path):
+    data_dir = tmp_path / "new" / "qabel"
+    live = start(data_dir, api_key=None)
+    try:
+        key = (data_dir / "api-key").read_text().strip()
+        assert live.put("/settings", "poll_interval", 3, key=key).status == 200
+        assert live.put("/synced", "module_data.m", {}, key=key).status == 200
+        assert os.stat(data_dir).st_mode & 0o777 == 0o700
+        for name in ("settings.json", "synced.json", "api-key"):
+            assert os.stat(data_dir / name).st_mode & 0o777 == 0o600
+    finally:
+        stop(live)
+
+
+def test_persistence_across_restart(tmp_path):
+    live = start(tmp_path)
+    live.post("/synced", full_synced())
+    live.put("/settings", "module_data.de\\.qabel\\.chat.sound", "ping")
+    stop(live)
+    live = start(tmp_path)
+    try:
+        assert live.get("/synced").json() == full_synced()
+        assert live.get("/settings").json()["module_data"] == {"de.qabel.chat": {"sound": "ping"}}
+    finally:
+        stop(live)
+
+
+def test_files_are_utf8_json_and_no_temp_file_left(live):
+    live.put("/settings", "module_data.m", {"text": "h\u00e9llo \u2603 \U0001f600"})
+    raw = live.file("settings.json")
+    assert json.loads(raw.decode("utf-8"))["module_data"]["m"]["text"] == "h\u00e9llo \u2603 \U0001f600"
+    assert sorted(os.listdir(live.data_dir)) == ["qabel_rest.lock", "settings.json"]
+
+
+def test_atomic_write_unit(tmp_path):
+    target = tmp_path / "doc.json"
+    qabel_rest.atomic_write(str(target), b"one")
+    qabel_rest.atomic_write(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(tmp_path) == ["doc.json"]
+
+
+def test_atomic_write_failure_leaves_target_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "doc.json"
+    target.write_bytes(b"original")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        qabel_rest.atomic_write(str(target), b"new")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"original"
+    assert os.listdir(tmp_path) == ["doc.json"]
+
+
+def test_file_rewritten_by_another_program_is_taken_as_current(live):
+    live.put("/settings", "poll_interval", 5)
+    path = os.path.join(live.data_dir, "settings.json")
+    other = {"poll_interval": 77, "drop_last_update": "x", "module_data": {"sync": {"a": 1}}}
+    with open(path, "w") as f:  # in place, as an editor might
+        json.dump(other, f)
+    assert live.get("/settings").json() == other
+    assert live.put("/settings", "module_data.chat", {"b": 2}).status == 200
+    assert live.doc("settings.json")["module_data"] == {"sync": {"a": 1}, "chat": {"b": 2}}
+    assert live.doc("settings.json")["poll_interval"] == 77
+
+
+def test_same_size_rewrite_within_the_same_tick_is_not_overwritten(live):
+    live.put("/settings", "drop_last_update", "aaaa")
+    path = os.path.join(live.data_dir, "settings.json")
+    st = os.stat(path)
+    data = live.file("settings.json").replace(b"aaaa", b"bbbb")
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
+    assert live.put("/settings", "poll_interval", 4).status == 200
+    assert live.doc("settings.json")["drop_last_update"] == "bbbb"
+
+
+def test_file_rewritten_invalid_gives_503_and_is_never_overwritten(live):
+    live.put("/settings", "poll_interval", 5)
+    path = os.path.join(live.data_dir, "settings.json")
+    with open(path, "wb") as f:
+        f.write(b'{"poll_interval": ')
+    response = live.get("/settings")
+    assert response.status == 503
+    assert "settings.json" in response.json()["error"]
+    assert live.put("/settings", "poll_interval", 6).status == 503
+    assert live.post("/settings", {}).status == 503
+    assert live.file("settings.json") == b'{"poll_interval": '
+    with pytest.raises(qabel_rest.DocumentUnavailable):
+        live.server.settings.get()
+    assert live.get("/synced").status == 200  # the other document is fine
+    with open(path, "w") as f:
+        f.write('{"poll_interval": 8}')
+    assert live.get("/settings").json()["poll_interval"] == 8
+
+
+def test_deleted_file_means_default_document(live):
+    live.put("/settings", "poll_interval", 5)
+    os.unlink(os.path.join(live.data_dir, "settings.json"))
+    assert live.get("/settings").json()["poll_interval"] == 30
+    assert live.put("/settings", "module_data.m", {}).status == 200
+    assert live.doc("settings.json")["poll_interval"] == 30
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"  \n", "empty"),
+    (b'{"poll_interval": 5,\n  oops}', "line 2 column 3"),
+    (b"\xff\xfe{}", "UTF-8"),
+    (b'{"poll_interval": -1}', "poll_interval"),
+    (b'{"unknown": 1}', "unknown"),
+    (b"[]", "object"),
+])
+def test_corrupt_file_at_startup_refuses_and_touches_nothing(tmp_path, content, message):
+    (tmp_path / "settings.json").write_bytes(content)
+    before = snapshot(tmp_path)
+    with pytest.raises(qabel_rest.StartupError, match=message) as info:
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    assert "settings.json" in str(info.value)
+    assert snapshot(tmp_path) == before  # not even a lock file
+    # the lock was released: a good file starts now
+    (tmp_path / "settings.json").write_bytes(b"{}")
+    stop(start(tmp_path))
+
+
+@pytest.mark.skipif(ROOT or not POSIX, reason="root reads any file")
+def test_unreadable_file_at_startup(tmp_path):  # pragma: no cover - not as root
+    path = tmp_path / "synced.json"
+    path.write_bytes(b"{}")
+    path.chmod(0)
+    with pytest.raises(qabel_rest.StartupError, match="synced.json"):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+
+
+def test_unreadable_file_while_running_is_503(live):
+    path = os.path.join(live.data_dir, "synced.json")
+    os.mkdir(path)  # reading a directory fails, as an unreadable file does
+    assert live.get("/synced").status == 503
+    assert live.put("/synced", "module_data.m", {}).status == 503
+    os.rmdir(path)
+    assert live.get("/synced").status == 200
+
+
+# ---------------------------------------------------------------------------
+# Failed saves change nothing
+# ---------------------------------------------------------------------------
+
+def test_failed_save_disk_full_is_507_and_changes_nothing(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    before = snapshot(live.data_dir)
+    real_write = os.write
+
+    def write(fd, data):
+        if len(data) > 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 507
+    assert response.json() == {"error": "could not save settings.json: No space left on device"}
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["poll_interval"] == 5  # memory unchanged too
+    assert live.put("/settings", "poll_interval", 7).status == 200
+
+
+def test_replace_refused_is_retried_then_500(live, monkeypatch):
+    before = snapshot(live.data_dir)
+    calls = []
+
+    def refuse(source, target):
+        calls.append(target)
+        raise PermissionError(errno.EACCES, "Access is denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    response = live.post("/settings", {"poll_interval": 2})
+    monkeypatch.undo()
+    assert response.status == 500
+    assert "could not save" in response.json()["error"]
+    assert len(calls) == qabel_rest._REPLACE_ATTEMPTS
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["poll_interval"] == 30
+
+
+def test_replace_refused_briefly_succeeds(live, monkeypatch):
+    real = os.replace
+    calls = []
+
+    def flaky(source, target):
+        calls.append(target)
+        if len(calls) < 3:
+            raise PermissionError(errno.EACCES, "sharing violation")
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    assert live.put("/settings", "poll_interval", 2).status == 200
+    monkeypatch.undo()
+    assert live.doc("settings.json")["poll_interval"] == 2
+    assert len(calls) == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX resource limits")
+def test_file_size_limit_in_a_real_process(tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
+    proc = Process(tmp_path, "--api-key", KEY, env=env, preexec_fn=limit)
+    try:
+        live = Live.__new__(Live)
+        live.port, live.data_dir = proc.port, str(tmp_path)
+        assert live.put("/settings", "poll_interval", 3).status == 200
+        before = snapshot(tmp_path)
+        response = live.put("/settings", "module_data.big", {"s": "x" * 100000})
+        assert response.status == 507
+        assert snapshot(tmp_path) == before
+        assert live.get("/settings").json()["poll_interval"] == 3
+        assert live.put("/settings", "poll_interval", 4).status == 200
+    finally:
+        code, out, err = proc.finish()
+    assert code == 0
+
+
+# ---------------------------------------------------------------------------
+# Framing (RFC 9112), slow clients, connection limits
+# ---------------------------------------------------------------------------
+
+def put_bytes(body=b'{"key": "poll_interval", "value": 11}', extra=""):
+    return ("PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY +
+            "\r\nContent-Type: application/json\r\n" + extra).encode() + b"\r\n" + body
+
+
+def test_chunked_body_is_decoded(live):
+    conn = live.conn()
+    body = b'{"key": "poll_interval", "value": 11}'
+    chunked = b"5;ext=1\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % (len(body) - 5) + body[5:] \
+        + b"\r\n0\r\nTrailer: x\r\n\r\n"
+    conn.send(put_bytes(chunked, "Transfer-Encoding: chunked\r\n"))
+    assert conn.read().status == 200
+    assert conn.request("GET", "/health").status == 200  # still in sync
+    conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 11
+
+
+@pytest.mark.parametrize("chunked", [
+    b"zz\r\n", b"5\r\nabc", b"5\r\nabcdeXX0\r\n\r\n", b"0\r\nbad trailer",
+    b"10000000000000000\r\n",
+])
+def test_malformed_chunked_400_and_close(live, chunked):
+    conn = live.conn()
+    conn.send(put_bytes(chunked, "Transfer-Encoding: chunked\r\n"))
+    conn.sock.shutdown(socket.SHUT_WR)
+    response = conn.read()
+    assert response.status == 400
+    assert conn.closed()
+    conn.close()
+
+
+def test_chunked_over_limit_413(tmp_path):
+    live = start(tmp_path, max_body=50)
+    try:
+        conn = live.conn()
+        conn.send(put_bytes(b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked\r\n"))
+        assert conn.read().status == 413
+        assert conn.closed()
+        conn.close()
+    finally:
+        stop(live)
+
+
+@pytest.mark.parametrize("extra, status", [
+    ("Transfer-Encoding: gzip\r\n", 501),
+    ("Transfer-Encoding: gzip, chunked\r\n", 501),
+    ("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 400),
+    ("Content-Length: -1\r\n", 400),
+    ("Content-Length: abc\r\n", 400),
+    ("Content-Length: 1_0\r\n", 400),
+    ("Content-Length: +5\r\n", 400),
+    ("Content-Length: 0x5\r\n", 400),
+    ("Content-Length: 5, 5\r\n", 400),
+    ("Content-Length: \u0665\r\n", 400),
+    ("Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+])
+def test_bad_framing_answered_and_closed(live, extra, status):
+    conn = live.conn()
+    conn.send(put_bytes(b"{}", extra))
+    response = conn.read()
+    assert response.status == status
+    assert response.headers["Connection"] == "close"
+    assert conn.closed()
+    conn.close()
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+
+
+def test_identical_duplicate_content_length_is_accepted(live):
+    body = b'{"key": "poll_interval", "value": 11}'
+    conn = live.conn()
+    conn.send(put_bytes(body, f"Content-Length: {len(body)}\r\nContent-Length: {len(body)}\r\n"))
+    assert conn.read().status == 200
+    conn.close()
+
+
+def test_huge_content_length_is_413_without_reading(live):
+    conn = live.conn()
+    conn.send(put_bytes(b"", "Content-Length: " + "9" * 5000 + "\r\n"))
+    assert conn.read().status == 413
+    assert conn.closed()
+    conn.close()
+
+
+def test_http_1_0_with_transfer_encoding_is_400(live):
+    conn = live.conn()
+    conn.send(b"PUT /settings HTTP/1.0\r\nHost: localhost\r\nX-API-Key: " + KEY.encode()
+              + b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert conn.read().status == 400
+    conn.close()
+
+
+def test_http_1_0_keep_alive(live):
+    conn = live.conn()
+    request = b"GET /health HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n"
+    conn.send(request)
+    first = conn.read()
+    assert first.status == 200 and first.headers["Connection"] == "keep-alive"
+    conn.send(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    assert conn.read().status == 200
+    assert conn.closed()
+    conn.close()
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"X-API-Key": KEY}, 100),
+    ({"X-API-Key": "wrong"}, 401),
+    ({"X-API-Key": KEY, "Content-Type": "text/plain"}, 415),
+    ({"X-API-Key": KEY, "Origin": "http://evil.com"}, 403),
+    ({"X-API-Key": KEY, "Content-Length": "999999999"}, 413),
+])
+def test_expect_100_continue_only_after_checks(live, headers, status):
+    body = b'{"key": "poll_interval", "value": 12}'
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
+               "Expect": "100-continue", **headers}
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b"", headers))
+    first = conn.read()
+    assert first.status == status
+    if status == 100:
+        conn.send(body)
+        assert conn.read().status == 200
+        assert live.doc("settings.json")["poll_interval"] == 12
+    else:
+        assert conn.closed()  # the body may or may not come: the connection cannot go on
+        assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    conn.close()
+
+
+def test_unread_body_is_not_parsed_as_next_request(live):
+    smuggled = b"GET /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY.encode() + b"\r\n\r\n"
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", smuggled, {"X-API-Key": "wrong",
+                                                          "Content-Type": "application/json"}))
+    assert conn.read().status == 401
+    conn.send(build_request("GET", "/health"))
+    response = conn.read()
+    assert response.status == 200 and response.json() == {"status": "ok"}
+    conn.close()
+
+
+def test_get_with_body_is_drained(live):
+    conn = live.conn()
+    assert conn.request("GET", "/health", b"GET /x HTTP/1.1\r\n\r\n").status == 200
+    assert conn.request("GET", "/health").status == 200
+    conn.close()
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /settings\r\n",
+    b"GET http://localhost/settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: %s\r\n\r\n",
+    b"GET * HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /settings HTTP/1.1\r\nX-API-Key: %s\r\n\r\n",
+    b"GET /settings HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\nX-API-Key: %s\r\n\r\n",
+    b"GET /settings HTTP/1.1 extra\r\nHost: localhost\r\n\r\n",
+    b"GET /settings HTTP/x.y\r\nHost: localhost\r\n\r\n",
+    b"GET /settings FTP/1.1\r\nHost: localhost\r\n\r\n",
+])
+def test_malformed_requests_400_and_close(live, raw):
+    conn = live.conn()
+    conn.send(raw.replace(b"%s", KEY.encode()))
+    response = conn.read()
+    assert response.status == 400
+    assert response.headers["Content-Type"] == "application/json"
+    assert "error" in response.json()
+    assert conn.closed()
+    conn.close()
+
+
+def test_http_2_is_505_and_long_lines_are_refused(live):
+    conn = live.conn()
+    conn.send(b"GET /settings HTTP/2.0\r\nHost: localhost\r\n\r\n")
+    assert conn.read().status == 505
+    conn.close()
+    conn = live.conn()
+    conn.send(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert conn.read().status == 414
+    conn.close()
+    conn = live.conn()
+    conn.send(b"GET / HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+    assert conn.read().status == 431
+    conn.close()
+
+
+def test_pipelined_requests_answered_in_order(live):
+    conn = live.conn()
+    key = {"X-API-Key": KEY, "Content-Type": "application/json"}
+    batch = b"".join([
+        build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 1}', key),
+        build_request("GET", "/settings", headers=key),
+        build_request("HEAD", "/synced", headers=key),
+        build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 2}', key),
+        build_request("GET", "/nope", headers=key),
+        build_request("GET", "/settings", headers=key),
+    ])
+    conn.send(batch)
+    responses = [conn.read(), conn.read(), conn.read(head=True), conn.read(), conn.read(),
+                 conn.read()]
+    conn.close()
+    assert [r.status for r in responses] == [200, 200, 200, 200, 404, 200]
+    assert responses[1].json()["poll_interval"] == 1
+    assert responses[2].body == b""
+    assert responses[5].json()["poll_interval"] == 2
+
+
+def test_connection_close_header_is_honoured(live):
+    conn = live.conn()
+    response = conn.request("GET", "/health", headers={"Connection": "close"})
+    assert response.headers["Connection"] == "close"
+    assert conn.closed()
+    conn.close()
+
+
+def test_idle_connection_is_closed_after_idle_timeout(tmp_path):
+    live = start(tmp_path, idle_timeout=0.3)
+    try:
+        conn = live.conn()
+        assert conn.request("GET", "/health").status == 200
+        started = time.monotonic()
+        assert conn.closed()
+        assert time.monotonic() - started < 5
+        conn.close()
+    finally:
+        stop(live)
+
+
+def test_trickling_client_is_cut_off_at_the_request_deadline(tmp_path):
+    live = start(tmp_path, request_timeout=0.5)
+    try:
+        conn = live.conn()
+        started = time.monotonic()
+        cut = False
+        for char in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * 100:
+            try:
+                conn.send(bytes([char]))
+            except OSError:
+                cut = True
+                break
+            time.sleep(0.05)
+            if time.monotonic() - started > 3:
+                break
+        response = None if cut else conn.read()
+        assert cut or response is None or response.status == 408
+        assert time.monotonic() - started < 3
+        conn.close()
+        assert live.get("/health").status == 200
+    finally:
+        stop(live)
+
+
+def test_connection_cap_answers_503(tmp_path):
+    live = start(tmp_path, max_connections=2)
+    conns = []
+    try:
+        for _ in range(2):
+            conn = live.conn()
+            assert conn.request("GET", "/health").status == 200
+            conns.append(conn)
+        extra = live.conn()
+        response = extra.read()
+        assert response.status == 503
+        assert response.json() == {"error": "too many connections"}
+        extra.close()
+        conns.pop().close()
+        deadline = time.monotonic() + TIMEOUT
+        served = False
+        while not served and time.monotonic() < deadline:  # until the server sees the close
+            served = live.get("/health").status == 200
+            time.sleep(0.05)
+        assert served
+    finally:
+        for conn in conns:
+            conn.close()
+        stop(live)
+
+
+def test_unexpected_error_is_a_json_500_and_the_server_lives(live, monkeypatch):
+    def broken(self, document, body, form):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(qabel_rest.RequestHandler, "_do_put", broken)
+    response = live.put("/settings", "poll_interval", 5)
+    assert response.status == 500
+    assert response.json() == {"error": "internal error"}
+    monkeypatch.undo()
+    assert live.put("/settings", "poll_interval", 5).status == 200
+
+
+def test_concurrent_puts_are_all_applied(live):
+    def worker(n):
+        for i in range(10):
+            assert live.put("/settings", f"module_data.w{n}.v{i}", i).status == 200
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    data = live.doc("settings.json")["module_data"]
+    assert data == {f"w{n}": {f"v{i}": i for i in range(10)} for n in range(8)}
+
+
+# ---------------------------------------------------------------------------
+# Embedding
+# ---------------------------------------------------------------------------
+
+def test_in_process_api(live):
+    settings = live.server.settings
+    assert settings.get("poll_interval") == 30
+    assert settings.put("module_data.chat", {"a": [1]}) == {"a": [1]}
+    assert settings.put("module_data.chat", {"b": 2}, merge=True) == {"a": [1], "b": 2}
+    assert live.get("/settings").json()["module_data"]["chat"] == {"a": [1], "b": 2}
+    copy = settings.get()
+    copy["module_data"]["chat"]["a"].append(99)  # a copy: the document is unchanged
+    assert settings.get("module_data.chat.a") == [1]
+    value = {"n": [1]}
+    settings.put("module_data.x", value)
+    value["n"].append(2)  # nor does the caller's value stay linked
+    assert settings.get("module_data.x") == {"n": [1]}
+    assert settings.get(["module_data", "chat", "a", "0"]) == 1
+    with pytest.raises(qabel_rest.InvalidKey):
+        settings.get("module_data.none")
+    with pytest.raises(qabel_rest.InvalidKey):
+        settings.put("nope", 1)
+    with pytest.raises(qabel_rest.InvalidValue):
+        settings.put("poll_interval", -1)
+    with pytest.raises(qabel_rest.InvalidValue):
+        settings.put("poll_interval", 1, merge=None)
+    stored = live.server.synced.replace(full_synced())
+    assert stored == full_synced() == live.doc("synced.json")
+    with pytest.raises(qabel_rest.InvalidValue):
+        live.server.synced.replace({"accounts": 5})
+    assert issubclass(qabel_rest.InvalidKey, qabel_rest.QabelRestError)
+    assert issubclass(qabel_rest.InvalidValue, qabel_rest.QabelRestError)
+    assert issubclass(qabel_rest.StartupError, qabel_rest.QabelRestError)
+
+
+def test_two_servers_in_one_process_are_independent(tmp_path):
+    one = start(tmp_path / "one", api_key="key-one")
+    two = start(tmp_path / "two", api_key="key-two")
+    try:
+        assert one.put("/settings", "poll_interval", 1, key="key-one").status == 200
+        assert two.put("/settings", "poll_interval", 2, key="key-two").status == 200
+        assert one.get("/settings", key="key-two").status == 401
+        assert one.get("/settings", key="key-one").json()["poll_interval"] == 1
+        assert two.get("/settings", key="key-two").json()["poll_interval"] == 2
+        assert one.server.settings is not two.server.settings
+    finally:
+        stop(one)
+        stop(two)
+
+
+def test_shutdown_before_serve_forever_returns(tmp_path):
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    done = threading.Event()
+
+    def run():
+        server.shutdown()
+        server.serve_forever()  # returns at once: shutdown came first
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(TIMEOUT)
+    server.server_close()
+
+
+def test_shutdown_from_a_handler_thread_does_not_deadlock(live, monkeypatch):
+    def stop_from_inside(self, document, body, form):
+        self.server.shutdown()
+        self._send_json(qabel_rest.HTTPStatus.OK, {"stopping": True})
+
+    monkeypatch.setattr(qabel_rest.RequestHandler, "_do_put", stop_from_inside)
+    assert live.put("/settings", "poll_interval", 1).status == 200
+    live.thread.join(TIMEOUT)
+    assert not live.thread.is_alive()
+
+
+def test_shutdown_with_idle_keep_alive_connections_is_prompt(tmp_path):
+    live = start(tmp_path)
+    conns = [live.conn() for _ in range(5)]
+    for conn in conns:
+        assert conn.request("GET", "/health").status == 200
+    started = time.monotonic()
+    stop(live)
+    assert time.monotonic() - started < 1.0
+    for conn in conns:
+        assert conn.closed()
+        conn.close()
+    with pytest.raises(OSError):
+        live.conn().request("GET", "/health")
+    with pytest.raises(qabel_rest.DocumentUnavailable):
+        live.server.settings.put("poll_interval", 3)
+
+
+def test_make_server_binds_at_once_and_reports_port_taken(tmp_path):
+    live = start(tmp_path / "a")
+    try:
+        with pytest.raises(qabel_rest.StartupError, match="cannot listen"):
+            qabel_rest.make_server(data_dir=str(tmp_path / "b"), api_key=KEY,
+                                   port=live.port)
+        # the failed start released its data dir lock
+        stop(start(tmp_path / "b"))
+    finally:
+        stop(live)
+
+
+def test_second_server_on_same_data_dir_refused(live):
+    with pytest.raises(qabel_rest.StartupError, match="already using") as info:
+        qabel_rest.make_server(data_dir=live.data_dir, api_key=KEY, port=0)
+    assert live.data_dir in str(info.value)
+    assert str(os.getpid()) in str(info.value)
+
+
+def test_startup_errors_for_bad_options(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(qabel_rest.StartupError, match="data dir"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "file" / "sub"), api_key=KEY, port=0)
+    with pytest.raises(qabel_rest.StartupError, match="API key"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key="has space", port=0)
+    with pytest.raises(qabel_rest.StartupError, match="max_body"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key=KEY, port=0, max_body=0)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "api-key").write_text("\n")
+    with pytest.raises(qabel_rest.StartupError, match="api-key"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "e"), port=0)
+
+
+def test_api_key_sources(tmp_path, monkeypatch):
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    live = start(tmp_path, api_key=None)
+    generated = (tmp_path / "api-key").read_text().strip()
+    assert len(generated) >= 43  # 256 bits in URL-safe base64
+    assert live.get("/settings", key=generated).status == 200
+    stop(live)
+    live = start(tmp_path, api_key=None)  # the same key file is read again
+    assert live.get("/settings", key=generated).status == 200
+    stop(live)
+    monkeypatch.setenv("QABEL_REST_API_KEY", "from-env")
+    live = start(tmp_path, api_key=None)
+    assert live.get("/settings", key="from-env").status == 200
+    assert live.get("/settings", key=generated).status == 401
+    stop(live)
+
+
+def test_data_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("QABEL_REST_DATA_DIR", str(tmp_path / "env"))
+    live = start(None)
+    try:
+        assert live.data_dir == str(tmp_path / "env")
+        live.put("/settings", "poll_interval", 4)
+        assert (tmp_path / "env" / "settings.json").exists()
+    finally:
+        stop(live)
+
+
+def test_default_data_dir_per_platform():
+    home = os.path.expanduser("~")
+    assert qabel_rest.default_data_dir({"QABEL_REST_DATA_DIR": "/x"}, "linux") == "/x"
+    assert qabel_rest.default_data_dir({}, "linux") == os.path.join(home, ".config", "qabel-rest")
+    assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "/cfg"}, "linux") == "/cfg/qabel-rest"
+    assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "rel"}, "linux") == \
+        os.path.join(home, ".config", "qabel-rest")
+    assert qabel_rest.default_data_dir({}, "darwin") == \
+        os.path.join(home, "Library", "Application Support", "qabel-rest")
+    assert qabel_rest.default_data_dir({"APPDATA": "C:\\AppData"}, "win32") == \
+        os.path.join("C:\\AppData", "qabel-rest")
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import threading, os, sys, logging; before = set(os.listdir('.')); "
+            "import qabel_rest; "
+            "assert threading.active_count() == 1, threading.enumerate(); "
+            "assert set(os.listdir('.')) == before; "
+            "assert not logging.getLogger().handlers; "
+            "assert not logging.getLogger('qabel_rest').handlers; print('clean')")
+    env = dict(os.environ, PYTHONPATH=HERE, PYTHONDONTWRITEBYTECODE="1",
+               HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT * 3)
+    assert result.stdout.strip() == "clean", result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------
+# The real process: command line
+# ---------------------------------------------------------------------------
+
+def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
+    proc = Process(tmp_path)
+    try:
+        assert proc.port, proc.line
+        key_file = os.path.join(str(tmp_path), "api-key")
+        assert key_file in proc.line
+        key = open(key_file).read().strip()
+        assert key not in proc.line
+        live = Live.__new__(Live)
+        live.port = proc.port
+        assert live.get("/settings", key=key).status == 200
+        assert live.put("/settings", "poll_interval", 2, key=key).status == 200
+    finally:
+        code, out, err = proc.finish(signal.SIGTERM)
+    assert code == 0
+    assert key not in out + err + proc.line
+    assert json.loads((tmp_path / "settings.json").read_text())["poll_interval"] == 2
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery")
+def test_process_stops_on_sigint_with_keep_alive_connection_open(tmp_path):
+    proc = Process(tmp_path, "--api-key", KEY, "--max-body", "1000",
+                   "--allowed-host", "qabel.local")
+    conn = Conn(proc.port)
+    assert conn.request("GET", "/settings", headers={"X-API-Key": KEY},
+                        host="qabel.local").status == 200
+    started = time.monotonic()
+    code, out, err = proc.finish(signal.SIGINT)
+    assert code == 0
+    assert time.monotonic() - started < 3
+    assert conn.closed()
+    conn.close()
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("corrupt", "settings.json"),
+    ("not_writable", "data dir"),
+    ("bad_key", "API key"),
+])
+def test_process_startup_failure_is_one_line_exit_1(tmp_path, setup, message):
+    data_dir = tmp_path / "data"
+    args = ["--port", "0"]
+    if setup == "corrupt":
+        data_dir.mkdir()
+        (data_dir / "settings.json").write_text("{oops")
+    elif setup == "not_writable":
+        (tmp_path / "file").write_text("")
+        data_dir = tmp_path / "file" / "data"
+    else:
+        args += ["--api-key", "two words"]
+    before = snapshot(tmp_path)
+    result = run_cli("--data-dir", str(data_dir), *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    if setup == "corrupt":
+        assert (data_dir / "settings.json").read_text() == "{oops"
+        assert str(data_dir) in lines[0]
+    else:
+        assert snapshot(tmp_path) == before
+
+
+def test_process_port_taken_and_second_instance(tmp_path):
+    proc = Process(tmp_path / "a", "--api-key", KEY)
+    try:
+        taken = run_cli("--data-dir", str(tmp_path / "b"), "--port", str(proc.port))
+        assert taken.returncode == 1
+        assert "cannot listen" in taken.stderr and str(proc.port) in taken.stderr
+        second = run_cli("--data-dir", str(tmp_path / "a"), "--port", "0")
+        assert second.returncode == 1
+        assert "already using" in second.stderr and str(tmp_path / "a") in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        assert proc.finish()[0] == 0
+
+
+@pytest.mark.skipif(not POSIX, reason="kill -9")
+def test_stale_lock_after_kill_9_never_blocks_a_start(tmp_path):
+    proc = Process(tmp_path, "--api-key", KEY)
+    proc.proc.kill()
+    proc.proc.wait(TIMEOUT)
+    assert (tmp_path / "qabel_rest.lock").exists()
+    again = Process(tmp_path, "--api-key", KEY)
+    assert again.port
+    assert again.finish()[0] == 0
+
+
+@pytest.mark.skipif(not POSIX, reason="kill -9")
+def test_every_acknowledged_put_survives_kill_9(tmp_path):
+    proc = Process(tmp_path, "--api-key", KEY)
+    acked = []
+    stop_event = threading.Event()
+
+    def hammer():
+        conn = Conn(proc.port)
+        headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
+        for i in range(1, 100000):
+            if stop_event.is_set():
+                break
+            body = json.dumps({"key": "module_data.counter", "value": {"n": i}}).encode()
+            try:
+                response = conn.request("PUT", "/settings", body, headers)
+            except OSError:
+                break
+            if response is None or response.status != 200:
+                break
+            acked.append(i)
+        conn.close()
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    deadline = time.monotonic() + TIMEOUT
+    while len(acked) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.proc.send_signal(signal.SIGKILL)
+    proc.proc.wait(TIMEOUT)
+    stop_event.set()
+    worker.join(TIMEOUT)
+    assert len(acked) >= 50
+    again = Process(tmp_path, "--api-key", KEY)
+    try:
+        live = Live.__new__(Live)
+        live.port = again.port
+        stored = live.get("/settings").json()["module_data"]["counter"]["n"]
+        assert stored >= acked[-1]
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    finally:
+        assert again.finish()[0] == 0

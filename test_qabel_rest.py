@@ -1779,3 +1779,54 @@ def test_every_acknowledged_put_survives_kill_9(tmp_path):
         assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     finally:
         assert again.finish()[0] == 0
+
+
+def test_settings_example_is_a_valid_document(live):
+    with open(os.path.join(HERE, "settings.example.json"), "rb") as f:
+        example = json.loads(f.read())
+    assert set(example) == {"poll_interval", "drop_last_update", "module_data"}
+    assert example["module_data"]
+    response = live.post("/settings", example)
+    assert response.status == 200
+    assert live.doc("settings.json") == example
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_corrupt_file_at_startup_leaves_the_port_unbound(tmp_path):
+    (tmp_path / "synced.json").write_text('{"identities": [{"id": 1}, {"id": 1}]}')
+    port = free_port()
+    with pytest.raises(qabel_rest.StartupError, match="duplicate id"):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # free: the failed start never bound it
+
+
+def test_write_in_flight_at_shutdown_finishes_and_later_ones_fail(tmp_path, monkeypatch):
+    live = start(tmp_path)
+    entered = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        entered.set()
+        time.sleep(0.3)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    result = []
+    writer = threading.Thread(
+        target=lambda: result.append(live.put("/settings", "poll_interval", 42)))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    stop(live)  # while the write is in flight
+    writer.join(TIMEOUT)
+    monkeypatch.undo()
+    assert result[0].status == 200
+    assert live.doc("settings.json")["poll_interval"] == 42
+    with pytest.raises(qabel_rest.DocumentUnavailable):
+        live.server.settings.put("poll_interval", 43)
+    assert live.doc("settings.json")["poll_interval"] == 42

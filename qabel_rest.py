@@ -24,31 +24,24 @@ constant time) except GET /health. No CORS header is ever sent; errors and logs 
 contain the key or a settings value; files are mode 0600 in a 0700 directory.
 """
 
-import argparse
 import copy
 import errno
-import hashlib
 import hmac
 import io
 import json
 import logging
 import math
 import os
-import re
-import secrets
 import selectors
 import signal
 import socket
 import socketserver
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
 from collections import namedtuple
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
-from http.server import ThreadingHTTPServer
 from types import MappingProxyType
 
 try:  # POSIX: advisory lock released by the OS when the process dies
@@ -68,6 +61,7 @@ __all__ = [
     "InvalidValue",
     "DocumentUnavailable",
     "SaveError",
+    "DocumentChanged",
     "SettingsDocument",
     "QabelRestServer",
     "RequestHandler",
@@ -108,10 +102,6 @@ _SETTINGS_FILE = "settings.json"
 _SYNCED_FILE = "synced.json"
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
-_KEY_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII: it has to travel in a header
-_INDEX_RE = re.compile(r"0|[1-9][0-9]*")
-_DIGITS_RE = re.compile(r"[0-9]+")  # not \d: that also matches non-ASCII digits
-_HEX_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 # The schema of the Qabel "Client Configuration". A node is one of:
 #   a leaf name (a key of _LEAVES), "any" (any JSON value),
@@ -232,6 +222,12 @@ class SaveError(QabelRestError):
     """Saving failed; nothing was changed, in memory or on disk."""
 
 
+class DocumentChanged(QabelRestError):
+    """Another program rewrote the file while this change waited to be saved: 409."""
+
+    status = HTTPStatus.CONFLICT
+
+
 class _HTTPError(QabelRestError):
     """An answer of the request path: status, extra headers, and whether to close."""
 
@@ -248,6 +244,16 @@ class _NotJSON(ValueError):
 # ---------------------------------------------------------------------------
 # JSON and dotted keys
 # ---------------------------------------------------------------------------
+
+def _is_digits(text):
+    """One run of ASCII digits (str.isdigit alone also takes other scripts' digits)."""
+    return text.isascii() and text.isdigit()
+
+
+def _is_index(segment):
+    """A decimal list index: digits, no leading zero."""
+    return _is_digits(segment) and (segment == "0" or segment[0] != "0")
+
 
 def _reject_constant(name):
     raise _NotJSON(f"{name} is not JSON")
@@ -300,8 +306,12 @@ def _parse_json(data):
 
 
 def _dump_document(document):
-    """The bytes of a document as served and stored: UTF-8 JSON, indented."""
-    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+    """The bytes of a document as served and stored: compact UTF-8 JSON.
+
+    Not indented: json.dumps with indent runs the pure-Python encoder, about ten times
+    slower than the C one on a large document.
+    """
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def parse_key(key):
@@ -509,7 +519,7 @@ def _assign(node_value, node, path, depth, value, merge):
             if not last:
                 raise InvalidKey(f"{format_key(here)}: '-' can only be the last segment")
             index = len(node_value)
-        elif _INDEX_RE.fullmatch(segment) and int(segment) < len(node_value):
+        elif _is_index(segment) and int(segment) < len(node_value):
             index = int(segment)
         else:
             raise InvalidKey(f"{format_key(here)}: no such list item")
@@ -549,7 +559,7 @@ def _lookup(document, path):
     for depth, segment in enumerate(path):
         if type(value) is dict and segment in value:
             value = value[segment]
-        elif (type(value) is list and _INDEX_RE.fullmatch(segment)
+        elif (type(value) is list and _is_index(segment)
               and int(segment) < len(value)):
             value = value[int(segment)]
         else:
@@ -563,9 +573,13 @@ def _lookup(document, path):
 
 _REPLACE_ATTEMPTS = 6  # Windows: a virus scanner or indexer may hold the file briefly
 _REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
+_REBASE_ATTEMPTS = 3  # a file rewritten under us this often in one save: 409
+# O_EXCL: never reuse or follow an existing name. Windows: binary, not inherited.
+_TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+               | getattr(os, "O_NOINHERIT", 0))
 
 
-def _replace(source, target):
+def _replace_file(source, target):
     """os.replace, retried a bounded number of times on PermissionError.
 
     On Windows, replacing a file another process has open (antivirus, indexer,
@@ -614,8 +628,8 @@ def atomic_write(path, data):
     untouched, and the OSError propagates.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                                suffix=".tmp", dir=directory)  # mode 0600 on POSIX
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
     try:
         try:
             view = memoryview(data)
@@ -624,7 +638,7 @@ def atomic_write(path, data):
             _fsync_file(fd)
         finally:
             os.close(fd)
-        _replace(temp, path)
+        _replace_file(temp, path)
     except BaseException:
         try:
             os.unlink(temp)
@@ -645,18 +659,40 @@ def _file_signature(path):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-# One snapshot of a document; replaced whole, never changed.
+def _read_file(path):
+    """(signature, content) of a file; (None, None) if it is missing. Raises OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
+        return None, None
+    try:
+        st = os.fstat(fd)
+        chunks = []
+        while True:  # to the end, whatever fstat said: the file may be growing
+            chunk = os.read(fd, st.st_size + 1 if not chunks else 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return signature, b"".join(chunks)
+
+
+# One version of a document; replaced whole, never changed.
 #   document: the parsed value (never mutated), body: its bytes as served,
-#   signature/digest: of the file it came from or went to, error: why the file on
-#   disk cannot be used (then document is None).
-_State = namedtuple("_State", "document body signature digest error")
+#   etag: a strong entity tag for body, signature/raw: the file it came from or went
+#   to (raw None: no file), error: why the file cannot be used (then document is None).
+_State = namedtuple("_State", "document body etag signature raw error")
 
 
 class SettingsDocument:
-    """One settings document: its file, schema, lock and current state.
+    """One settings document: its file, schema, and current version.
 
-    Thread-safe. Every change is validated, written atomically and durably, and only
-    then becomes current; reads never block on anything but a changed file.
+    Thread-safe. A change is validated, then saved with every other change that
+    arrived during the save before it (group commit: one fsync for many writers), and
+    acknowledged only once the write containing it is durable. Readers see only what
+    is on disk; they never wait, except for a file changed by another program.
     """
 
     def __init__(self, path, schema, defaults):
@@ -664,8 +700,16 @@ class SettingsDocument:
         self.name = os.path.basename(path)
         self._schema = schema
         self._defaults = defaults
+        self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
+        self._generation = 0
+        # Lock order: _io_lock, then _lock. _io_lock: one save at a time, and only a
+        # save writes the file. _lock: the fields below, held only briefly.
+        self._io_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._state = None
+        self._durable = None  # _State on disk: what readers get
+        self._head = None  # the newest accepted document, saved or not yet
+        self._pending = []  # a ticket per change not yet saved: [outcome, apply, result]
+        self._saving = False  # a save is under way (its tickets left _pending)
         self._closed = False
 
     # -- public, in-process API ----------------------------------------------
@@ -683,28 +727,37 @@ class SettingsDocument:
 
     def replace(self, document):
         """Substitute the whole document; return a copy of it as stored."""
-        return json.loads(self._replace(copy.deepcopy(document)).body)
+        return copy.deepcopy(self._replace(copy.deepcopy(document)))
 
     # -- used by the HTTP handler: no defensive copies ---------------------------
 
     def load(self):
         """Read the file at startup; StartupError if it is unusable."""
-        with self._lock:
-            self._state = self._read_state()
-        if self._state.error:
-            raise StartupError(f"{self.name}: {self._state.error} ({self.path})")
+        with self._io_lock, self._lock:
+            state = self._read_state(None)
+            self._set_durable(state)
+        if state.error:
+            raise StartupError(f"{self.name}: {state.error} ({self.path})")
 
     def close(self):
-        """Refuse every later change (waits for one in progress)."""
-        with self._lock:
+        """Refuse every later change; waits for a save in progress to finish."""
+        with self._io_lock, self._lock:
             self._closed = True
+            self._fail((), DocumentUnavailable, "the server is shutting down")
+
+    def _quiet(self):
+        """No change of ours is waiting or being saved, so the file is ours to read.
+        Holds _lock."""
+        return not self._pending and not self._saving
 
     def _current(self):
-        """The current state, re-read first if another program changed the file."""
-        state = self._state
+        """The version on disk, re-read first if another program changed the file."""
+        state = self._durable
         if _file_signature(self.path) != state.signature:
             with self._lock:
-                state = self._sync()
+                if self._quiet():
+                    self._set_durable(self._read_state(self._durable))
+                state = self._durable
         if state.error:
             raise DocumentUnavailable(f"{self.name} on disk is not valid: {state.error}")
         return state
@@ -713,78 +766,171 @@ class SettingsDocument:
         path = parse_key(key)
         if type(merge) is not bool:
             raise InvalidValue("merge must be true or false")
-        with self._lock:
-            state = self._writable_state()
-            document, stored = _assign(state.document, self._schema, path, 0, value, merge)
-            self._save(document)
-        return stored
+        return self._change(lambda document: _assign(document, self._schema, path, 0,
+                                                     value, merge))
 
     def _replace(self, document):
         validate(document, self._schema)
+        complete = self._complete(document)
+        return self._change(lambda _: (complete, complete))
+
+    def _change(self, apply):
+        """Apply a change to the newest document and save it; return what apply says.
+
+        apply(document) -> (new document, result) must not change its argument.
+        """
         with self._lock:
-            self._writable_state()
-            return self._save(self._complete(document))
+            if self._closed:
+                raise DocumentUnavailable("the server is shutting down")
+            if self._quiet():  # catch up with another program's change, if any
+                self._set_durable(self._read_state(self._durable))
+            if self._durable.error:
+                raise DocumentUnavailable(
+                    f"{self.name} on disk is not valid: {self._durable.error}")
+            self._head, result = apply(self._head)
+            ticket = [None, apply, result]
+            self._pending.append(ticket)
+        self._save(ticket)
+        return ticket[2]
 
-    def _writable_state(self):
-        if self._closed:
-            raise DocumentUnavailable("the server is shutting down")
-        # Compare content, not just stat: an in-place rewrite within the file
-        # system's timestamp granularity keeps size and mtime.
-        state = self._sync(compare_content=True)
-        if state.error:
-            raise DocumentUnavailable(f"{self.name} on disk is not valid: {state.error}")
-        return state
+    def _save(self, ticket):
+        """Return once the ticket's change is on disk; raise if saving it failed.
 
-    def _sync(self, compare_content=False):
-        """Re-read the file if it changed since the last read or write. Holds the lock."""
-        state = self._state
-        if compare_content or _file_signature(self.path) != state.signature:
-            state = self._state = self._read_state(state)
-        return state
+        Group commit: whoever gets _io_lock first with its change unsaved saves the
+        newest document, which holds every change accepted so far, and settles all
+        their tickets at once.
+        """
+        with self._io_lock:
+            with self._lock:
+                if ticket[0] is None:
+                    document, known = self._head, self._durable
+                    batch, self._pending = self._pending, []
+                    self._saving = True
+            if ticket[0] is None:
+                try:
+                    self._write_batch(document, known, batch)
+                finally:
+                    with self._lock:
+                        for unsettled in batch:  # only if _write_batch itself broke
+                            if unsettled[0] is None:
+                                unsettled[0] = (SaveError, "internal error while saving",
+                                                None)
+                        self._saving = False
+        if ticket[0] is not True:
+            kind, message, status = ticket[0]
+            raise kind(message, status)
 
-    def _read_state(self, known=None):
+    def _write_batch(self, document, known, batch):
+        # The file must still be what we last read or wrote. Compare content, not
+        # stat: an in-place rewrite within one timestamp tick keeps size and mtime.
+        for _ in range(_REBASE_ATTEMPTS):
+            try:
+                _, current = _read_file(self.path)
+            except OSError:
+                current = ()
+            if current == known.raw:
+                break
+            with self._lock:
+                document, known, batch = self._rebase(batch)
+            if not batch:
+                return
+        else:
+            with self._lock:
+                self._fail(batch, DocumentChanged,
+                           f"{self.name} keeps being changed by another program")
+            return
+        body = _dump_document(document)
         try:
-            with open(self.path, "rb") as file:
-                st = os.fstat(file.fileno())
-                data = file.read()
-        except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
-            defaults = json.loads(self._defaults)
-            return _State(defaults, _dump_document(defaults), None, None, None)
+            atomic_write(self.path, body)
         except OSError as exc:
-            return _State(None, None, ("unreadable", exc.errno), None,
+            full = exc.errno in (errno.ENOSPC, errno.EFBIG,
+                                 getattr(errno, "EDQUOT", errno.ENOSPC))
+            logger.error("could not save %s: %s", self.path, exc.strerror)
+            with self._lock:
+                self._fail(batch, SaveError,
+                           f"could not save {self.name}: {exc.strerror or 'error'}",
+                           HTTPStatus.INSUFFICIENT_STORAGE if full else None)
+            return
+        state = self._new_state(document, body, _file_signature(self.path), body)
+        with self._lock:
+            self._durable = state  # the head stays: it may hold newer changes
+            for ticket in batch:
+                ticket[0] = True
+
+    def _rebase(self, batch):
+        """Another program rewrote the file while changes waited: take its content as
+        current and apply the waiting changes to it again, in order; those no longer
+        valid fail alone. Returns (document to save, its base, the batch left). Holds
+        _lock."""
+        fresh = self._durable = self._read_state(self._durable, force=True)
+        if fresh.error:
+            self._fail(batch, DocumentUnavailable,
+                       f"{self.name} on disk is not valid: {fresh.error}")
+            return None, fresh, []
+        document = self._reapply(batch, fresh.document)
+        self._head = self._reapply(self._pending, document)
+        self._pending = [ticket for ticket in self._pending if ticket[0] is None]
+        return document, fresh, [ticket for ticket in batch if ticket[0] is None]
+
+    @staticmethod
+    def _reapply(tickets, document):
+        for ticket in tickets:
+            try:
+                document, ticket[2] = ticket[1](document)
+            except QabelRestError as exc:
+                ticket[0] = (type(exc), exc.message, exc.status)
+        return document
+
+    def _fail(self, batch, kind, message, status=None):
+        """Fail the batch and every change made after it (they were made on top of
+        it); the newest document is the durable one again. Holds _lock."""
+        outcome = (kind, message, status)
+        for ticket in (*batch, *self._pending):
+            ticket[0] = outcome
+        self._pending = []
+        self._head = self._durable.document
+
+    def _set_durable(self, state):
+        """Make state the version on disk and the newest. Holds _lock, and _quiet()."""
+        self._durable = state
+        if state.document is not None:
+            self._head = state.document
+
+    def _new_state(self, document, body, signature, raw):
+        self._generation += 1
+        return _State(document, body, f'"{self._etag_prefix}-{self._generation}"',
+                      signature, raw, None)
+
+    def _read_state(self, known, force=False):
+        """The file's version: known itself if the file has not changed (by stat,
+        unless force, and by content)."""
+        if not force and known is not None and _file_signature(self.path) == known.signature:
+            return known
+        try:
+            signature, data = _read_file(self.path)
+        except OSError as exc:
+            return _State(None, None, None, ("unreadable", exc.errno), (),
                           f"cannot read: {exc.strerror}")
-        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        digest = hashlib.sha256(data).digest()
-        if known is not None and known.digest == digest:
+        if known is not None and data == known.raw and known.error is None:
             return known._replace(signature=signature)
+        if data is None:
+            document = json.loads(self._defaults)
+            return self._new_state(document, _dump_document(document), None, None)
         try:
             if not data.strip():
                 raise _NotJSON("the file is empty")
             document = _parse_json(data)
             validate(document, self._schema)
         except (_NotJSON, QabelRestError) as exc:
-            return _State(None, None, signature, digest, str(exc))
+            return _State(None, None, None, signature, data, str(exc))
         document = self._complete(document)
-        return _State(document, _dump_document(document), signature, digest, None)
+        return self._new_state(document, _dump_document(document), signature, data)
 
     def _complete(self, document):
         """The document with every missing top-level field at its default."""
         defaults = json.loads(self._defaults)
         defaults.update(document)
         return defaults
-
-    def _save(self, document):
-        body = _dump_document(document)
-        try:
-            atomic_write(self.path, body)
-        except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1))
-            logger.error("could not save %s: %s", self.path, exc.strerror)
-            raise SaveError(f"could not save {self.name}: {exc.strerror or 'error'}",
-                            HTTPStatus.INSUFFICIENT_STORAGE if full else None) from None
-        self._state = _State(document, body, _file_signature(self.path),
-                             hashlib.sha256(body).digest(), None)
-        return self._state
 
 
 # ---------------------------------------------------------------------------
@@ -878,7 +1024,8 @@ def _remove_stale_temp_files(directory):
 
 
 def _check_api_key(key, source):
-    if type(key) is not str or not _KEY_RE.fullmatch(key):
+    # printable ASCII without spaces: it has to travel in a header
+    if type(key) is not str or not (key.isascii() and key.isprintable()) or " " in key or not key:
         raise StartupError(f"the API key from {source} must be printable ASCII "
                            f"without spaces, and not empty")
     return key
@@ -891,6 +1038,7 @@ def _read_or_create_key_file(data_dir):
         with open(path, "rb") as file:
             text = file.read().decode("ascii", "replace").strip()
     except FileNotFoundError:
+        import secrets  # here, not at the top: only a first start needs it
         text = secrets.token_urlsafe(32)  # 256 bits
         try:
             atomic_write(path, (text + "\n").encode("ascii"))
@@ -913,7 +1061,7 @@ def _host_name(value):
     else:
         host, _, port = value.partition(":")
         rest = ":" + port if _ else ""
-    if rest and not (rest.startswith(":") and _DIGITS_RE.fullmatch(rest[1:])):
+    if rest and not (rest.startswith(":") and _is_digits(rest[1:])):
         return None
     return host or None
 
@@ -939,11 +1087,32 @@ _ROUTES = MappingProxyType({
 # any other method is not recognised at all, 501.
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
                             "TRACE", "CONNECT"})
+# RFC 9110 section 5.6.2: the characters of a token (method, header name)
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
+                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_FIELDS = 16
+_MAX_LINE = 65536  # longest request line (else 414) or header line (else 431)
+_MAX_HEADERS = 100  # header lines in one request (else 431), as in http.client
+_MAX_HEADER_BYTES = 65536  # all of them together (else 431)
+_LARGE_BODY = 65536  # bodies from here on go out without being copied
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TIMEOUTS = (TimeoutError, socket.timeout)  # distinct classes before Python 3.10
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
+           "Nov", "Dec")
+
+
+def _http_date(seconds):
+    """An IMF-fixdate (RFC 9110 section 5.6.7), independent of the locale."""
+    t = time.gmtime(seconds)
+    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+def _is_token(text):
+    return bool(text) and _TOKEN_CHARS.issuperset(text)
 
 
 class _SocketReader(io.RawIOBase):
@@ -968,48 +1137,48 @@ class _SocketReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
-class _SocketWriter:
-    """A socket's output: every write goes out whole, within a timeout."""
+class RequestHandler(socketserver.BaseRequestHandler):
+    """One connection: HTTP/1.1 requests read, checked and answered in turn.
 
-    def __init__(self, sock, timeout):
-        self._sock = sock
-        self._timeout = timeout
+    The request path, in order: request line and headers (RFC 9112), framing, Host,
+    Origin, key, method and path, size, content type, 100-continue, body, the
+    document. Errors are raised as QabelRestError anywhere below _handle_one and
+    turned into a JSON response there, once. Every answer goes out in one write.
 
-    def write(self, data):
-        self._sock.settimeout(self._timeout)
-        self._sock.sendall(data)
-        return len(data)
-
-    def flush(self):
-        pass
-
-
-class RequestHandler(BaseHTTPRequestHandler):
-    """The request path: framing, Host, Origin, key, route, body, answer.
-
-    Every answer is JSON and goes out in one write. Errors are raised as
-    QabelRestError anywhere below _dispatch and turned into a response there, once.
+    Not http.server.BaseHTTPRequestHandler: importing http.server loads http.client,
+    email and ssl (about 35 ms and 7 MB here, more than all of qabel_rest), and
+    its email-based header parser is the slowest part of a request. Everything it
+    did for us is below, stricter.
     """
 
-    protocol_version = "HTTP/1.1"  # keep-alive; every answer has an exact Content-Length
-    server_version = f"qabel_rest/{__version__}"  # and no Python version (version_string)
-    disable_nagle_algorithm = True  # see setup(): no 40 ms delayed-ACK stall
-    max_request_line = 65536  # longer request lines get 414, as in the stdlib
-
-    def version_string(self):
-        return self.server_version
+    server_version = f"qabel_rest/{__version__}"  # the Server header: no Python version
+    disable_nagle_algorithm = True  # no 40 ms stall waiting for a delayed ACK
 
     def setup(self):
         sock = self.request
-        self.connection = sock
         if self.disable_nagle_algorithm:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self._reader = _SocketReader(sock)
         self.rfile = io.BufferedReader(self._reader)
-        self.wfile = _SocketWriter(sock, self.server.request_timeout)
         self._linger = False
-        self._body_pending = False
+        self._reset()
+
+    def _reset(self):
+        """Forget the previous request on this connection."""
+        self.command = self.path = None
+        self.request_version = "HTTP/1.1"
+        self.headers = {}
+        self.close_connection = True
         self._responded = False
+        self._body_pending = False
+        self._chunked = False
+        self._length = 0
+        self._expect_continue = False
+
+    def handle(self):
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
 
     def finish(self):
         if self._linger:
@@ -1043,8 +1212,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         server = self.server
-        self.close_connection = True
-        self.command = None
+        self._reset()
         self._reader.deadline = time.monotonic() + server.idle_timeout
         try:
             if not self.rfile.peek(1):
@@ -1052,11 +1220,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return  # idle timeout, reset, or closed by server_close
         if not server._begin_request(self.request):
-            self.request_version = "HTTP/1.1"
             self._send_error(_HTTPError(HTTPStatus.SERVICE_UNAVAILABLE,
                                         "the server is shutting down", close=True))
             return
-        self._responded = False
         try:
             self._reader.deadline = time.monotonic() + server.request_timeout
             self._handle_one()
@@ -1072,20 +1238,9 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
 
     def _handle_one(self):
-        self._body_pending = False
-        self._chunked = False
-        self._length = 0
-        self._expect_continue = False
-        self.raw_requestline = self.rfile.readline(self.max_request_line + 1)
-        if len(self.raw_requestline) > self.max_request_line:
-            self.requestline, self.request_version = "", "HTTP/1.1"
-            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            return
-        if not self.raw_requestline:
-            return
-        if not self.parse_request():
-            return
         try:
+            if not self._read_head():
+                return
             self._dispatch()
         except _TIMEOUTS:
             raise
@@ -1100,30 +1255,75 @@ class RequestHandler(BaseHTTPRequestHandler):
         if self._body_pending and not self.close_connection:
             self._drain_body()
 
-    def parse_request(self):
-        if len(self.raw_requestline.split()) == 2:
-            # HTTP/0.9 (no version): refuse before the stdlib waits for headers that
-            # such a client never sends, and answer with a status line it lacks.
-            self.request_version = "HTTP/1.0"
-            self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+    def _read_head(self):
+        """Read the request line and headers (RFC 9112 sections 3 and 5).
+
+        Returns False at a clean end of the connection; raises _HTTPError for a
+        malformed request (the answer closes the connection).
+        """
+        line = self.rfile.readline(_MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):  # one empty line before a request is allowed
+            line = self.rfile.readline(_MAX_LINE + 1)
+        if not line:
             return False
-        if not super().parse_request():
+        if len(line) > _MAX_LINE:
+            raise _HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "the request line is too long",
+                             close=True)
+        if not line.endswith(b"\n"):
+            return False  # the connection ended within the request line
+        words = line.decode("latin-1").split()
+        if len(words) == 2:  # HTTP/0.9 has no version and no status line to answer with
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported",
+                             close=True)
+        if len(words) != 3 or not _is_token(words[0]):
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
+        self.command, self.path, version = words
+        if not (len(version) == 8 and version.startswith("HTTP/") and version[6] == "."
+                and _is_digits(version[5] + version[7])):
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed HTTP version", close=True)
+        if version[5] != "1":
+            raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                             "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
+        self.request_version = "HTTP/1.0" if version[7] == "0" else "HTTP/1.1"
+        headers = self.headers
+        count = size = 0
+        while True:
+            line = self.rfile.readline(_MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                break
+            count += 1
+            size += len(line)
+            if len(line) > _MAX_LINE or count > _MAX_HEADERS or size > _MAX_HEADER_BYTES:
+                raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                 "the request headers are too large", close=True)
+            if not line.endswith(b"\n"):
+                return False  # the connection ended within the headers
+            name, colon, value = line.decode("latin-1").partition(":")
+            # RFC 9112 5.1/5.2: no space before the colon, no obsolete line folding
+            if not colon or not _is_token(name):
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line",
+                                 close=True)
+            headers.setdefault(name.lower(), []).append(value.strip(" \t\r\n"))
+        connection = {token.strip().lower()
+                      for value in headers.get("connection", ()) for token in value.split(",")}
+        if "close" in connection:
             self.close_connection = True
-            return False
+        else:
+            self.close_connection = (self.request_version == "HTTP/1.0"
+                                     and "keep-alive" not in connection)
+        for value in headers.get("expect", ()):
+            if value.lower() != "100-continue":
+                raise _HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported expectation",
+                                 close=True)
+            # RFC 9110 10.1.1: the 100 goes out only once the request has passed every
+            # check (_read_body); an HTTP/1.0 client gets none.
+            self._expect_continue = self.request_version == "HTTP/1.1"
         return True
 
-    def handle_expect_100(self):
-        # The stdlib sends 100 Continue here, before any check. We send it from
-        # _read_body, once Host, Origin, key, size and content type have passed.
-        self._expect_continue = True
-        return True
-
-    def send_error(self, code, message=None, explain=None):
-        """The stdlib's error path (bad request line, headers too large): JSON."""
-        if message:
-            message = message.split(" (")[0]  # the stdlib quotes the request there
-        status = HTTPStatus(code)
-        self._send_error(_HTTPError(status, message or status.phrase, close=True))
+    def _header(self, name):
+        """The only value of a header, or None; several values count as none."""
+        values = self.headers.get(name, ())
+        return values[0] if len(values) == 1 else None
 
     def _dispatch(self):
         server = self.server
@@ -1150,7 +1350,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             return
         document = server.settings if path == "/settings" else server.synced
         if method == "GET":
-            self._send(HTTPStatus.OK, document._current().body)
+            self._do_get(document)
             return
         try:
             form = self._content_is_form()
@@ -1167,14 +1367,14 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _check_framing(self):
         """RFC 9112 section 6: exactly one way to find the body's end, or 400."""
         headers = self.headers
-        if len(headers.get_all("Host") or ()) != 1:
+        if len(headers.get("host", ())) != 1:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "exactly one Host header is required",
                              close=True)
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "the request target must be a path",
                              close=True)
-        codings = headers.get_all("Transfer-Encoding")
-        lengths = headers.get_all("Content-Length")
+        codings = headers.get("transfer-encoding")
+        lengths = headers.get("content-length")
         if codings:
             if lengths:  # a request smuggling vector (RFC 9112 section 6.3)
                 raise _HTTPError(HTTPStatus.BAD_REQUEST,
@@ -1190,8 +1390,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         elif lengths:
             values = set()
             for value in lengths:
-                value = value.strip(" \t")
-                if not _DIGITS_RE.fullmatch(value):
+                if not _is_digits(value):
                     raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed Content-Length",
                                      close=True)
                 values.add(value.lstrip("0") or "0")
@@ -1203,30 +1402,27 @@ class RequestHandler(BaseHTTPRequestHandler):
             self._body_pending = self._length > 0
 
     def _check_host(self, server):
-        if _host_name(self.headers["Host"]) not in server.allowed_hosts:
+        if _host_name(self.headers["host"][0]) not in server.allowed_hosts:
             raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
 
     def _check_origin(self, server):
-        for origin in self.headers.get_all("Origin") or ():
-            try:
-                parts = urllib.parse.urlsplit(origin.strip())
-            except ValueError:
-                parts = None
-            if (parts is None or parts.scheme not in ("http", "https")
-                    or _host_name(parts.netloc) not in server.allowed_hosts):
+        for origin in self.headers.get("origin", ()):
+            scheme, sep, rest = origin.partition("://")
+            if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
+                    or "@" in rest or _host_name(rest) not in server.allowed_hosts):
                 raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
 
     def _check_key(self, server):
-        presented = list(self.headers.get_all("X-API-Key") or ())
-        for value in self.headers.get_all("Authorization") or ():
-            scheme, _, token = value.strip().partition(" ")
+        presented = list(self.headers.get("x-api-key", ()))
+        for value in self.headers.get("authorization", ()):
+            scheme, _, token = value.partition(" ")
             presented.append(token if scheme.lower() == "bearer" else "")
         if not presented:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required",
                              (("WWW-Authenticate", "Bearer"),))
         valid = True
         for token in presented:  # every one compared, each in constant time
-            token = token.strip().encode("latin-1", "replace")
+            token = token.strip().encode("latin-1")
             valid &= hmac.compare_digest(token, server._api_key)
         if not valid:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key",
@@ -1234,11 +1430,13 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _content_is_form(self):
         """True for a form body, False for JSON; 415 for anything else."""
-        media, _, params = (self.headers.get("Content-Type") or "").partition(";")
+        media, _, params = (self._header("content-type") or "").partition(";")
         media = media.strip().lower()
-        charset = re.search(r'charset\s*=\s*"?([^";\s]*)', params, re.IGNORECASE)
-        if charset and charset.group(1).lower() not in ("utf-8", "utf8"):
-            raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if (name.strip().lower() == "charset"
+                    and value.strip().strip('"').lower() not in ("utf-8", "utf8")):
+                raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
         if media == _JSON_TYPE:
             return False
         if media == _FORM_TYPE:
@@ -1254,7 +1452,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                              f"the body is larger than {limit} bytes", close=True)
         if self._expect_continue:
             self._expect_continue = False
-            self.wfile.write(_CONTINUE)
+            self._write(_CONTINUE)
         body = self._read_chunked(limit) if self._chunked else self.rfile.read(self._length)
         if not self._chunked and len(body) < self._length:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "the body ended early", close=True)
@@ -1269,9 +1467,13 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not line.endswith(b"\n"):
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk", close=True)
             size = line.split(b";", 1)[0].strip(b" \t\r\n")
-            if not _HEX_RE.fullmatch(size):
+            if not (0 < len(size) <= 16 and size.isalnum() and size.isascii()):
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size", close=True)
-            size = int(size, 16)
+            try:
+                size = int(size, 16)
+            except ValueError:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size",
+                                 close=True) from None
             if size == 0:
                 break
             if len(body) + size > limit:
@@ -1298,7 +1500,17 @@ class RequestHandler(BaseHTTPRequestHandler):
         if len(self.rfile.read(self._length)) < self._length:
             self.close_connection = True
 
-    # -- the two writes of the Qabel spec ----------------------------------------
+    # -- the documents -------------------------------------------------------------
+
+    def _do_get(self, document):
+        state = document._current()
+        etag = (("ETag", state.etag),)
+        for value in self.headers.get("if-none-match", ()):
+            tags = {tag.strip().removeprefix("W/") for tag in value.split(",")}
+            if state.etag in tags or "*" in tags:
+                self._send(HTTPStatus.NOT_MODIFIED, b"", etag)
+                return
+        self._send(HTTPStatus.OK, state.body, etag)
 
     def _do_put(self, document, body, form):
         if form:
@@ -1345,13 +1557,12 @@ class RequestHandler(BaseHTTPRequestHandler):
                 settings = request["settings"]
         except _NotJSON as exc:
             raise InvalidKey(f"settings is not a valid JSON document: {exc}") from None
-        self._send(HTTPStatus.OK, document._replace(settings).body)
+        self._send(HTTPStatus.OK, _dump_document(document._replace(settings)))
 
     # -- answers -----------------------------------------------------------------
 
     def _send_json(self, status, payload, headers=()):
-        self._send(status, (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8"),
-                   headers)
+        self._send(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), headers)
 
     def _send_error(self, error):
         if error.status >= 500:
@@ -1363,36 +1574,56 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._send_json(error.status, {"error": error.message}, getattr(error, "headers", ()))
 
     def _send(self, status, body, headers=()):
-        """Send status, headers and body in one write (no Nagle stall, one packet)."""
-        lines = [f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-                 f"Server: {self.server_version}\r\n"
-                 f"Date: {self.date_time_string()}\r\n"
-                 f"Content-Type: {_JSON_TYPE}\r\n"
-                 f"Content-Length: {len(body)}\r\n"
-                 "Cache-Control: no-store\r\n"
-                 "X-Content-Type-Options: nosniff\r\n"]
+        """Send status line, headers and body in one write."""
+        head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                f"Server: {self.server_version}\r\n"
+                f"Date: {self.server._date()}\r\n"
+                "Cache-Control: no-store\r\n"
+                "X-Content-Type-Options: nosniff\r\n"]
+        if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
+            head.append(f"Content-Type: {_JSON_TYPE}\r\nContent-Length: {len(body)}\r\n")
         for name, value in headers:
-            lines.append(f"{name}: {value}\r\n")
+            head.append(f"{name}: {value}\r\n")
         if self.close_connection:
-            lines.append("Connection: close\r\n")
+            head.append("Connection: close\r\n")
         elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        head = "".join(lines).encode("latin-1")
+            head.append("Connection: keep-alive\r\n")
+        head.append("\r\n")
+        head = "".join(head).encode("latin-1")
         self._responded = True
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        if self.command == "HEAD" or not body:
+            self._write(head)
+        elif len(body) < _LARGE_BODY:
+            self._write(head + body)
+        else:
+            self._write(head, body)
         self.log_request(status.value, len(body))
 
+    def _write(self, *parts):
+        """Send parts whole within request_timeout; without copying where the OS
+        has sendmsg (POSIX), else joined into one buffer."""
+        sock = self.request
+        sock.settimeout(self.server.request_timeout)
+        if len(parts) == 1 or not hasattr(sock, "sendmsg"):
+            sock.sendall(b"".join(parts))
+            return
+        views = [memoryview(part) for part in parts]
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
     def _path_only(self):
-        return (getattr(self, "path", None) or "").partition("?")[0]
+        return (self.path or "").partition("?")[0]
 
     def log_request(self, code="-", size="-"):
         # Never the query string (a client may misplace the key there), never a body.
-        logger.debug('%s "%s %s" %s %s', self.client_address[0], self.command,
-                     self._path_only(), code, size)
-
-    def log_message(self, format, *args):
-        logger.debug("%s %s", self.client_address[0], format % args)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug('%s "%s %s" %s %s', self.client_address[0], self.command,
+                         self._path_only(), code, size)
 
 
 def _parse_form(body):
@@ -1415,18 +1646,19 @@ def _parse_form(body):
 # Server lifecycle
 # ---------------------------------------------------------------------------
 
-_REFUSED_BODY = b'{"error": "too many connections"}\n'
+_REFUSED_BODY = b'{"error": "too many connections"}'
 _REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nCache-Control: no-store\r\n"
             b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n%s"
             % (len(_REFUSED_BODY), _REFUSED_BODY))
 
 
-class QabelRestServer(ThreadingHTTPServer):
+class QabelRestServer(socketserver.ThreadingTCPServer):
     """The HTTP server with its two documents; build it with make_server().
 
-    Thread-safe. `settings` and `synced` are the in-process API of the documents.
-    shutdown() may be called from any thread, before or during serve_forever().
+    A thread per connection, as http.server.ThreadingHTTPServer. Thread-safe.
+    `settings` and `synced` are the in-process API of the documents. shutdown() may
+    be called from any thread, before or during serve_forever().
     """
 
     daemon_threads = True
@@ -1457,6 +1689,7 @@ class QabelRestServer(ThreadingHTTPServer):
         self._stopped = threading.Event()
         self._connections = {}  # socket -> [thread, idle?]
         self._closing = False
+        self._date_cache = (0, "")
         self._wake_r, self._wake_w = socket.socketpair()
         try:
             super().__init__(address, handler_class)
@@ -1478,9 +1711,15 @@ class QabelRestServer(ThreadingHTTPServer):
     def server_bind(self):
         if os.name == "nt":  # pragma: no cover - Windows
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        # Not HTTPServer.server_bind: its getfqdn() can wait seconds on DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        super().server_bind()
+
+    def _date(self):
+        """The Date header's value, formatted once a second."""
+        now = int(time.time())
+        cached = self._date_cache
+        if cached[0] != now:
+            cached = self._date_cache = (now, _http_date(now))
+        return cached[1]
 
     # -- serving and stopping -------------------------------------------------------
 
@@ -1525,7 +1764,6 @@ class QabelRestServer(ThreadingHTTPServer):
         (bounded by SHUTDOWN_GRACE), refuse later changes, release the data dir."""
         with self._state_lock:
             self._stop_requested = True
-        with self._state_lock:
             self._closing = True
             entries = list(self._connections.items())
         for sock, (thread, idle) in entries:
@@ -1659,6 +1897,7 @@ def _positive_int(text):
 
 def main(argv=None):
     """Run the server until SIGINT or SIGTERM; return the exit status."""
+    import argparse  # here, not at the top: an embedding app never needs it
     parser = argparse.ArgumentParser(
         prog="qabel_rest", description="The local REST server of the Qabel desktop client.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (%(default)s)")

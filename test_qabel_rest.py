@@ -997,16 +997,63 @@ def test_file_rewritten_by_another_program_is_taken_as_current(live):
     assert live.doc("settings.json")["poll_interval"] == 77
 
 
-def test_same_size_rewrite_within_the_same_tick_is_not_overwritten(live):
+def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
+    # On a file system with coarse timestamps, a same-size rewrite within one tick
+    # keeps every stat field; the content comparison before each save still sees it.
     live.put("/settings", "drop_last_update", "aaaa")
     path = os.path.join(live.data_dir, "settings.json")
-    st = os.stat(path)
+    stale = qabel_rest._file_signature(path)
+    monkeypatch.setattr(qabel_rest, "_file_signature", lambda p: stale)
     data = live.file("settings.json").replace(b"aaaa", b"bbbb")
     with open(path, "r+b") as f:
         f.write(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime
-    assert live.put("/settings", "poll_interval", 4).status == 200
+    response = live.put("/settings", "poll_interval", 4)
+    assert response.status == 200
     assert live.doc("settings.json")["drop_last_update"] == "bbbb"
+    assert live.doc("settings.json")["poll_interval"] == 4
+
+
+def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
+    live.post("/synced", {"accounts": [item(1), item(2)]})
+    path = os.path.join(live.data_dir, "synced.json")
+    stale = qabel_rest._file_signature(path)
+    monkeypatch.setattr(qabel_rest, "_file_signature", lambda p: stale)
+    with open(path, "w") as f:  # another program drops the second account
+        json.dump({"accounts": [item(1)]}, f)
+    response = live.put("/synced", "accounts.1.user", "bob")
+    assert response.status == 405  # accounts.1 is gone in the current file
+    assert live.doc("synced.json") == {"accounts": [item(1)]}  # untouched
+    monkeypatch.undo()
+    assert live.get("/synced").json()["accounts"] == [item(1)]
+
+
+def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    path = os.path.join(live.data_dir, "settings.json")
+    real_read = qabel_rest._read_file
+    gate, reached = threading.Event(), threading.Event()
+
+    def read_file(p):
+        if threading.current_thread().name == "writer" and not reached.is_set():
+            reached.set()  # the save's comparison read: hold it here
+            gate.wait(TIMEOUT)
+        return real_read(p)
+
+    monkeypatch.setattr(qabel_rest, "_read_file", read_file)
+    document = live.server.settings
+    result = []
+    writer = threading.Thread(target=lambda: result.append(
+        document.put("module_data.chat", {"a": 1})), name="writer")
+    writer.start()
+    assert reached.wait(TIMEOUT)
+    with open(path, "w") as f:  # meanwhile another program rewrites the file
+        json.dump({"poll_interval": 60, "module_data": {"sync": {}}}, f)
+    gate.set()
+    writer.join(TIMEOUT)
+    assert result == [{"a": 1}]
+    stored = live.doc("settings.json")
+    assert stored["poll_interval"] == 60
+    assert stored["module_data"] == {"sync": {}, "chat": {"a": 1}}
 
 
 def test_file_rewritten_invalid_gives_503_and_is_never_overwritten(live):
@@ -1830,3 +1877,132 @@ def test_write_in_flight_at_shutdown_finishes_and_later_ones_fail(tmp_path, monk
     with pytest.raises(qabel_rest.DocumentUnavailable):
         live.server.settings.put("poll_interval", 43)
     assert live.doc("settings.json")["poll_interval"] == 42
+
+
+# ---------------------------------------------------------------------------
+# Group commit and the cached body
+# ---------------------------------------------------------------------------
+
+def hold_first_save(monkeypatch, error=None):
+    """Make the first atomic_write wait for a gate (and then fail with error)."""
+    real = qabel_rest.atomic_write
+    entered, gate = threading.Event(), threading.Event()
+
+    def write(path, data):
+        if not entered.is_set():
+            entered.set()
+            gate.wait(TIMEOUT)
+            if error:
+                raise error
+        real(path, data)
+
+    monkeypatch.setattr(qabel_rest, "atomic_write", write)
+    return entered, gate
+
+
+def wait_pending(document, count):
+    deadline = time.monotonic() + TIMEOUT
+    while len(document._pending) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(document._pending) == count
+
+
+def test_changes_waiting_during_a_save_share_the_next_one(live, monkeypatch):
+    entered, gate = hold_first_save(monkeypatch)
+    saves = []
+    real = qabel_rest.atomic_write
+    monkeypatch.setattr(qabel_rest, "atomic_write", lambda p, d: (saves.append(d), real(p, d)))
+    results = {}
+
+    def put(name, value):
+        results[name] = live.put("/settings", f"module_data.{name}", {"v": value})
+
+    first = threading.Thread(target=put, args=("first", 0))
+    first.start()
+    assert entered.wait(TIMEOUT)
+    others = [threading.Thread(target=put, args=(f"w{i}", i)) for i in range(5)]
+    for thread in others:
+        thread.start()
+    wait_pending(live.server.settings, 5)
+    gate.set()
+    for thread in [first, *others]:
+        thread.join(TIMEOUT)
+    assert {name: r.status for name, r in results.items()} == dict.fromkeys(results, 200)
+    assert len(results) == 6
+    assert len(saves) == 2  # the held save, then one for all five that waited
+    assert json.loads(saves[1])["module_data"] == live.doc("settings.json")["module_data"]
+    assert set(live.doc("settings.json")["module_data"]) == {"first", *(f"w{i}" for i in range(5))}
+
+
+def test_a_failed_save_fails_every_change_waiting_on_it(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    before = snapshot(live.data_dir)
+    entered, gate = hold_first_save(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(
+        live.put("/settings", f"module_data.m{i}", {}).status)) for i in range(4)]
+    threads[0].start()
+    assert entered.wait(TIMEOUT)
+    for thread in threads[1:]:
+        thread.start()
+    wait_pending(live.server.settings, 3)
+    gate.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert results == [507] * 4
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["module_data"] == {}
+    monkeypatch.undo()
+    assert live.put("/settings", "module_data.after", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {"after": {}}
+
+
+def test_readers_see_only_saved_changes(live, monkeypatch):
+    entered, gate = hold_first_save(monkeypatch)
+    writer = threading.Thread(target=lambda: live.put("/settings", "poll_interval", 9))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    assert live.get("/settings").json()["poll_interval"] == 30  # not on disk yet
+    gate.set()
+    writer.join(TIMEOUT)
+    assert live.get("/settings").json()["poll_interval"] == 9
+
+
+def test_etag_and_if_none_match(live):
+    first = live.get("/settings")
+    etag = first.headers["ETag"]
+    assert etag.startswith('"') and etag.endswith('"')
+    assert live.get("/settings").headers["ETag"] == etag  # unchanged: same tag
+    for value in (etag, f'"other", {etag}', "*", "W/" + etag):
+        response = live.get("/settings", headers={"If-None-Match": value})
+        assert response.status == 304
+        assert response.body == b"" and "Content-Length" not in response.headers
+        assert response.headers["ETag"] == etag
+    assert live.get("/settings", headers={"If-None-Match": '"other"'}).status == 200
+    live.put("/settings", "poll_interval", 8)
+    changed = live.get("/settings", headers={"If-None-Match": etag})
+    assert changed.status == 200 and changed.json()["poll_interval"] == 8
+    assert changed.headers["ETag"] != etag
+    assert live.get("/synced").headers["ETag"] not in (etag, changed.headers["ETag"])
+    # the 304 kept the connection in sync
+    conn = live.conn()
+    headers = {"X-API-Key": KEY, "If-None-Match": changed.headers["ETag"]}
+    assert conn.request("GET", "/settings", headers=headers).status == 304
+    assert conn.request("GET", "/health").status == 200
+    conn.close()
+
+
+def test_external_change_gives_a_new_etag(live):
+    etag = live.get("/settings").headers["ETag"]
+    with open(os.path.join(live.data_dir, "settings.json"), "w") as f:
+        json.dump({"poll_interval": 3}, f)
+    response = live.get("/settings", headers={"If-None-Match": etag})
+    assert response.status == 200 and response.json()["poll_interval"] == 3
+
+
+def test_large_document_is_served_whole(live):
+    big = {"module_data": {f"m{i}": {"blob": "x" * 1000} for i in range(600)}}
+    assert live.post("/synced", big).status == 200
+    response = live.get("/synced")
+    assert len(response.body) > 600000
+    assert response.json()["module_data"] == big["module_data"]

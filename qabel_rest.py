@@ -279,7 +279,10 @@ def _build_object(pairs):
     return result
 
 
-# Stateless, so one instance serves every thread.
+# Stateless, so one instance of each serves every thread. Documents and answers are
+# compact: json.dumps with indent runs the pure-Python encoder, about ten times
+# slower than the C one on a large document.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_float,
                             parse_int=_parse_int, parse_constant=_reject_constant)
 
@@ -306,12 +309,8 @@ def _parse_json(data):
 
 
 def _dump_document(document):
-    """The bytes of a document as served and stored: compact UTF-8 JSON.
-
-    Not indented: json.dumps with indent runs the pure-Python encoder, about ten times
-    slower than the C one on a large document.
-    """
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """The bytes of a JSON value as served and stored: compact UTF-8 JSON."""
+    return _ENCODER.encode(document).encode("utf-8")
 
 
 def parse_key(key):
@@ -608,24 +607,33 @@ def _fsync_file(fd):
     os.fsync(fd)
 
 
-def _fsync_dir(directory):
-    """Make a rename in directory durable. POSIX only: Windows cannot open a
-    directory as a file, and NTFS journals the rename itself."""
+def _open_dir(directory):
+    """A descriptor to fsync directory with, or None where that is not possible:
+    Windows cannot open a directory as a file, and NTFS journals renames itself."""
     if os.name != "posix":  # pragma: no cover - Windows
+        return None
+    return os.open(directory, os.O_RDONLY)
+
+
+def _fsync_dir(directory, dir_fd=None):
+    """Make a rename in directory durable (POSIX)."""
+    fd = _open_dir(directory) if dir_fd is None else dir_fd
+    if fd is None:  # pragma: no cover - Windows
         return
-    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
-        os.close(fd)
+        if dir_fd is None:
+            os.close(fd)
 
 
-def atomic_write(path, data):
+def atomic_write(path, data, dir_fd=None):
     """Write data to path atomically and durably, mode 0600.
 
     A temp file in the same directory is written, fsynced and renamed over path,
-    then the directory is fsynced. On failure the temp file is removed, path is
-    untouched, and the OSError propagates.
+    then the directory is fsynced (through dir_fd if given, an open descriptor of
+    it). On failure the temp file is removed, path is untouched, and the OSError
+    propagates.
     """
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
@@ -645,7 +653,7 @@ def atomic_write(path, data):
         except OSError:
             pass
         raise
-    _fsync_dir(directory)
+    _fsync_dir(directory, dir_fd)
 
 
 def _file_signature(path):
@@ -677,6 +685,27 @@ def _read_file(path):
         os.close(fd)
     signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return signature, b"".join(chunks)
+
+
+def _read_content(path, expected):
+    """The content of a file (None if missing), read in one call when it has the
+    expected length. Raises OSError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        size = len(expected or b"") + 1
+        data = os.read(fd, size)
+        if len(data) < size:  # a short read is the end of a regular file
+            return data
+        chunks = [data]
+        while data:
+            data = os.read(fd, 1 << 16)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # One version of a document; replaced whole, never changed.
@@ -711,6 +740,7 @@ class SettingsDocument:
         self._pending = []  # a ticket per change not yet saved: [outcome, apply, result]
         self._saving = False  # a save is under way (its tickets left _pending)
         self._closed = False
+        self._dir_fd = None  # the data dir, open for fsync once the first save needs it
 
     # -- public, in-process API ----------------------------------------------
 
@@ -744,6 +774,9 @@ class SettingsDocument:
         with self._io_lock, self._lock:
             self._closed = True
             self._fail((), DocumentUnavailable, "the server is shutting down")
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
 
     def _quiet(self):
         """No change of ours is waiting or being saved, so the file is ours to read.
@@ -825,7 +858,7 @@ class SettingsDocument:
         # stat: an in-place rewrite within one timestamp tick keeps size and mtime.
         for _ in range(_REBASE_ATTEMPTS):
             try:
-                _, current = _read_file(self.path)
+                current = _read_content(self.path, known.raw)
             except OSError:
                 current = ()
             if current == known.raw:
@@ -841,7 +874,9 @@ class SettingsDocument:
             return
         body = _dump_document(document)
         try:
-            atomic_write(self.path, body)
+            if self._dir_fd is None:
+                self._dir_fd = _open_dir(os.path.dirname(self.path))
+            atomic_write(self.path, body, self._dir_fd)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EFBIG,
                                  getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -1562,7 +1597,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
     # -- answers -----------------------------------------------------------------
 
     def _send_json(self, status, payload, headers=()):
-        self._send(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), headers)
+        self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):
         if error.status >= 500:

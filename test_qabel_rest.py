@@ -1030,20 +1030,20 @@ def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeyp
 def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkeypatch):
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")
-    real_read = qabel_rest._read_file
+    real_read = qabel_rest._read_content
     gate, reached = threading.Event(), threading.Event()
 
-    def read_file(p):
-        if threading.current_thread().name == "writer" and not reached.is_set():
+    def read_content(p, expected):
+        if not reached.is_set():
             reached.set()  # the save's comparison read: hold it here
             gate.wait(TIMEOUT)
-        return real_read(p)
+        return real_read(p, expected)
 
-    monkeypatch.setattr(qabel_rest, "_read_file", read_file)
+    monkeypatch.setattr(qabel_rest, "_read_content", read_content)
     document = live.server.settings
     result = []
     writer = threading.Thread(target=lambda: result.append(
-        document.put("module_data.chat", {"a": 1})), name="writer")
+        document.put("module_data.chat", {"a": 1})))
     writer.start()
     assert reached.wait(TIMEOUT)
     with open(path, "w") as f:  # meanwhile another program rewrites the file
@@ -1888,13 +1888,13 @@ def hold_first_save(monkeypatch, error=None):
     real = qabel_rest.atomic_write
     entered, gate = threading.Event(), threading.Event()
 
-    def write(path, data):
+    def write(path, data, *args):
         if not entered.is_set():
             entered.set()
             gate.wait(TIMEOUT)
             if error:
                 raise error
-        real(path, data)
+        real(path, data, *args)
 
     monkeypatch.setattr(qabel_rest, "atomic_write", write)
     return entered, gate
@@ -1911,7 +1911,8 @@ def test_changes_waiting_during_a_save_share_the_next_one(live, monkeypatch):
     entered, gate = hold_first_save(monkeypatch)
     saves = []
     real = qabel_rest.atomic_write
-    monkeypatch.setattr(qabel_rest, "atomic_write", lambda p, d: (saves.append(d), real(p, d)))
+    monkeypatch.setattr(qabel_rest, "atomic_write",
+                        lambda p, d, *args: (saves.append(d), real(p, d, *args)))
     results = {}
 
     def put(name, value):

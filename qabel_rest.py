@@ -26,10 +26,8 @@ contain the key or a settings value; files are mode 0600 in a 0700 directory.
 
 import copy
 import errno
-import hmac
 import io
 import json
-import logging
 import math
 import os
 import selectors
@@ -69,7 +67,13 @@ __all__ = [
     "main",
 ]
 
-logger = logging.getLogger("qabel_rest")
+
+
+def _logger():
+    """The logger "qabel_rest". logging (and hmac, below) are imported when a server
+    is made, not on import: together they are a third of the import time."""
+    import logging
+    return logging.getLogger("qabel_rest")
 
 
 # ---------------------------------------------------------------------------
@@ -880,7 +884,7 @@ class SettingsDocument:
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EFBIG,
                                  getattr(errno, "EDQUOT", errno.ENOSPC))
-            logger.error("could not save %s: %s", self.path, exc.strerror)
+            _logger().error("could not save %s: %s", self.path, exc.strerror)
             with self._lock:
                 self._fail(batch, SaveError,
                            f"could not save {self.name}: {exc.strerror or 'error'}",
@@ -1079,7 +1083,7 @@ def _read_or_create_key_file(data_dir):
             atomic_write(path, (text + "\n").encode("ascii"))
         except OSError as exc:
             raise StartupError(f"cannot write the key file: {exc.strerror} ({path})") from None
-        logger.info("generated a new API key in %s", path)
+        _logger().info("generated a new API key in %s", path)
     except OSError as exc:
         raise StartupError(f"cannot read the key file: {exc.strerror} ({path})") from None
     return _check_api_key(text, path), path
@@ -1284,7 +1288,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except OSError:
             raise
         except Exception:  # a bug: answer 500, keep serving others
-            logger.exception("unexpected error in %s %s", self.command, self._path_only())
+            self.server.logger.exception("unexpected error in %s %s", self.command,
+                                         self._path_only())
             self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                         "internal error", close=True))
         if self._body_pending and not self.close_connection:
@@ -1458,7 +1463,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
         valid = True
         for token in presented:  # every one compared, each in constant time
             token = token.strip().encode("latin-1")
-            valid &= hmac.compare_digest(token, server._api_key)
+            valid &= server._compare_digest(token, server._api_key)
         if not valid:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key",
                              (("WWW-Authenticate", "Bearer"),))
@@ -1601,7 +1606,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     def _send_error(self, error):
         if error.status >= 500:
-            logger.warning("%s %s: %d %s", self.command, self._path_only(),
+            self.server.logger.warning("%s %s: %d %s", self.command, self._path_only(),
                            error.status, error.message)
         if getattr(error, "close", False):
             self.close_connection = True
@@ -1656,7 +1661,8 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     def log_request(self, code="-", size="-"):
         # Never the query string (a client may misplace the key there), never a body.
-        if logger.isEnabledFor(logging.DEBUG):
+        logger = self.server.logger
+        if logger.isEnabledFor(10):  # logging.DEBUG
             logger.debug('%s "%s %s" %s %s', self.client_address[0], self.command,
                          self._path_only(), code, size)
 
@@ -1716,6 +1722,9 @@ class QabelRestServer(socketserver.ThreadingTCPServer):
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        import hmac  # see _logger()
+        self._compare_digest = hmac.compare_digest
+        self.logger = _logger()
         self._api_key = None  # bytes: set by make_server, never logged or shown
         self._dir_lock = None
         self._state_lock = threading.RLock()  # RLock: shutdown() may run in a signal handler
@@ -1946,6 +1955,7 @@ def main(argv=None):
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="another name clients may use in the Host header")
     args = parser.parse_args(argv)
+    import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s qabel_rest %(levelname)s %(message)s")
     if hasattr(signal, "SIGXFSZ"):
@@ -1972,7 +1982,7 @@ def main(argv=None):
         server.serve_forever()
     finally:
         server.server_close()
-    logger.info("stopped")
+    _logger().info("stopped")
     return 0
 
 

@@ -2007,3 +2007,37 @@ def test_large_document_is_served_whole(live):
     response = live.get("/synced")
     assert len(response.body) > 600000
     assert response.json()["module_data"] == big["module_data"]
+
+
+def test_get_serves_cached_bytes_without_serialising(live, monkeypatch):
+    live.put("/settings", "poll_interval", 6)
+    expected = live.get("/settings").body
+
+    def refuse(document):
+        raise AssertionError("serialised on read")
+
+    monkeypatch.setattr(qabel_rest, "_dump_document", refuse)
+    assert live.get("/settings").body == expected
+    assert live.call("HEAD", "/settings").status == 200
+
+
+def test_put_into_a_large_document_validates_only_what_changed(live, monkeypatch):
+    identities = [item(i, alias=f"a{i}", keys={"public_sign_key": "k" * 64},
+                       drops=[f"https://d.de/{i}"]) for i in range(2000)]
+    assert live.post("/synced", {"identities": identities}).status == 200
+    visited = []
+    real = qabel_rest._check_schema
+
+    def counting(value, node, path):
+        visited.append(path)
+        return real(value, node, path)
+
+    monkeypatch.setattr(qabel_rest, "_check_schema", counting)
+    assert live.put("/synced", "identities.1500.alias", "bob").status == 200
+    assert visited == [("identities", "1500", "alias")]
+    visited.clear()
+    assert live.put("/synced", "identities.-", item(5000, alias="new")).status == 200
+    assert len(visited) < 10  # the new item's fields, not 2,000 identities
+    monkeypatch.undo()
+    stored = live.doc("synced.json")["identities"]
+    assert stored[1500]["alias"] == "bob" and stored[-1]["id"] == 5000 and len(stored) == 2001

@@ -712,6 +712,12 @@ def _read_content(path, expected):
         os.close(fd)
 
 
+def _settle(ticket, outcome):
+    """Give a change its outcome and wake its writer."""
+    ticket[0] = outcome
+    ticket[3].release()
+
+
 # One version of a document; replaced whole, never changed.
 #   document: the parsed value (never mutated), body: its bytes as served,
 #   etag: a strong entity tag for body, signature/raw: the file it came from or went
@@ -722,10 +728,11 @@ _State = namedtuple("_State", "document body etag signature raw error")
 class SettingsDocument:
     """One settings document: its file, schema, and current version.
 
-    Thread-safe. A change is validated, then saved with every other change that
-    arrived during the save before it (group commit: one fsync for many writers), and
-    acknowledged only once the write containing it is durable. Readers see only what
-    is on disk; they never wait, except for a file changed by another program.
+    Thread-safe. A change is validated, then saved by the document's saver thread
+    together with every change that arrived during the save before it (group commit:
+    one fsync for many writers), and acknowledged only once the write containing it
+    is durable. Readers see only what is on disk; they never wait, except for a file
+    changed by another program.
     """
 
     def __init__(self, path, schema, defaults):
@@ -735,14 +742,18 @@ class SettingsDocument:
         self._defaults = defaults
         self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
         self._generation = 0
-        # Lock order: _io_lock, then _lock. _io_lock: one save at a time, and only a
-        # save writes the file. _lock: the fields below, held only briefly.
-        self._io_lock = threading.Lock()
+        # _lock guards the fields below and is never held while the file is written.
+        # Only the saver thread writes the file, so saves never overlap.
         self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)  # the saver waits on it for work
+        self._saver = None  # started by the first change
         self._durable = None  # _State on disk: what readers get
         self._head = None  # the newest accepted document, saved or not yet
-        self._pending = []  # a ticket per change not yet saved: [outcome, apply, result]
-        self._saving = False  # a save is under way (its tickets left _pending)
+        # A ticket per change not yet saved: [outcome, apply, result, done]. outcome
+        # is None, then True or (exception class, message, status); done is a lock
+        # held until the outcome is known.
+        self._pending = []
+        self._saving = False  # the saver is writing (its batch has left _pending)
         self._closed = False
         self._dir_fd = None  # the data dir, open for fsync once the first save needs it
 
@@ -767,20 +778,23 @@ class SettingsDocument:
 
     def load(self):
         """Read the file at startup; StartupError if it is unusable."""
-        with self._io_lock, self._lock:
+        with self._lock:
             state = self._read_state(None)
             self._set_durable(state)
         if state.error:
             raise StartupError(f"{self.name}: {state.error} ({self.path})")
 
     def close(self):
-        """Refuse every later change; waits for a save in progress to finish."""
-        with self._io_lock, self._lock:
+        """Refuse every later change; a save under way finishes, waiting ones fail."""
+        with self._lock:
             self._closed = True
-            self._fail((), DocumentUnavailable, "the server is shutting down")
-            if self._dir_fd is not None:
-                os.close(self._dir_fd)
-                self._dir_fd = None
+            self._wakeup.notify()
+            saver = self._saver
+        if saver is not None:
+            saver.join()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def _quiet(self):
         """No change of ours is waiting or being saved, so the file is ours to read.
@@ -825,37 +839,51 @@ class SettingsDocument:
                 raise DocumentUnavailable(
                     f"{self.name} on disk is not valid: {self._durable.error}")
             self._head, result = apply(self._head)
-            ticket = [None, apply, result]
+            done = threading.Lock()
+            done.acquire()
+            ticket = [None, apply, result, done]
             self._pending.append(ticket)
-        self._save(ticket)
-        return ticket[2]
-
-    def _save(self, ticket):
-        """Return once the ticket's change is on disk; raise if saving it failed.
-
-        Group commit: whoever gets _io_lock first with its change unsaved saves the
-        newest document, which holds every change accepted so far, and settles all
-        their tickets at once.
-        """
-        with self._io_lock:
-            with self._lock:
-                if ticket[0] is None:
-                    document, known = self._head, self._durable
-                    batch, self._pending = self._pending, []
-                    self._saving = True
-            if ticket[0] is None:
-                try:
-                    self._write_batch(document, known, batch)
-                finally:
-                    with self._lock:
-                        for unsettled in batch:  # only if _write_batch itself broke
-                            if unsettled[0] is None:
-                                unsettled[0] = (SaveError, "internal error while saving",
-                                                None)
-                        self._saving = False
+            if self._saver is None:
+                self._saver = threading.Thread(target=self._run_saver, daemon=True,
+                                               name=f"qabel_rest saver {self.name}")
+                self._saver.start()
+            self._wakeup.notify()
+        done.acquire()  # until the saver settles the ticket
         if ticket[0] is not True:
             kind, message, status = ticket[0]
             raise kind(message, status)
+        return ticket[2]
+
+    def _run_saver(self):
+        """The saver thread: save the newest document whenever changes wait.
+
+        Group commit: each save holds every change accepted until it starts, and
+        settles all of their tickets at once; changes arriving meanwhile wait for the
+        next one, which starts the moment this one ends. A daemon thread: changes
+        not yet saved at exit were never acknowledged.
+        """
+        with self._lock:
+            while True:
+                while not self._pending and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    self._fail((), DocumentUnavailable, "the server is shutting down")
+                    return
+                document, known = self._head, self._durable
+                batch, self._pending = self._pending, []
+                self._saving = True
+                self._lock.release()
+                try:
+                    self._write_batch(document, known, batch)
+                except BaseException:  # a bug: fail the batch, keep saving
+                    _logger().exception("unexpected error saving %s", self.path)
+                finally:
+                    self._lock.acquire()
+                    self._saving = False
+                    for ticket in batch:
+                        if ticket[0] is None:
+                            ticket[0] = (SaveError, "internal error while saving", None)
+                            ticket[3].release()
 
     def _write_batch(self, document, known, batch):
         # The file must still be what we last read or wrote. Compare content, not
@@ -894,7 +922,7 @@ class SettingsDocument:
         with self._lock:
             self._durable = state  # the head stays: it may hold newer changes
             for ticket in batch:
-                ticket[0] = True
+                _settle(ticket, True)
 
     def _rebase(self, batch):
         """Another program rewrote the file while changes waited: take its content as
@@ -917,7 +945,7 @@ class SettingsDocument:
             try:
                 document, ticket[2] = ticket[1](document)
             except QabelRestError as exc:
-                ticket[0] = (type(exc), exc.message, exc.status)
+                _settle(ticket, (type(exc), exc.message, exc.status))
         return document
 
     def _fail(self, batch, kind, message, status=None):
@@ -925,7 +953,7 @@ class SettingsDocument:
         it); the newest document is the durable one again. Holds _lock."""
         outcome = (kind, message, status)
         for ticket in (*batch, *self._pending):
-            ticket[0] = outcome
+            _settle(ticket, outcome)
         self._pending = []
         self._head = self._durable.document
 

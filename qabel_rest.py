@@ -1120,14 +1120,14 @@ def _read_or_create_key_file(data_dir):
 def _host_name(value):
     """The lower-case host of a Host header value (port dropped); None if malformed."""
     value = value.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        host, rest = value[:end + 1], value[end + 1:]
-        if end < 0:
+    if value.startswith("["):  # an IPv6 literal: [::1]:9696
+        end = value.find("]") + 1
+        if end == 0:
             return None
+        host, rest = value[:end], value[end:]
     else:
-        host, _, port = value.partition(":")
-        rest = ":" + port if _ else ""
+        host, colon, port = value.partition(":")
+        rest = colon + port
     if rest and not (rest.startswith(":") and _is_digits(rest[1:])):
         return None
     return host or None

@@ -68,7 +68,6 @@ __all__ = [
 ]
 
 
-
 def _logger():
     """The logger "qabel_rest". logging (and hmac, below) are imported when a server
     is made, not on import: together they are a third of the import time."""
@@ -227,7 +226,7 @@ class SaveError(QabelRestError):
 
 
 class DocumentChanged(QabelRestError):
-    """Another program rewrote the file while this change waited to be saved: 409."""
+    """Another program kept rewriting the file during a save of this change: 409."""
 
     status = HTTPStatus.CONFLICT
 
@@ -1497,13 +1496,20 @@ class RequestHandler(socketserver.BaseRequestHandler):
                              (("WWW-Authenticate", "Bearer"),))
 
     def _content_is_form(self):
-        """True for a form body, False for JSON; 415 for anything else."""
-        media, _, params = (self._header("content-type") or "").partition(";")
+        """True for a form body, False for JSON; 415 for any other type.
+
+        No Content-Type at all is read as JSON (RFC 9110 8.3 leaves it to us): what
+        a client sends with a JSON string and no header, as some libraries do.
+        """
+        value = self._header("content-type")
+        if value is None and not self.headers.get("content-type"):
+            return False
+        media, _, params = (value or "").partition(";")
         media = media.strip().lower()
         for param in params.split(";"):
-            name, _, value = param.partition("=")
+            name, _, charset = param.partition("=")
             if (name.strip().lower() == "charset"
-                    and value.strip().strip('"').lower() not in ("utf-8", "utf8")):
+                    and charset.strip().strip('"').lower() not in ("utf-8", "utf8")):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
         if media == _JSON_TYPE:
             return False

@@ -461,6 +461,18 @@ def test_form_put_errors(live, body, status):
     assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
 
 
+def test_body_without_content_type_is_read_as_json(live):
+    conn = live.conn()
+    body = b'{"key": "poll_interval", "value": 21}'
+    response = conn.request("PUT", "/settings", body, {"X-API-Key": KEY})
+    assert response.status == 200
+    assert live.doc("settings.json")["poll_interval"] == 21
+    form = conn.request("PUT", "/settings", b"key=poll_interval&value=22", {"X-API-Key": KEY})
+    assert form.status == 400  # not JSON
+    conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 21
+
+
 def test_form_post(live):
     body = "settings=" + urllib.parse.quote(json.dumps({"poll_interval": 3}))
     response = live.call("POST", "/settings", body,
@@ -469,13 +481,11 @@ def test_form_post(live):
     assert live.doc("settings.json")["poll_interval"] == 3
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/xml",
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "",
                                           "application/json; charset=latin-1",
                                           "multipart/form-data; boundary=x"])
 def test_other_content_types_415(live, content_type):
-    headers = {"X-API-Key": KEY}
-    if content_type:
-        headers["Content-Type"] = content_type
+    headers = {"X-API-Key": KEY, "Content-Type": content_type}
     conn = live.conn()
     response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 1}',
                             headers)

@@ -1986,8 +1986,9 @@ def main(argv=None):
                                           "else DATA_DIR/api-key, generated if missing)")
     parser.add_argument("--max-body", type=_positive_int, default=DEFAULT_MAX_BODY,
                         metavar="BYTES", help="largest request body (%(default)s)")
-    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                        help="another name clients may use in the Host header")
+    parser.add_argument("--allowed-host", action="extend", nargs="+", default=[],
+                        metavar="NAME", help="other names clients may use in the Host "
+                                             "header (repeatable)")
     args = parser.parse_args(argv)
     import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

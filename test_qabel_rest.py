@@ -1156,6 +1156,25 @@ def test_failed_save_disk_full_is_507_and_changes_nothing(live, monkeypatch):
     assert live.put("/settings", "poll_interval", 7).status == 200
 
 
+def test_permission_denied_on_save_is_500_and_changes_nothing(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    before = snapshot(live.data_dir)
+    real_open = os.open
+
+    def deny(path, flags, *args, **kw):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", deny)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 500
+    assert response.json() == {"error": "could not save settings.json: Permission denied"}
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["poll_interval"] == 5
+
+
 def test_replace_refused_is_retried_then_500(live, monkeypatch):
     before = snapshot(live.data_dir)
     calls = []
@@ -1727,10 +1746,19 @@ def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
 @pytest.mark.skipif(not POSIX, reason="SIGINT delivery")
 def test_process_stops_on_sigint_with_keep_alive_connection_open(tmp_path):
     proc = Process(tmp_path, "--api-key", KEY, "--max-body", "1000",
-                   "--allowed-host", "qabel.local")
+                   "--allowed-host", "qabel.local", "other.local", "--allowed-host", "x.lan")
     conn = Conn(proc.port)
+    for host in ("other.local", "x.lan:1", "qabel.local"):
+        assert conn.request("GET", "/settings", headers={"X-API-Key": KEY},
+                            host=host).status == 200
     assert conn.request("GET", "/settings", headers={"X-API-Key": KEY},
-                        host="qabel.local").status == 200
+                        host="evil.lan").status == 403
+    big = conn.request("PUT", "/settings", b"x" * 1001,
+                       {"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert big.status == 413  # --max-body
+    conn.close()
+    conn = Conn(proc.port)
+    assert conn.request("GET", "/health").status == 200
     started = time.monotonic()
     code, out, err = proc.finish(signal.SIGINT)
     assert code == 0

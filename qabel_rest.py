@@ -84,7 +84,7 @@ DEFAULT_PORT = 9696  # the port of the Qabel spec
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a synced document with many identities fits
 DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for one whole request, first byte to last
-DEFAULT_MAX_CONNECTIONS = 64  # one thread each; beyond it new connections get 503
+DEFAULT_MAX_CONNECTIONS = 128  # one thread each; beyond it new connections get 503
 SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
 # Any JSON value may nest at most this deep (document root = 0). Far below the
@@ -1163,6 +1163,8 @@ _MAX_LINE = 65536  # longest request line (else 414) or header line (else 431)
 _MAX_HEADERS = 100  # header lines in one request (else 431), as in http.client
 _MAX_HEADER_BYTES = 65536  # all of them together (else 431)
 _LARGE_BODY = 65536  # bodies from here on go out without being copied
+_LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
+_LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _TIMEOUTS = (TimeoutError, socket.timeout)  # distinct classes before Python 3.10
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -1255,19 +1257,20 @@ class RequestHandler(socketserver.BaseRequestHandler):
         """Read and drop what the client still sends, briefly, after our answer.
 
         Closing a socket with unread input sends a reset, which can destroy the
-        answer before the client reads it (RFC 9112 section 9.6).
+        answer before the client reads it (RFC 9112 section 9.6): a client still
+        sending a body we refused would see "connection reset", not our 413.
         """
         sock = self.request
         try:
             sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + 1.0
+            deadline = time.monotonic() + _LINGER_SECONDS
             received = 0
-            while received < 4 * self.server.max_body:
+            while received < _LINGER_BYTES:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 sock.settimeout(remaining)
-                chunk = sock.recv(65536)
+                chunk = sock.recv(1 << 16)
                 if not chunk:
                     break
                 received += len(chunk)
@@ -1742,7 +1745,7 @@ class QabelRestServer(socketserver.ThreadingTCPServer):
     # let another process bind the same port and steal requests, so it gets
     # SO_EXCLUSIVEADDRUSE instead (server_bind).
     allow_reuse_address = os.name != "nt"
-    request_queue_size = 64
+    request_queue_size = DEFAULT_MAX_CONNECTIONS
 
     def __init__(self, address, handler_class, *, data_dir, settings, synced, max_body,
                  allowed_hosts, idle_timeout, request_timeout, max_connections):

@@ -2079,3 +2079,18 @@ def test_put_into_a_large_document_validates_only_what_changed(live, monkeypatch
     monkeypatch.undo()
     stored = live.doc("synced.json")["identities"]
     assert stored[1500]["alias"] == "bob" and stored[-1]["id"] == 5000 and len(stored) == 2001
+
+
+def test_client_sending_a_large_refused_body_still_reads_the_413(live):
+    conn = live.conn()
+    body = b"x" * (3 << 20)  # three times the limit: refused before it is read
+    head = build_request("PUT", "/settings", b"", {"X-API-Key": KEY,
+                                                   "Content-Type": "application/json",
+                                                   "Content-Length": str(len(body))})
+    conn.send(head)
+    conn.sock.sendall(body)  # the server drains it after answering, so this completes
+    response = conn.read()
+    assert response.status == 413
+    assert response.headers["Connection"] == "close"
+    conn.close()
+    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}

@@ -1,7 +1,7 @@
 """Benchmark qabel_rest against a bare stdlib server doing the same work, in one run.
 
     python bench.py                  # 3.7 KB synced document, then a 1 MB one
-    python bench.py --duration 5 --connections 8 --client python
+    python bench.py --duration 3 --rounds 3 --connections 8 --client python
 
 The baseline ("bare") is a ThreadingHTTPServer with HTTP/1.1 keep-alive and
 TCP_NODELAY that serves cached JSON bytes and stores PUTs in memory under a lock: no
@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import socket
 import subprocess
 import sys
@@ -220,7 +221,6 @@ def import_cost(repeat=30):
 
     Bytecode is compiled first, as a user's Python caches it."""
     import py_compile
-    import statistics
     py_compile.compile(os.path.join(HERE, "qabel_rest.py"), doraise=True)
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -261,9 +261,14 @@ def scenario(name, document, args, load, scratch, rows):
         if not same:
             raise SystemExit("the two servers do not serve the same bytes")
         for method in ("GET", "PUT"):
-            figures = {}
-            for server, port in (("bare", bare_port), ("qabel_rest", qabel_port)):
-                figures[server] = load(port, method, args.duration, args.connections, scratch)
+            # Alternate the two servers and take each one's median: the machine's
+            # speed drifts, and a drift then hits both alike.
+            runs = {"bare": [], "qabel_rest": []}
+            for _ in range(args.rounds):
+                for server, port in (("bare", bare_port), ("qabel_rest", qabel_port)):
+                    runs[server].append(load(port, method, args.duration, args.connections,
+                                             scratch))
+            figures = {server: statistics.median(rates) for server, rates in runs.items()}
             ratio = figures["qabel_rest"] / figures["bare"]
             rows.append((name, method, figures["bare"], figures["qabel_rest"], ratio))
             print(f"  {method:4s} bare {figures['bare']:8,.0f} req/s   qabel_rest "
@@ -277,7 +282,10 @@ def scenario(name, document, args, load, scratch, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5, help="seconds per measurement")
+    parser.add_argument("--duration", type=float, default=3, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements per server and request, alternating; the "
+                             "median counts")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--bare", nargs=2, metavar=("PORT", "DOCFILE"), help=argparse.SUPPRESS)
@@ -288,7 +296,8 @@ def main():
     use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk")
     load = load_wrk if use_wrk else load_python
     client = "wrk -t1" if use_wrk else "built-in python client"
-    print(f"client: {client}, {args.connections} connections, {args.duration:g} s each, "
+    print(f"client: {client}, {args.connections} connections, median of {args.rounds} "
+          f"alternating runs of {args.duration:g} s, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}", flush=True)
 
     # the footprint of a ready server with the small document

@@ -164,6 +164,20 @@ def live(tmp_path):
     stop(running)
 
 
+@pytest.fixture
+def live_with(tmp_path):
+    """A factory: a server on tmp_path with the given options, stopped after the test."""
+    running = []
+
+    def make(**options):
+        running.append(start(tmp_path, **options))
+        return running[-1]
+
+    yield make
+    for started in running:
+        stop(started)
+
+
 def snapshot(directory):
     """Name -> bytes of every file in directory."""
     result = {}
@@ -495,20 +509,17 @@ def test_other_content_types_415(live, content_type):
     conn.close()
 
 
-def test_body_over_limit_413_and_close(tmp_path):
-    live = start(tmp_path, max_body=100)
-    try:
-        conn = live.conn()
-        body = json.dumps({"key": "module_data.x", "value": {"s": "y" * 200}}).encode()
-        response = conn.request("PUT", "/settings", body,
-                                {"X-API-Key": KEY, "Content-Type": "application/json"})
-        assert response.status == 413
-        assert response.headers["Connection"] == "close"
-        assert conn.closed()
-        conn.close()
-        assert live.put("/settings", "module_data.x", {"s": "ok"}).status == 200
-    finally:
-        stop(live)
+def test_body_over_limit_413_and_close(live_with):
+    live = live_with(max_body=100)
+    conn = live.conn()
+    body = json.dumps({"key": "module_data.x", "value": {"s": "y" * 200}}).encode()
+    response = conn.request("PUT", "/settings", body,
+                            {"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert response.status == 413
+    assert response.headers["Connection"] == "close"
+    assert conn.closed()
+    conn.close()
+    assert live.put("/settings", "module_data.x", {"s": "ok"}).status == 200
 
 
 def test_json_put_merge_deep_merges_objects(live):
@@ -707,23 +718,19 @@ SCHEMA_CASES = [
 
 
 @pytest.mark.parametrize("which, key, value, valid", SCHEMA_CASES)
-def test_schema_rule_in_process(tmp_path, which, key, value, valid):
-    live = start(tmp_path)
-    try:
-        document = getattr(live.server, which)
-        if which == "synced":
-            document.replace(full_synced())
-        before = documents(live.data_dir)
-        if valid:
-            assert document.put(key, value) == value
-            assert document.get(key) == value
-            assert json.loads(live.file(which + ".json")) == document.get()
-        else:
-            with pytest.raises(qabel_rest.InvalidValue):
-                document.put(key, value)
-            assert documents(live.data_dir) == before
-    finally:
-        stop(live)
+def test_schema_rule_in_process(live, which, key, value, valid):
+    document = getattr(live.server, which)
+    if which == "synced":
+        document.replace(full_synced())
+    before = documents(live.data_dir)
+    if valid:
+        assert document.put(key, value) == value
+        assert document.get(key) == value
+        assert json.loads(live.file(which + ".json")) == document.get()
+    else:
+        with pytest.raises(qabel_rest.InvalidValue):
+            document.put(key, value)
+        assert documents(live.data_dir) == before
 
 
 def _encodable(value):
@@ -850,14 +857,11 @@ def test_host_allowlist(live, host, status):
     assert live.get("/health", host=host, key=None).status == status
 
 
-def test_allowed_host_option_and_bound_host(tmp_path):
-    live = start(tmp_path, allowed_hosts=["Qabel.Local", "::2"])
-    try:
-        assert live.get("/settings", host="qabel.local:9696").status == 200
-        assert live.get("/settings", host="[::2]").status == 200
-        assert live.get("/settings", host="other.local").status == 403
-    finally:
-        stop(live)
+def test_allowed_host_option_and_bound_host(live_with):
+    live = live_with(allowed_hosts=["Qabel.Local", "::2"])
+    assert live.get("/settings", host="qabel.local:9696").status == 200
+    assert live.get("/settings", host="[::2]").status == 200
+    assert live.get("/settings", host="other.local").status == 403
 
 
 @pytest.mark.parametrize("origin, status", [
@@ -1269,16 +1273,13 @@ def test_malformed_chunked_400_and_close(live, chunked):
     conn.close()
 
 
-def test_chunked_over_limit_413(tmp_path):
-    live = start(tmp_path, max_body=50)
-    try:
-        conn = live.conn()
-        conn.send(put_bytes(b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked\r\n"))
-        assert conn.read().status == 413
-        assert conn.closed()
-        conn.close()
-    finally:
-        stop(live)
+def test_chunked_over_limit_413(live_with):
+    live = live_with(max_body=50)
+    conn = live.conn()
+    conn.send(put_bytes(b"40\r\n" + b"x" * 64 + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked\r\n"))
+    assert conn.read().status == 413
+    assert conn.closed()
+    conn.close()
 
 
 @pytest.mark.parametrize("extra, status", [
@@ -1450,41 +1451,35 @@ def test_connection_close_header_is_honoured(live):
     conn.close()
 
 
-def test_idle_connection_is_closed_after_idle_timeout(tmp_path):
-    live = start(tmp_path, idle_timeout=0.3)
-    try:
-        conn = live.conn()
-        assert conn.request("GET", "/health").status == 200
-        started = time.monotonic()
-        assert conn.closed()
-        assert time.monotonic() - started < 5
-        conn.close()
-    finally:
-        stop(live)
+def test_idle_connection_is_closed_after_idle_timeout(live_with):
+    live = live_with(idle_timeout=0.3)
+    conn = live.conn()
+    assert conn.request("GET", "/health").status == 200
+    started = time.monotonic()
+    assert conn.closed()
+    assert time.monotonic() - started < 5
+    conn.close()
 
 
-def test_trickling_client_is_cut_off_at_the_request_deadline(tmp_path):
-    live = start(tmp_path, request_timeout=0.5)
-    try:
-        conn = live.conn()
-        started = time.monotonic()
-        cut = False
-        for char in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * 100:
-            try:
-                conn.send(bytes([char]))
-            except OSError:
-                cut = True
-                break
-            time.sleep(0.05)
-            if time.monotonic() - started > 3:
-                break
-        response = None if cut else conn.read()
-        assert cut or response is None or response.status == 408
-        assert time.monotonic() - started < 3
-        conn.close()
-        assert live.get("/health").status == 200
-    finally:
-        stop(live)
+def test_trickling_client_is_cut_off_at_the_request_deadline(live_with):
+    live = live_with(request_timeout=0.5)
+    conn = live.conn()
+    started = time.monotonic()
+    cut = False
+    for char in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * 100:
+        try:
+            conn.send(bytes([char]))
+        except OSError:
+            cut = True
+            break
+        time.sleep(0.05)
+        if time.monotonic() - started > 3:
+            break
+    response = None if cut else conn.read()
+    assert cut or response is None or response.status == 408
+    assert time.monotonic() - started < 3
+    conn.close()
+    assert live.get("/health").status == 200
 
 
 def test_connection_cap_answers_503(tmp_path):

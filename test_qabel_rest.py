@@ -1140,43 +1140,36 @@ def test_unreadable_file_while_running_is_503(live):
 # Failed saves change nothing
 # ---------------------------------------------------------------------------
 
-def test_failed_save_disk_full_is_507_and_changes_nothing(live, monkeypatch):
+SAVE_FAULTS = [  # the os function that fails, when, with what, and the answer
+    ("write", lambda fd, data: len(data) > 10,
+     OSError(errno.ENOSPC, "No space left on device"), 507),
+    ("write", lambda fd, data: len(data) > 10, OSError(errno.EFBIG, "File too large"), 507),
+    ("open", lambda path, flags, *args, **kw: flags & os.O_CREAT,
+     PermissionError(errno.EACCES, "Permission denied"), 500),
+    ("fsync", lambda fd: True, OSError(errno.EIO, "Input/output error"), 500),
+]
+
+
+@pytest.mark.parametrize("name, when, error, status", SAVE_FAULTS)
+def test_failed_save_answers_5xx_and_changes_nothing(live, monkeypatch, name, when, error,
+                                                     status):
     live.put("/settings", "poll_interval", 5)
     before = snapshot(live.data_dir)
-    real_write = os.write
+    real = getattr(os, name)
 
-    def write(fd, data):
-        if len(data) > 10:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
+    def faulty(*args, **kw):
+        if when(*args, **kw):
+            raise error
+        return real(*args, **kw)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, name, faulty)
     response = live.put("/settings", "poll_interval", 6)
     monkeypatch.undo()
-    assert response.status == 507
-    assert response.json() == {"error": "could not save settings.json: No space left on device"}
-    assert snapshot(live.data_dir) == before
+    assert response.status == status
+    assert response.json() == {"error": f"could not save settings.json: {error.strerror}"}
+    assert snapshot(live.data_dir) == before  # byte-identical, no temp file left
     assert live.get("/settings").json()["poll_interval"] == 5  # memory unchanged too
     assert live.put("/settings", "poll_interval", 7).status == 200
-
-
-def test_permission_denied_on_save_is_500_and_changes_nothing(live, monkeypatch):
-    live.put("/settings", "poll_interval", 5)
-    before = snapshot(live.data_dir)
-    real_open = os.open
-
-    def deny(path, flags, *args, **kw):
-        if flags & os.O_CREAT:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_open(path, flags, *args, **kw)
-
-    monkeypatch.setattr(os, "open", deny)
-    response = live.put("/settings", "poll_interval", 6)
-    monkeypatch.undo()
-    assert response.status == 500
-    assert response.json() == {"error": "could not save settings.json: Permission denied"}
-    assert snapshot(live.data_dir) == before
-    assert live.get("/settings").json()["poll_interval"] == 5
 
 
 def test_replace_refused_is_retried_then_500(live, monkeypatch):

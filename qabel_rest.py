@@ -783,6 +783,21 @@ class SettingsDocument:
         if state.error:
             raise StartupError(f"{self.name}: {state.error} ({self.path})")
 
+    def create_if_missing(self):
+        """At startup: write the default document if there is no file, so that the
+        data dir shows (and other programs find) both documents."""
+        with self._lock:
+            state = self._durable
+            if state.raw is not None or state.error:
+                return
+            try:
+                atomic_write(self.path, state.body)
+            except OSError as exc:
+                raise StartupError(f"cannot write {self.name}: {exc.strerror} "
+                                   f"({self.path})") from None
+            self._durable = state._replace(signature=_file_signature(self.path),
+                                           raw=state.body)
+
     def close(self):
         """Refuse every later change; a save under way finishes, waiting ones fail."""
         with self._lock:
@@ -1915,7 +1930,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                 max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
-    """Load both documents, bind, lock the data dir; return a QabelRestServer.
+    """Load both documents, bind, lock the data dir, write any missing document with
+    its defaults; return a QabelRestServer.
 
     data_dir defaults to $QABEL_REST_DATA_DIR or the platform's config dir; api_key
     to $QABEL_REST_API_KEY, the key file, or a newly generated key file. Raises
@@ -1953,8 +1969,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         server._dir_lock = _DataDirLock(data_dir)
         server._dir_lock.acquire()
         _remove_stale_temp_files(data_dir)
-        settings.load()  # again, now that no other instance can be writing
-        synced.load()
+        for document in (settings, synced):
+            document.load()  # again, now that no other instance can be writing
+            document.create_if_missing()
         if api_key is None:
             api_key, key_source = _read_or_create_key_file(data_dir)
         server._api_key = api_key.encode("ascii")

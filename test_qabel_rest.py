@@ -101,6 +101,7 @@ class Live:
         self.thread = thread
         self.port = server.server_address[1]
         self.data_dir = server.data_dir
+        self.initial = documents(self.data_dir)  # the files as the server started
 
     def conn(self):
         return Conn(self.port)
@@ -266,7 +267,31 @@ def test_fresh_data_dir_serves_complete_default_documents(live):
     assert synced.status == 200
     assert synced.json() == {"accounts": [], "drop_servers": [], "storage_servers": [],
                              "storage_volumes": [], "identities": [], "module_data": {}}
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    # make_server wrote both default documents, so other programs find them
+    assert live.doc("settings.json") == settings.json()
+    assert live.doc("synced.json") == synced.json()
+    assert live.get("/settings").headers["ETag"] == settings.headers["ETag"]
+
+
+def test_default_document_that_cannot_be_written_stops_the_start(tmp_path, monkeypatch):
+    def full(path, data, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qabel_rest, "atomic_write", full)
+    with pytest.raises(qabel_rest.StartupError, match="cannot write settings.json"):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    monkeypatch.undo()
+    stop(start(tmp_path))  # the lock and the port were released
+
+
+def test_missing_file_is_written_at_start_but_not_while_running(tmp_path, live_with):
+    (tmp_path / "settings.json").write_text('{"poll_interval": 7}')
+    live = live_with()
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"poll_interval": 7}
+    assert live.doc("synced.json")["identities"] == []
+    os.unlink(tmp_path / "synced.json")
+    assert live.get("/synced").json()["identities"] == []  # the default document...
+    assert not (tmp_path / "synced.json").exists()  # ...without writing it
 
 
 def test_every_response_is_json_with_exact_length_and_safe_headers(live):
@@ -340,7 +365,7 @@ def test_put_405_when_key_missing_and_400_when_value_missing(live):
     assert live.call("PUT", "/settings", {"value": 1}).status == 405
     response = live.call("PUT", "/settings", {"key": "poll_interval"})
     assert response.status == 400
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    assert documents(live.data_dir) == live.initial
 
 
 @pytest.mark.parametrize("path, document", [
@@ -394,7 +419,7 @@ def test_post_405_settings_not_a_valid_json_document(live, body, content_type):
     response = live.call("POST", "/settings", body, content_type=content_type)
     assert response.status == 405
     assert response.headers["Allow"] == "GET, PUT, POST"
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    assert documents(live.data_dir) == live.initial
 
 
 def test_health_needs_no_key(live):
@@ -472,7 +497,7 @@ def test_form_put_errors(live, body, status):
     response = live.call("PUT", "/settings", body,
                          content_type="application/x-www-form-urlencoded")
     assert response.status == status
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    assert documents(live.data_dir) == live.initial
 
 
 def test_body_without_content_type_is_read_as_json(live):
@@ -826,7 +851,7 @@ def test_hostile_json_put_is_400_and_changes_nothing(live, body):
 def test_hostile_json_post(live, body, status):
     response = live.call("POST", "/settings", body)
     assert response.status == status
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    assert documents(live.data_dir) == live.initial
 
 
 def test_key_missing_or_not_string_or_list(live):
@@ -973,7 +998,8 @@ def test_files_are_utf8_json_and_no_temp_file_left(live):
     live.put("/settings", "module_data.m", {"text": "h\u00e9llo \u2603 \U0001f600"})
     raw = live.file("settings.json")
     assert json.loads(raw.decode("utf-8"))["module_data"]["m"]["text"] == "h\u00e9llo \u2603 \U0001f600"
-    assert sorted(os.listdir(live.data_dir)) == ["qabel_rest.lock", "settings.json"]
+    assert sorted(os.listdir(live.data_dir)) == ["qabel_rest.lock", "settings.json",
+                                                 "synced.json"]
 
 
 def test_atomic_write_unit(tmp_path):
@@ -1129,6 +1155,7 @@ def test_unreadable_file_at_startup(tmp_path):  # pragma: no cover - not as root
 
 def test_unreadable_file_while_running_is_503(live):
     path = os.path.join(live.data_dir, "synced.json")
+    os.unlink(path)
     os.mkdir(path)  # reading a directory fails, as an unreadable file does
     assert live.get("/synced").status == 503
     assert live.put("/synced", "module_data.m", {}).status == 503
@@ -1296,7 +1323,7 @@ def test_bad_framing_answered_and_closed(live, extra, status):
     assert response.headers["Connection"] == "close"
     assert conn.closed()
     conn.close()
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    assert documents(live.data_dir) == live.initial
 
 
 def test_identical_duplicate_content_length_is_accepted(live):
@@ -1356,7 +1383,7 @@ def test_expect_100_continue_only_after_checks(live, headers, status):
         assert live.doc("settings.json")["poll_interval"] == 12
     else:
         assert conn.closed()  # the body may or may not come: the connection cannot go on
-        assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+        assert documents(live.data_dir) == live.initial
     conn.close()
 
 
@@ -2081,4 +2108,4 @@ def test_client_sending_a_large_refused_body_still_reads_the_413(live):
     assert response.status == 413
     assert response.headers["Connection"] == "close"
     conn.close()
-    assert documents(live.data_dir) == {"settings.json": None, "synced.json": None}
+    assert documents(live.data_dir) == live.initial

@@ -84,7 +84,7 @@ DEFAULT_PORT = 9696  # the port of the Qabel spec
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a synced document with many identities fits
 DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for one whole request, first byte to last
-DEFAULT_MAX_CONNECTIONS = 128  # one thread each; beyond it new connections get 503
+DEFAULT_MAX_CONNECTIONS = 128  # one thread each; beyond, an idle one is closed, or 503
 SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
 # Any JSON value may nest at most this deep (document root = 0). Far below the
@@ -1884,6 +1884,19 @@ class QabelRestServer(socketserver.ThreadingTCPServer):
     def process_request(self, request, client_address):
         with self._state_lock:
             refuse = self._closing or len(self._connections) >= self.max_connections
+            if refuse and not self._closing:
+                # Make room by closing the oldest idle keep-alive connection (HTTP
+                # lets a server close an idle one at any time), so that idle clients
+                # cannot starve new ones. Refuse only when all are mid-request.
+                for sock, (_, idle) in self._connections.items():  # oldest first
+                    if idle:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                        self._connections[sock][1] = False  # closing: not again
+                        refuse = False
+                        break
             if not refuse:
                 thread = threading.Thread(target=self.process_request_thread,
                                           args=(request, client_address),

@@ -1502,30 +1502,39 @@ def test_trickling_client_is_cut_off_at_the_request_deadline(live_with):
     assert live.get("/health").status == 200
 
 
-def test_connection_cap_answers_503(tmp_path):
-    live = start(tmp_path, max_connections=2)
-    conns = []
-    try:
-        for _ in range(2):
-            conn = live.conn()
-            assert conn.request("GET", "/health").status == 200
-            conns.append(conn)
-        extra = live.conn()
-        response = extra.read()
-        assert response.status == 503
-        assert response.json() == {"error": "too many connections"}
-        extra.close()
-        conns.pop().close()
-        deadline = time.monotonic() + TIMEOUT
-        served = False
-        while not served and time.monotonic() < deadline:  # until the server sees the close
-            served = live.get("/health").status == 200
-            time.sleep(0.05)
-        assert served
-    finally:
-        for conn in conns:
-            conn.close()
-        stop(live)
+def test_connection_cap_answers_503_when_all_are_busy(live_with):
+    live = live_with(max_connections=2)
+    busy = [live.conn() for _ in range(2)]
+    for conn in busy:  # each is mid-request: its headers have not ended
+        conn.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+    time.sleep(0.2)  # let the server read the first bytes and count them busy
+    extra = live.conn()
+    response = extra.read()
+    assert response.status == 503
+    assert response.json() == {"error": "too many connections"}
+    extra.close()
+    busy[0].send(b"\r\n")  # finish a request: it is answered, the connection goes idle
+    assert busy[0].read().status == 200
+    served = live.conn()  # room is made by closing the idle one
+    assert served.request("GET", "/health").status == 200
+    assert busy[0].closed()
+    busy[1].send(b"\r\n")
+    assert busy[1].read().status == 200  # a busy one is never closed for room
+    for conn in (served, *busy):
+        conn.close()
+
+
+def test_idle_connections_make_room_for_new_ones(live_with):
+    live = live_with(max_connections=2)
+    idle = [live.conn() for _ in range(2)]
+    for conn in idle:
+        assert conn.request("GET", "/health").status == 200
+    fresh = live.conn()
+    assert fresh.request("GET", "/health").status == 200
+    assert idle[0].closed()  # the longest idle went
+    assert idle[1].request("GET", "/health").status == 200
+    for conn in (fresh, *idle):
+        conn.close()
 
 
 def test_unexpected_error_is_a_json_500_and_the_server_lives(live, monkeypatch):

@@ -1507,7 +1507,11 @@ def test_connection_cap_answers_503_when_all_are_busy(live_with):
     busy = [live.conn() for _ in range(2)]
     for conn in busy:  # each is mid-request: its headers have not ended
         conn.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-    time.sleep(0.2)  # let the server read the first bytes and count them busy
+    deadline = time.monotonic() + TIMEOUT  # until the server counts both busy
+    while time.monotonic() < deadline and not (
+            len(live.server._connections) == 2
+            and not any(idle for _, idle in live.server._connections.values())):
+        time.sleep(0.01)
     extra = live.conn()
     response = extra.read()
     assert response.status == 503

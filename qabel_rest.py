@@ -670,43 +670,48 @@ def _file_signature(path):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _open_existing(path):
+    """A descriptor to read path with, or None if it is missing. Raises OSError."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
+        return None
+
+
+def _read_to_end(fd, size):
+    """All of fd, read in one call when it holds size bytes (whatever the size, the
+    file may have changed)."""
+    data = os.read(fd, size + 1)
+    if len(data) <= size:  # a short read is the end of a regular file
+        return data
+    chunks = [data]
+    while data:
+        data = os.read(fd, 1 << 16)
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def _read_file(path):
     """(signature, content) of a file; (None, None) if it is missing. Raises OSError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
+    fd = _open_existing(path)
+    if fd is None:
         return None, None
     try:
         st = os.fstat(fd)
-        chunks = []
-        while True:  # to the end, whatever fstat said: the file may be growing
-            chunk = os.read(fd, st.st_size + 1 if not chunks else 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        data = _read_to_end(fd, st.st_size)
     finally:
         os.close(fd)
-    signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return signature, b"".join(chunks)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), data
 
 
 def _read_content(path, expected):
-    """The content of a file (None if missing), read in one call when it has the
-    expected length. Raises OSError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except (FileNotFoundError, NotADirectoryError):
+    """The content of a file (None if missing), in one read if it is as long as
+    expected: no stat, for the check before every save. Raises OSError."""
+    fd = _open_existing(path)
+    if fd is None:
         return None
     try:
-        size = len(expected or b"") + 1
-        data = os.read(fd, size)
-        if len(data) < size:  # a short read is the end of a regular file
-            return data
-        chunks = [data]
-        while data:
-            data = os.read(fd, 1 << 16)
-            chunks.append(data)
-        return b"".join(chunks)
+        return _read_to_end(fd, len(expected or b""))
     finally:
         os.close(fd)
 
@@ -776,9 +781,10 @@ class SettingsDocument:
     # -- used by the HTTP handler: no defensive copies ---------------------------
 
     def load(self):
-        """Read the file at startup; StartupError if it is unusable."""
+        """Read the file at startup (again: only if it changed); StartupError if it
+        is unusable."""
         with self._lock:
-            state = self._read_state(None)
+            state = self._read_state(self._durable)
             self._set_durable(state)
         if state.error:
             raise StartupError(f"{self.name}: {state.error} ({self.path})")
@@ -896,8 +902,7 @@ class SettingsDocument:
                     self._saving = False
                     for ticket in batch:
                         if ticket[0] is None:
-                            ticket[0] = (SaveError, "internal error while saving", None)
-                            ticket[3].release()
+                            _settle(ticket, (SaveError, "internal error while saving", None))
 
     def _write_batch(self, document, known, batch):
         # The file must still be what we last read or wrote. Compare content, not
@@ -1171,6 +1176,7 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 # RFC 9110 section 5.6.2: the characters of a token (method, header name)
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
                          "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_FIELDS = 16
@@ -1559,13 +1565,9 @@ class RequestHandler(socketserver.BaseRequestHandler):
             if not line.endswith(b"\n"):
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk", close=True)
             size = line.split(b";", 1)[0].strip(b" \t\r\n")
-            if not (0 < len(size) <= 16 and size.isalnum() and size.isascii()):
+            if not (0 < len(size) <= 16 and _HEX_DIGITS.issuperset(size)):
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size", close=True)
-            try:
-                size = int(size, 16)
-            except ValueError:
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size",
-                                 close=True) from None
+            size = int(size, 16)
             if size == 0:
                 break
             if len(body) + size > limit:

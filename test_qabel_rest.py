@@ -93,15 +93,12 @@ class Conn:
         self.sock.close()
 
 
-class Live:
-    """A running server and a client for it."""
+class Client:
+    """A client for a server on a port of 127.0.0.1, with its data dir."""
 
-    def __init__(self, server, thread):
-        self.server = server
-        self.thread = thread
-        self.port = server.server_address[1]
-        self.data_dir = server.data_dir
-        self.initial = documents(self.data_dir)  # the files as the server started
+    def __init__(self, port, data_dir=None):
+        self.port = port
+        self.data_dir = data_dir
 
     def conn(self):
         return Conn(self.port)
@@ -140,6 +137,16 @@ class Live:
 
     def doc(self, name):
         return json.loads(self.file(name))
+
+
+class Live(Client):
+    """A server running in a thread of this process, and a client for it."""
+
+    def __init__(self, server, thread):
+        super().__init__(server.server_address[1], server.data_dir)
+        self.server = server
+        self.thread = thread
+        self.initial = documents(self.data_dir)  # the files as the server started
 
 
 def start(data_dir, **options):
@@ -1244,8 +1251,7 @@ def test_file_size_limit_in_a_real_process(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
     proc = Process(tmp_path, "--api-key", KEY, env=env, preexec_fn=limit)
     try:
-        live = Live.__new__(Live)
-        live.port, live.data_dir = proc.port, str(tmp_path)
+        live = Client(proc.port, str(tmp_path))
         assert live.put("/settings", "poll_interval", 3).status == 200
         before = snapshot(tmp_path)
         response = live.put("/settings", "module_data.big", {"s": "x" * 100000})
@@ -1760,8 +1766,7 @@ def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
         assert key_file in proc.line
         key = open(key_file).read().strip()
         assert key not in proc.line
-        live = Live.__new__(Live)
-        live.port = proc.port
+        live = Client(proc.port)
         assert live.get("/settings", key=key).status == 200
         assert live.put("/settings", "poll_interval", 2, key=key).status == 200
     finally:
@@ -1885,8 +1890,7 @@ def test_every_acknowledged_put_survives_kill_9(tmp_path):
     assert len(acked) >= 50
     again = Process(tmp_path, "--api-key", KEY)
     try:
-        live = Live.__new__(Live)
-        live.port = again.port
+        live = Client(again.port)
         stored = live.get("/settings").json()["module_data"]["counter"]["n"]
         assert stored >= acked[-1]
         assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

@@ -17,6 +17,10 @@ Usage:
     server.settings.put("poll_interval", 10)
     server.shutdown(); server.server_close()
 
+Built on http.server: ThreadingHTTPServer, a thread per connection, and
+BaseHTTPRequestHandler's parse_request for every request line and header block; the
+checks this server adds run after that parse.
+
 Security stance: the documents hold private keys and tokens, so every request must
 name an allowed Host (against DNS rebinding), carry no foreign Origin (against web
 pages), and present the API key (X-API-Key or Authorization: Bearer, compared in
@@ -25,15 +29,16 @@ contain the key or a settings value; files are mode 0600 in a 0700 directory.
 """
 
 import copy
+import email.errors
 import errno
+import http.server
 import io
 import json
 import math
 import os
-import selectors
+import re
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -51,7 +56,7 @@ try:  # Windows: byte-range lock, also released when the process dies
 except ImportError:  # POSIX
     msvcrt = None
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = [
     "QabelRestError",
     "StartupError",
@@ -70,7 +75,7 @@ __all__ = [
 
 def _logger():
     """The logger "qabel_rest". logging (and hmac, below) are imported when a server
-    is made, not on import: together they are a third of the import time."""
+    is made, not on import: neither is needed before."""
     import logging
     return logging.getLogger("qabel_rest")
 
@@ -84,7 +89,9 @@ DEFAULT_PORT = 9696  # the port of the Qabel spec
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a synced document with many identities fits
 DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for one whole request, first byte to last
-DEFAULT_MAX_CONNECTIONS = 128  # one thread each; beyond, an idle one is closed, or 503
+# One thread each. Clients that pool (Node's fetch, aiohttp) hold two sockets per
+# request in flight: 200 concurrent requests are about 400 connections.
+DEFAULT_MAX_CONNECTIONS = 512
 SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
 # Any JSON value may nest at most this deep (document root = 0). Far below the
@@ -97,6 +104,7 @@ _INT64_MAX = (1 << 63) - 1
 _MAX_INT_TEXT = 20
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+_OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -144,6 +152,9 @@ _LEAVES = MappingProxyType({
     "key": ("a string", lambda v: type(v) is str),
     "object": ("an object", lambda v: type(v) is dict),
 })
+# Leaves the schema types as strings (STR, URL, NAME, KEY): a form value for one of
+# them is its text as given, never read as JSON.
+_TEXT_LEAVES = frozenset({"str", "url", "name", "key"})
 
 
 def _item(**fields):
@@ -253,11 +264,6 @@ def _is_digits(text):
     return text.isascii() and text.isdigit()
 
 
-def _is_index(segment):
-    """A decimal list index: digits, no leading zero."""
-    return _is_digits(segment) and (segment == "0" or segment[0] != "0")
-
-
 def _reject_constant(name):
     raise _NotJSON(f"{name} is not JSON")
 
@@ -319,7 +325,8 @@ def _dump_document(document):
 def parse_key(key):
     """Split a dotted key (or take a list of segments) into a tuple of segments.
 
-    `\\.` is a literal dot and `\\\\` a literal backslash. Raises InvalidKey.
+    `\\.` is a literal dot and `\\\\` a literal backslash. Raises InvalidKey, also
+    for a key deeper than a document may nest: what it would store could not load.
     """
     if type(key) is str:
         if key == "":
@@ -337,6 +344,8 @@ def parse_key(key):
             segments.append(segment)
     else:
         raise InvalidKey("the key must be a string or a list of strings")
+    if len(segments) > MAX_DEPTH:
+        raise InvalidKey(f"the key is deeper than {MAX_DEPTH} levels")
     for segment in segments:
         if segment == "":
             raise InvalidKey("the key has an empty segment")
@@ -366,6 +375,16 @@ def _split_escaped(text):
 def format_key(segments):
     """The dotted form of a tuple of segments, escaping dots and backslashes."""
     return ".".join(s.replace("\\", "\\\\").replace(".", "\\.") for s in segments) or "(document)"
+
+
+def _list_index(items, segment, path):
+    """The index of an existing item of items named by segment (decimal digits, no
+    leading zero); InvalidKey otherwise. Never int() of a long text: CPython refuses
+    one of over 4,300 digits with a ValueError."""
+    if (_is_digits(segment) and (segment == "0" or segment[0] != "0")
+            and len(segment) <= len(str(len(items))) and int(segment) < len(items)):
+        return int(segment)
+    raise InvalidKey(f"{format_key(path)}: no such list item")
 
 
 # ---------------------------------------------------------------------------
@@ -433,12 +452,7 @@ def _check_schema(value, node, path):
             raise InvalidValue(f"{format_key(path)}: must be a list")
         for index, item in enumerate(value):
             _check_schema(item, node.item, path + (str(index),))
-        if _has_ids(node):
-            seen = set()
-            for index, item in enumerate(value):
-                if item["id"] in seen:
-                    raise InvalidValue(f"{format_key(path + (str(index), 'id'))}: duplicate id")
-                seen.add(item["id"])
+        _check_ids(value, node, path)
     else:  # _Map
         if type(value) is not dict:
             raise InvalidValue(f"{format_key(path)}: must be an object")
@@ -446,8 +460,15 @@ def _check_schema(value, node, path):
             _check_schema(item, node.value, path + (name,))
 
 
-def _has_ids(node):
-    return type(node) is _List and type(node.item) is _Obj and "id" in node.item.fields
+def _check_ids(items, node, path, only=None):
+    """Ids unique within a list of items that have them; with only, just that item's."""
+    if not (type(node.item) is _Obj and "id" in node.item.fields):
+        return
+    seen = {}
+    for index, item in enumerate(items):
+        if item["id"] in seen and only in (None, index, seen[item["id"]]):
+            raise InvalidValue(f"{format_key(path + (str(index), 'id'))}: duplicate id")
+        seen[item["id"]] = index
 
 
 def validate(value, node, path=()):
@@ -463,6 +484,8 @@ def _child_node(node, segment, path):
         if field is None:
             raise InvalidKey(f"{format_key(path)}: unknown field")
         return field
+    if type(node) is _List:
+        return node.item
     if type(node) is _Map:
         return node.value
     if node in ("any", "object"):
@@ -470,13 +493,11 @@ def _child_node(node, segment, path):
     raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
 
 
-def _empty_container(node, path):
-    """A missing intermediate container for a key that goes below it."""
-    if type(node) is _List:
-        return []
-    if type(node) in (_Obj, _Map) or node in ("any", "object"):
-        return {}
-    raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
+def _node_at(node, path):
+    """The schema node at a key; InvalidKey where the schema has none."""
+    for depth, segment in enumerate(path):
+        node = _child_node(node, segment, path[:depth + 1])
+    return node
 
 
 def _deep_merge(base, patch):
@@ -506,25 +527,22 @@ def _assign(node_value, node, path, depth, value, merge):
     if type(node_value) is dict:
         child = _child_node(node, segment, here)
         result = dict(node_value)
+        old = node_value.get(segment, _MISSING)
         if last:
-            result[segment] = stored = _new_value(node_value.get(segment, _MISSING),
-                                                  value, merge, child, here)
+            result[segment] = stored = _new_value(old, value, merge, child, here)
         else:
-            old = node_value.get(segment, _MISSING)
-            if old is _MISSING:
-                old = _empty_container(child, here)
+            if old is _MISSING:  # a missing container on the way is created
+                if type(child) is str and child not in ("any", "object"):
+                    raise InvalidKey(f"{format_key(here)}: cannot go below a {child} value")
+                old = [] if type(child) is _List else {}
             result[segment], stored = _assign(old, child, path, depth + 1, value, merge)
         return result, stored
     if type(node_value) is list:
         item_node = node.item if type(node) is _List else "any"
-        if segment == "-":
-            if not last:
-                raise InvalidKey(f"{format_key(here)}: '-' can only be the last segment")
+        if segment == "-" and last:
             index = len(node_value)
-        elif _is_index(segment) and int(segment) < len(node_value):
-            index = int(segment)
         else:
-            raise InvalidKey(f"{format_key(here)}: no such list item")
+            index = _list_index(node_value, segment, here)
         result = list(node_value)
         if index == len(result):
             result.append(None)
@@ -534,8 +552,8 @@ def _assign(node_value, node, path, depth, value, merge):
         else:
             result[index], stored = _assign(node_value[index], item_node, path,
                                             depth + 1, value, merge)
-        if _has_ids(node):
-            _check_unique_id(result, index, here)
+        if type(node) is _List:
+            _check_ids(result, node, path[:depth], only=index)
         return result, stored
     raise InvalidKey(f"{format_key(path[:depth])}: cannot go below a scalar value")
 
@@ -549,21 +567,13 @@ def _new_value(old, value, merge, node, path):
     return value
 
 
-def _check_unique_id(items, index, path):
-    new_id = items[index]["id"]
-    for other_index, item in enumerate(items):
-        if other_index != index and item["id"] == new_id:
-            raise InvalidValue(f"{format_key(path + ('id',))}: duplicate id")
-
-
 def _lookup(document, path):
     value = document
     for depth, segment in enumerate(path):
-        if type(value) is dict and segment in value:
+        if type(value) is list:
+            value = value[_list_index(value, segment, path[:depth + 1])]
+        elif type(value) is dict and segment in value:
             value = value[segment]
-        elif (type(value) is list and _is_index(segment)
-              and int(segment) < len(value)):
-            value = value[int(segment)]
         else:
             raise InvalidKey(f"{format_key(path[:depth + 1])}: no such key")
     return value
@@ -618,399 +628,387 @@ def _open_dir(directory):
     return os.open(directory, os.O_RDONLY)
 
 
-def _fsync_dir(directory, dir_fd=None):
-    """Make a rename in directory durable (POSIX)."""
-    fd = _open_dir(directory) if dir_fd is None else dir_fd
-    if fd is None:  # pragma: no cover - Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
+def _signature(st):
+    """What changes when another program rewrites a file, from its os.stat_result."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def atomic_write(path, data, dir_fd=None):
-    """Write data to path atomically and durably, mode 0600.
+def atomic_write(path, data, dir_fd=None, check=None):
+    """Write data to path atomically and durably, mode 0600; return the written
+    file's signature.
 
     A temp file in the same directory is written, fsynced and renamed over path,
     then the directory is fsynced (through dir_fd if given, an open descriptor of
-    it). On failure the temp file is removed, path is untouched, and the OSError
-    propagates.
+    it). check(), if given, runs right before the rename; what it raises abandons
+    the write. The signature comes from the descriptor after the rename, so a
+    program that replaces path right after cannot lend us its file's. On failure
+    the temp file is removed, path is untouched (unless the directory fsync failed),
+    and the exception propagates.
     """
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            _fsync_file(fd)
-        finally:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        _fsync_file(fd)
+        if check is not None:
+            check()
+        if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
             os.close(fd)
+            fd = None
         _replace_file(temp, path)
+        signature = _signature(os.fstat(fd) if fd is not None else os.stat(path))
     except BaseException:
         try:
             os.unlink(temp)
         except OSError:
             pass
         raise
-    _fsync_dir(directory, dir_fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    own_fd = _open_dir(directory) if dir_fd is None else dir_fd
+    if own_fd is not None:
+        try:
+            os.fsync(own_fd)
+        finally:
+            if dir_fd is None:
+                os.close(own_fd)
+    return signature
 
 
 def _file_signature(path):
-    """What changes when another program rewrites the file; None if it is missing."""
+    """The signature of the file at path; None if it is missing."""
     try:
-        st = os.stat(path)
+        return _signature(os.stat(path))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         return ("unreadable", exc.errno)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _open_existing(path):
-    """A descriptor to read path with, or None if it is missing. Raises OSError."""
+def _read_file(path, size_hint=None):
+    """(signature, content) of a file; (None, None) if it is missing. One read when
+    it holds size_hint bytes (then without a stat). Raises OSError."""
     try:
-        return os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
-        return None
-
-
-def _read_to_end(fd, size):
-    """All of fd, read in one call when it holds size bytes (whatever the size, the
-    file may have changed)."""
-    data = os.read(fd, size + 1)
-    if len(data) <= size:  # a short read is the end of a regular file
-        return data
-    chunks = [data]
-    while data:
-        data = os.read(fd, 1 << 16)
-        chunks.append(data)
-    return b"".join(chunks)
-
-
-def _read_file(path):
-    """(signature, content) of a file; (None, None) if it is missing. Raises OSError."""
-    fd = _open_existing(path)
-    if fd is None:
         return None, None
     try:
-        st = os.fstat(fd)
-        data = _read_to_end(fd, st.st_size)
+        signature = None if size_hint is not None else _signature(os.fstat(fd))
+        size = size_hint if size_hint is not None else signature[2]
+        chunks = [os.read(fd, size + 1)]  # a short read is the end of a regular file
+        while len(chunks[0]) > size and chunks[-1]:  # the file has grown
+            chunks.append(os.read(fd, 1 << 16))
     finally:
         os.close(fd)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), data
-
-
-def _read_content(path, expected):
-    """The content of a file (None if missing), in one read if it is as long as
-    expected: no stat, for the check before every save. Raises OSError."""
-    fd = _open_existing(path)
-    if fd is None:
-        return None
-    try:
-        return _read_to_end(fd, len(expected or b""))
-    finally:
-        os.close(fd)
-
-
-def _settle(ticket, outcome):
-    """Give a change its outcome and wake its writer."""
-    ticket[0] = outcome
-    ticket[3].release()
+    return signature, b"".join(chunks)
 
 
 # One version of a document; replaced whole, never changed.
 #   document: the parsed value (never mutated), body: its bytes as served,
 #   etag: a strong entity tag for body, signature/raw: the file it came from or went
 #   to (raw None: no file), error: why the file cannot be used (then document is None).
-_State = namedtuple("_State", "document body etag signature raw error")
+_Version = namedtuple("_Version", "document body etag signature raw error")
+
+
+class _Rewritten(Exception):
+    """Another program rewrote the file since we last read or wrote it."""
+
+
+class _Change:
+    """A change waiting for its save: how to make it, what it gives back, how it ended."""
+
+    __slots__ = ("apply", "result", "error", "done")
+
+    def __init__(self, apply):
+        self.apply = apply  # document -> (new document, result); never changes its argument
+        self.result = None
+        self.error = None  # the QabelRestError it failed with
+        self.done = False  # saved or failed: its writer may return
 
 
 class SettingsDocument:
     """One settings document: its file, schema, and current version.
 
-    Thread-safe. A change is validated, then saved by the document's saver thread
-    together with every change that arrived during the save before it (group commit:
-    one fsync for many writers), and acknowledged only once the write containing it
-    is durable. Readers see only what is on disk; they never wait, except for a file
-    changed by another program.
+    Thread-safe. A change is validated, queued and saved together with every change
+    queued while the save before it ran (group commit: the first writer to find no
+    save running writes the newest document for all of them, with one fsync). A
+    change returns only once the write holding it is durable. Readers see only what
+    is on disk and never wait, except for a file changed by another program.
     """
 
     def __init__(self, path, schema, defaults):
         self.path = path
         self.name = os.path.basename(path)
-        self._schema = schema
+        self.schema = schema
         self._defaults = defaults
         self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
         self._generation = 0
-        # _lock guards the fields below and is never held while the file is written.
-        # Only the saver thread writes the file, so saves never overlap.
+        # _lock guards the fields below and is not held while the file is written.
+        # Only the writer with _saving set writes the file, so saves never overlap.
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)  # the saver waits on it for work
-        self._saver = None  # started by the first change
-        self._durable = None  # _State on disk: what readers get
+        self._saved = threading.Condition(self._lock)  # notified when a save ends
+        self._disk = None  # _Version on disk: what readers get
         self._head = None  # the newest accepted document, saved or not yet
-        # A ticket per change not yet saved: [outcome, apply, result, done]. outcome
-        # is None, then True or (exception class, message, status); done is a lock
-        # held until the outcome is known.
-        self._pending = []
-        self._saving = False  # the saver is writing (its batch has left _pending)
+        self._queue = []  # _Change objects accepted and not yet in a save
+        self._saving = False
         self._closed = False
         self._dir_fd = None  # the data dir, open for fsync once the first save needs it
 
-    # -- public, in-process API ----------------------------------------------
+    # -- the in-process API -----------------------------------------------------
 
     def get(self, key=None):
         """A copy of the whole document, or of the value at key."""
-        state = self._current()
+        version = self.current()
         if key is None:
-            return json.loads(state.body)
-        return copy.deepcopy(_lookup(state.document, parse_key(key)))
+            return json.loads(version.body)
+        return copy.deepcopy(_lookup(version.document, parse_key(key)))
 
-    def put(self, key, value, merge=False):
-        """Set value at key (deep-merged into an object there if merge); return it."""
-        return copy.deepcopy(self._put(key, copy.deepcopy(value), merge))
+    def put(self, key, value, merge=False, *, copies=True):
+        """Set value at key (deep-merged into an object there if merge); return it
+        as stored. copies=False: the caller hands value over and will not change
+        what is returned (the HTTP handler, which parsed it)."""
+        path = parse_key(key)
+        if type(merge) is not bool:
+            raise InvalidValue("merge must be true or false")
+        if copies:
+            value = copy.deepcopy(value)
+        stored = self._change(lambda document: _assign(document, self.schema, path, 0,
+                                                       value, merge))
+        return copy.deepcopy(stored) if copies else stored
 
-    def replace(self, document):
-        """Substitute the whole document; return a copy of it as stored."""
-        return copy.deepcopy(self._replace(copy.deepcopy(document)))
+    def replace(self, document, *, copies=True):
+        """Substitute the whole document; return it as stored (see put for copies)."""
+        if copies:
+            document = copy.deepcopy(document)
+        validate(document, self.schema)
+        complete = self._complete(document)
+        self._change(lambda _: (complete, complete))
+        return copy.deepcopy(complete) if copies else complete
 
-    # -- used by the HTTP handler: no defensive copies ---------------------------
+    def current(self):
+        """The version on disk (document, body, etag; shared: never change them),
+        re-read first if another program changed the file."""
+        version = self._disk
+        if _file_signature(self.path) != version.signature:
+            with self._lock:
+                self._refresh()
+                version = self._disk
+        return self._usable(version)
+
+    # -- lifecycle ----------------------------------------------------------------
 
     def load(self):
-        """Read the file at startup (again: only if it changed); StartupError if it
-        is unusable."""
+        """Read the file (again: only if it changed); StartupError if it is unusable."""
         with self._lock:
-            state = self._read_state(self._durable)
-            self._set_durable(state)
-        if state.error:
-            raise StartupError(f"{self.name}: {state.error} ({self.path})")
+            self._refresh(force=self._disk is None)
+            error = self._disk.error
+        if error:
+            raise StartupError(f"{self.name}: {error} ({self.path})")
 
     def create_if_missing(self):
         """At startup: write the default document if there is no file, so that the
         data dir shows (and other programs find) both documents."""
         with self._lock:
-            state = self._durable
-            if state.raw is not None or state.error:
+            version = self._disk
+            if version.raw is not None or version.error:
                 return
             try:
-                atomic_write(self.path, state.body)
+                signature = atomic_write(self.path, version.body)
             except OSError as exc:
                 raise StartupError(f"cannot write {self.name}: {exc.strerror} "
                                    f"({self.path})") from None
-            self._durable = state._replace(signature=_file_signature(self.path),
-                                           raw=state.body)
+            self._disk = version._replace(signature=signature, raw=version.body)
 
-    def close(self):
-        """Refuse every later change; a save under way finishes, waiting ones fail."""
+    def close(self, timeout=SHUTDOWN_GRACE):
+        """Refuse every later change; wait (at most timeout seconds) for a save
+        under way to end, and return whether none is. Changes queued behind it fail."""
         with self._lock:
             self._closed = True
-            self._wakeup.notify()
-            saver = self._saver
-        if saver is not None:
-            saver.join()
-        if self._dir_fd is not None:
-            os.close(self._dir_fd)
-            self._dir_fd = None
+            if not self._saved.wait_for(lambda: not self._saving, timeout):
+                return False
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
+            return True
 
-    def _quiet(self):
-        """No change of ours is waiting or being saved, so the file is ours to read.
-        Holds _lock."""
-        return not self._pending and not self._saving
+    # -- changes --------------------------------------------------------------------
 
-    def _current(self):
-        """The version on disk, re-read first if another program changed the file."""
-        state = self._durable
-        if _file_signature(self.path) != state.signature:
-            with self._lock:
-                if self._quiet():
-                    self._set_durable(self._read_state(self._durable))
-                state = self._durable
-        if state.error:
-            raise DocumentUnavailable(f"{self.name} on disk is not valid: {state.error}")
-        return state
+    def _usable(self, version):
+        if version.error:
+            raise DocumentUnavailable(f"{self.name} on disk is not valid: {version.error}")
+        return version
 
-    def _put(self, key, value, merge):
-        path = parse_key(key)
-        if type(merge) is not bool:
-            raise InvalidValue("merge must be true or false")
-        return self._change(lambda document: _assign(document, self._schema, path, 0,
-                                                     value, merge))
-
-    def _replace(self, document):
-        validate(document, self._schema)
-        complete = self._complete(document)
-        return self._change(lambda _: (complete, complete))
+    def _refresh(self, force=False):
+        """Take another program's rewrite of the file as current, unless a change of
+        ours is queued or being saved (then the file is ours to write). Holds _lock."""
+        if self._queue or self._saving:
+            return
+        if force or _file_signature(self.path) != self._disk.signature:
+            self._disk = self._read_version(self._disk)
+            if self._disk.error is None:
+                self._head = self._disk.document
 
     def _change(self, apply):
-        """Apply a change to the newest document and save it; return what apply says.
-
-        apply(document) -> (new document, result) must not change its argument.
-        """
+        """Apply a change to the newest document and return once it is saved;
+        return what apply gives back."""
         with self._lock:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
-            if self._quiet():  # catch up with another program's change, if any
-                self._set_durable(self._read_state(self._durable))
-            if self._durable.error:
-                raise DocumentUnavailable(
-                    f"{self.name} on disk is not valid: {self._durable.error}")
-            self._head, result = apply(self._head)
-            done = threading.Lock()
-            done.acquire()
-            ticket = [None, apply, result, done]
-            self._pending.append(ticket)
-            if self._saver is None:
-                self._saver = threading.Thread(target=self._run_saver, daemon=True,
-                                               name=f"qabel_rest saver {self.name}")
-                self._saver.start()
-            self._wakeup.notify()
-        done.acquire()  # until the saver settles the ticket
-        if ticket[0] is not True:
-            kind, message, status = ticket[0]
-            raise kind(message, status)
-        return ticket[2]
+            self._refresh()
+            self._usable(self._disk)
+            change = _Change(apply)
+            self._head, change.result = apply(self._head)
+            self._queue.append(change)
+            while not change.done:
+                if self._saving:
+                    self._saved.wait()
+                elif self._closed:
+                    self._end([], self._disk, False,
+                              DocumentUnavailable("the server is shutting down"))
+                else:
+                    self._save_queue()
+        if change.error is not None:
+            raise change.error
+        return change.result
 
-    def _run_saver(self):
-        """The saver thread: save the newest document whenever changes wait.
-
-        Group commit: each save holds every change accepted until it starts, and
-        settles all of their tickets at once; changes arriving meanwhile wait for the
-        next one, which starts the moment this one ends. A daemon thread: changes
-        not yet saved at exit were never acknowledged.
-        """
-        with self._lock:
-            while True:
-                while not self._pending and not self._closed:
-                    self._wakeup.wait()
-                if self._closed:
-                    self._fail((), DocumentUnavailable, "the server is shutting down")
-                    return
-                document, known = self._head, self._durable
-                batch, self._pending = self._pending, []
-                self._saving = True
-                self._lock.release()
-                try:
-                    self._write_batch(document, known, batch)
-                except BaseException:  # a bug: fail the batch, keep saving
-                    _logger().exception("unexpected error saving %s", self.path)
-                finally:
-                    self._lock.acquire()
-                    self._saving = False
-                    for ticket in batch:
-                        if ticket[0] is None:
-                            _settle(ticket, (SaveError, "internal error while saving", None))
-
-    def _write_batch(self, document, known, batch):
-        # The file must still be what we last read or wrote. Compare content, not
-        # stat: an in-place rewrite within one timestamp tick keeps size and mtime.
-        for _ in range(_REBASE_ATTEMPTS):
-            try:
-                current = _read_content(self.path, known.raw)
-            except OSError:
-                current = ()
-            if current == known.raw:
-                break
-            with self._lock:
-                document, known, batch = self._rebase(batch)
-            if not batch:
-                return
-        else:
-            with self._lock:
-                self._fail(batch, DocumentChanged,
-                           f"{self.name} keeps being changed by another program")
-            return
-        body = _dump_document(document)
+    def _save_queue(self):
+        """Save the newest document with every queued change. Holds _lock, and lets
+        it go during the write."""
+        batch, self._queue = self._queue, []
+        document, base = self._head, self._disk
+        self._saving = True
+        self._lock.release()
+        # Unless _write says otherwise: a bug, or an interrupt of this thread
+        # (KeyboardInterrupt in the app's), fails the batch and goes on.
+        disk, rebased, error = base, False, SaveError("internal error while saving")
         try:
-            if self._dir_fd is None:
-                self._dir_fd = _open_dir(os.path.dirname(self.path))
-            atomic_write(self.path, body, self._dir_fd)
-        except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EFBIG,
-                                 getattr(errno, "EDQUOT", errno.ENOSPC))
-            _logger().error("could not save %s: %s", self.path, exc.strerror)
-            with self._lock:
-                self._fail(batch, SaveError,
-                           f"could not save {self.name}: {exc.strerror or 'error'}",
-                           HTTPStatus.INSUFFICIENT_STORAGE if full else None)
-            return
-        state = self._new_state(document, body, _file_signature(self.path), body)
-        with self._lock:
-            self._durable = state  # the head stays: it may hold newer changes
-            for ticket in batch:
-                _settle(ticket, True)
+            disk, rebased, error = self._write(document, base, batch)
+        except Exception:
+            _logger().exception("unexpected error saving %s", self.path)
+        finally:
+            self._lock.acquire()
+            self._saving = False
+            self._end(batch, disk, rebased, error)
+            self._saved.notify_all()
 
-    def _rebase(self, batch):
-        """Another program rewrote the file while changes waited: take its content as
-        current and apply the waiting changes to it again, in order; those no longer
-        valid fail alone. Returns (document to save, its base, the batch left). Holds
-        _lock."""
-        fresh = self._durable = self._read_state(self._durable, force=True)
-        if fresh.error:
-            self._fail(batch, DocumentUnavailable,
-                       f"{self.name} on disk is not valid: {fresh.error}")
-            return None, fresh, []
-        document = self._reapply(batch, fresh.document)
-        self._head = self._reapply(self._pending, document)
-        self._pending = [ticket for ticket in self._pending if ticket[0] is None]
-        return document, fresh, [ticket for ticket in batch if ticket[0] is None]
+    def _end(self, batch, disk, rebased, error):
+        """Settle a batch whose save ended with disk on disk. On error the batch and
+        every change queued on top of it fail, and the newest document is the one on
+        disk again; if the batch was re-applied to another program's version, so are
+        the queued changes. Holds _lock."""
+        self._disk = disk
+        if error is not None:
+            batch, self._queue = batch + self._queue, []
+            self._head = disk.document
+        elif rebased:
+            self._head = self._reapply(self._queue, disk.document)
+            for change in self._queue:
+                change.done = change.error is not None
+            self._queue = [change for change in self._queue if not change.done]
+        for change in batch:
+            change.error = change.error or error
+            change.done = True
 
     @staticmethod
-    def _reapply(tickets, document):
-        for ticket in tickets:
-            try:
-                document, ticket[2] = ticket[1](document)
-            except QabelRestError as exc:
-                _settle(ticket, (type(exc), exc.message, exc.status))
+    def _reapply(changes, document):
+        """Apply changes again to another document, in order; those no longer valid
+        there fail alone."""
+        for change in changes:
+            if change.error is None:
+                try:
+                    document, change.result = change.apply(document)
+                except QabelRestError as exc:
+                    change.error = exc
         return document
 
-    def _fail(self, batch, kind, message, status=None):
-        """Fail the batch and every change made after it (they were made on top of
-        it); the newest document is the durable one again. Holds _lock."""
-        outcome = (kind, message, status)
-        for ticket in (*batch, *self._pending):
-            _settle(ticket, outcome)
-        self._pending = []
-        self._head = self._durable.document
+    def _write(self, document, base, batch):
+        """Write document, made of base and batch, unless another program rewrote the
+        file since base: then batch is made again on the file's version. Without
+        _lock. Returns (the version on disk, whether the batch was re-applied, the
+        error the batch fails with or None)."""
+        rebased = False
+        for _ in range(_REBASE_ATTEMPTS):
+            body = _dump_document(document)
+            try:
+                if self._dir_fd is None:
+                    self._dir_fd = _open_dir(os.path.dirname(self.path))
+                signature = atomic_write(self.path, body, self._dir_fd,
+                                         lambda: self._check_unchanged(base))
+                return self._new_version(document, body, signature, body), rebased, None
+            except _Rewritten:
+                base, rebased = self._read_version(base), True
+            except OSError as exc:
+                self._put_back(base, body)
+                full = exc.errno in (errno.ENOSPC, errno.EFBIG,
+                                     getattr(errno, "EDQUOT", errno.ENOSPC))
+                _logger().error("could not save %s: %s", self.path, exc.strerror)
+                return base, rebased, SaveError(
+                    f"could not save {self.name}: {exc.strerror or 'error'}",
+                    HTTPStatus.INSUFFICIENT_STORAGE if full else None)
+            if base.error:
+                return base, rebased, DocumentUnavailable(
+                    f"{self.name} on disk is not valid: {base.error}")
+            document = self._reapply(batch, base.document)
+            if all(change.error for change in batch):
+                return base, rebased, None  # nothing left to write
+        return base, rebased, DocumentChanged(
+            f"{self.name} keeps being changed by another program")
 
-    def _set_durable(self, state):
-        """Make state the version on disk and the newest. Holds _lock, and _quiet()."""
-        self._durable = state
-        if state.document is not None:
-            self._head = state.document
-
-    def _new_state(self, document, body, signature, raw):
-        self._generation += 1
-        return _State(document, body, f'"{self._etag_prefix}-{self._generation}"',
-                      signature, raw, None)
-
-    def _read_state(self, known, force=False):
-        """The file's version: known itself if the file has not changed (by stat,
-        unless force, and by content)."""
-        if not force and known is not None and _file_signature(self.path) == known.signature:
-            return known
+    def _check_unchanged(self, base):
+        """Raise _Rewritten unless the file is still base. Compares content, not
+        stat: an in-place rewrite within one timestamp tick keeps size and mtime."""
         try:
-            signature, data = _read_file(self.path)
+            current = _read_file(self.path, len(base.raw or b""))[1]
+        except OSError:
+            current = ()  # never equal: re-reading says why
+        if current != base.raw:
+            raise _Rewritten
+
+    def _put_back(self, base, body):
+        """After a failed save: if the file holds body all the same (the directory
+        fsync failed after the rename), put base back: a failed change is never kept."""
+        try:
+            if body != base.raw and _read_file(self.path, len(body))[1] == body:
+                if base.raw is None:
+                    os.unlink(self.path)
+                else:
+                    atomic_write(self.path, base.raw, self._dir_fd)
         except OSError as exc:
-            return _State(None, None, None, ("unreadable", exc.errno), (),
-                          f"cannot read: {exc.strerror}")
-        if known is not None and data == known.raw and known.error is None:
-            return known._replace(signature=signature)
-        if data is None:
-            document = json.loads(self._defaults)
-            return self._new_state(document, _dump_document(document), None, None)
+            _logger().error("could not restore %s: %s", self.path, exc.strerror)
+
+    # -- versions -----------------------------------------------------------------
+
+    def _new_version(self, document, body, signature, raw):
+        self._generation += 1
+        return _Version(document, body, f'"{self._etag_prefix}-{self._generation}"',
+                        signature, raw, None)
+
+    def _read_version(self, known):
+        """The file's version: known itself (with the new signature) if the content
+        is the same."""
         try:
-            if not data.strip():
+            signature, raw = _read_file(self.path)
+        except OSError as exc:
+            return _Version(None, None, None, ("unreadable", exc.errno), (),
+                            f"cannot read: {exc.strerror}")
+        if known is not None and raw == known.raw and known.error is None:
+            return known._replace(signature=signature)
+        if raw is None:
+            document = json.loads(self._defaults)
+            return self._new_version(document, _dump_document(document), None, None)
+        try:
+            if not raw.strip():
                 raise _NotJSON("the file is empty")
-            document = _parse_json(data)
-            validate(document, self._schema)
+            document = _parse_json(raw)
+            validate(document, self.schema)
         except (_NotJSON, QabelRestError) as exc:
-            return _State(None, None, None, signature, data, str(exc))
+            return _Version(None, None, None, signature, raw, str(exc))
         document = self._complete(document)
-        return self._new_state(document, _dump_document(document), signature, data)
+        return self._new_version(document, _dump_document(document), signature, raw)
 
     def _complete(self, document):
         """The document with every missing top-level field at its default."""
@@ -1042,12 +1040,20 @@ def default_data_dir(environ=None, platform=None):
 
 
 def _prepare_data_dir(path):
+    """Create the data dir if needed, and check that files can be created in it:
+    saves write temp files there, though the documents may exist already."""
     try:
         if not os.path.isdir(path):
             os.makedirs(path, mode=_DIR_MODE)
             os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
     except OSError as exc:
         raise StartupError(f"cannot create the data dir: {exc.strerror} ({path})") from None
+    probe = os.path.join(path, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
+    try:
+        os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
+        os.unlink(probe)
+    except OSError as exc:
+        raise StartupError(f"the data dir is not writable: {exc.strerror} ({path})") from None
 
 
 class _DataDirLock:
@@ -1099,14 +1105,14 @@ class _DataDirLock:
 
 def _remove_stale_temp_files(directory):
     """Temp files of a process killed mid-write: never renamed, so never current."""
-    for name in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE):
-        prefix = "." + name + "."
-        for entry in os.listdir(directory):
-            if entry.startswith(prefix) and entry.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(directory, entry))
-                except OSError:
-                    pass
+    prefixes = tuple(f".{name}." for name in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE,
+                                              _LOCK_FILE))
+    for entry in os.listdir(directory):
+        if entry.startswith(prefixes) and entry.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:
+                pass
 
 
 def _check_api_key(key, source):
@@ -1117,28 +1123,33 @@ def _check_api_key(key, source):
     return key
 
 
-def _read_or_create_key_file(data_dir):
-    """(key, path) from DATA_DIR/api-key, generating the file if it is missing."""
-    path = os.path.join(data_dir, _KEY_FILE)
+def _read_key_file(path):
+    """The key in the key file, None if there is none; StartupError if unusable."""
     try:
         with open(path, "rb") as file:
             text = file.read().decode("ascii", "replace").strip()
-    except FileNotFoundError:
-        import secrets  # here, not at the top: only a first start needs it
-        text = secrets.token_urlsafe(32)  # 256 bits
-        try:
-            atomic_write(path, (text + "\n").encode("ascii"))
-        except OSError as exc:
-            raise StartupError(f"cannot write the key file: {exc.strerror} ({path})") from None
-        _logger().info("generated a new API key in %s", path)
+    except (FileNotFoundError, NotADirectoryError):  # no file, or no data dir yet
+        return None
     except OSError as exc:
         raise StartupError(f"cannot read the key file: {exc.strerror} ({path})") from None
-    return _check_api_key(text, path), path
+    return _check_api_key(text, path)
+
+
+def _create_key_file(path):
+    """Generate a key (256 bits from secrets) and write it to path."""
+    import secrets  # here, not at the top: only a first start needs it
+    key = secrets.token_urlsafe(32)
+    try:
+        atomic_write(path, (key + "\n").encode("ascii"))
+    except OSError as exc:
+        raise StartupError(f"cannot write the key file: {exc.strerror} ({path})") from None
+    _logger().info("generated a new API key in %s", path)
+    return key
 
 
 def _host_name(value):
     """The lower-case host of a Host header value (port dropped); None if malformed."""
-    value = value.strip().lower()
+    value = value.strip(_OWS).lower()
     if value.startswith("["):  # an IPv6 literal: [::1]:9696
         end = value.find("]") + 1
         if end == 0:
@@ -1154,7 +1165,7 @@ def _host_name(value):
 
 def _normal_host(name):
     """A host name as it appears in a Host header: lower case, IPv6 in brackets."""
-    name = name.strip().lower()
+    name = name.strip(_OWS).lower()
     if ":" in name and not name.startswith("["):
         return f"[{name}]"
     return name
@@ -1169,42 +1180,26 @@ _ROUTES = MappingProxyType({
     "/synced": ("GET", "PUT", "POST"),
     "/health": ("GET",),
 })
-# Methods HTTP defines (RFC 9110 section 9): on a known path and not allowed, 405;
-# any other method is not recognised at all, 501.
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
-                            "TRACE", "CONNECT"})
-# RFC 9110 section 5.6.2: the characters of a token (method, header name)
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
-                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _MAX_FORM_FIELDS = 16
-_MAX_LINE = 65536  # longest request line (else 414) or header line (else 431)
-_MAX_HEADERS = 100  # header lines in one request (else 431), as in http.client
-_MAX_HEADER_BYTES = 65536  # all of them together (else 431)
-_LARGE_BODY = 65536  # bodies from here on go out without being copied
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
 _TIMEOUTS = (TimeoutError, socket.timeout)  # distinct classes before Python 3.10
-_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("", "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
-           "Nov", "Dec")
+# http.client stops at a malformed header line (a space before the colon, no colon)
+# and takes the rest as a body; a first line that is a continuation it drops.
+_HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
+                   email.errors.FirstHeaderLineIsContinuationDefect)
 
 
-def _http_date(seconds):
-    """An IMF-fixdate (RFC 9110 section 5.6.7), independent of the locale."""
-    t = time.gmtime(seconds)
-    return (f"{_WEEKDAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+class _RequestTimeout(Exception):
+    """The deadline of a request (or of the wait for one) passed. Not an OSError:
+    http.server's handle_one_request would swallow that without an answer."""
 
 
-def _is_token(text):
-    return bool(text) and _TOKEN_CHARS.issuperset(text)
-
-
-class _SocketReader(io.RawIOBase):
+class _DeadlineReader(io.RawIOBase):
     """A socket's input, read under a deadline (a time.monotonic() value).
 
     A per-recv timeout alone lets a client that sends one byte a second hold a
@@ -1221,58 +1216,57 @@ class _SocketReader(io.RawIOBase):
     def readinto(self, buffer):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("deadline passed")
+            raise _RequestTimeout
         self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
+        try:
+            return self._sock.recv_into(buffer)
+        except _TIMEOUTS:
+            raise _RequestTimeout from None
 
 
-class RequestHandler(socketserver.BaseRequestHandler):
-    """One connection: HTTP/1.1 requests read, checked and answered in turn.
+class _LineReader(io.BufferedReader):
+    """The buffered input http.server reads request lines and headers from, with
+    one check: no control character inside a line (RFC 9112 2.2, RFC 9110 5.5).
+    The email parser behind http.client would take a bare CR for a line break and
+    find a header hidden in another one's value."""
 
-    The request path, in order: request line and headers (RFC 9112), framing, Host,
-    Origin, key, method and path, size, content type, 100-continue, body, the
-    document. Errors are raised as QabelRestError anywhere below _handle_one and
-    turned into a JSON response there, once. Every answer goes out in one write.
+    def readline(self, limit=-1):
+        line = super().readline(limit)
+        end = len(line) - (line.endswith(b"\n") + line.endswith(b"\r\n"))
+        if _CONTROL.search(line, 0, end):
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "a control character in a line",
+                             close=True)
+        return line
 
-    Not http.server.BaseHTTPRequestHandler: importing http.server loads http.client,
-    email and ssl (about 35 ms and 7 MB here, more than all of qabel_rest), and
-    its email-based header parser is the slowest part of a request. Everything it
-    did for us is below, stricter.
+
+class RequestHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: HTTP/1.1 requests read by http.server, checked and answered.
+
+    parse_request() is http.server's, followed by the checks of the contract, in
+    order: framing, Host, Origin, key. Then do_<METHOD> routes the request, reads
+    the body (size and content type first, then 100 Continue) and answers. Errors
+    are raised as QabelRestError anywhere below handle_one_request() and turned into
+    a JSON answer there, once; so are http.server's own refusals (send_error).
     """
 
+    protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
+    # The version of a request line too malformed to say: http.server's default,
+    # HTTP/0.9, would answer it with no status line.
+    default_request_version = "HTTP/1.0"
     server_version = f"qabel_rest/{__version__}"  # the Server header: no Python version
-    disable_nagle_algorithm = True  # no 40 ms stall waiting for a delayed ACK
+    disable_nagle_algorithm = True  # no 40 ms stall on a delayed ACK between writes
 
     def setup(self):
-        sock = self.request
-        if self.disable_nagle_algorithm:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self._reader = _SocketReader(sock)
-        self.rfile = io.BufferedReader(self._reader)
+        super().setup()
+        self.rfile.close()  # http.server's socket file: ours reads under a deadline
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = _LineReader(self._reader)
         self._linger = False
-        self._reset()
-
-    def _reset(self):
-        """Forget the previous request on this connection."""
-        self.command = self.path = None
-        self.request_version = "HTTP/1.1"
-        self.headers = {}
-        self.close_connection = True
-        self._responded = False
-        self._body_pending = False
-        self._chunked = False
-        self._length = 0
-        self._expect_continue = False
-
-    def handle(self):
-        self.handle_one_request()
-        while not self.close_connection:
-            self.handle_one_request()
 
     def finish(self):
         if self._linger:
             self._lingering_close()
-        self.rfile.close()
+        super().finish()
 
     def _lingering_close(self):
         """Read and drop what the client still sends, briefly, after our answer.
@@ -1281,16 +1275,13 @@ class RequestHandler(socketserver.BaseRequestHandler):
         answer before the client reads it (RFC 9112 section 9.6): a client still
         sending a body we refused would see "connection reset", not our 413.
         """
-        sock = self.request
+        sock = self.connection
         try:
             sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _LINGER_SECONDS
             received = 0
-            while received < _LINGER_BYTES:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                sock.settimeout(remaining)
+            while received < _LINGER_BYTES and time.monotonic() < deadline:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
                 chunk = sock.recv(1 << 16)
                 if not chunk:
                     break
@@ -1298,174 +1289,147 @@ class RequestHandler(socketserver.BaseRequestHandler):
         except OSError:
             pass
 
-    # -- one request ------------------------------------------------------------
+    def version_string(self):
+        return self.server_version
+
+    # -- one request: the error boundary ----------------------------------------------
 
     def handle_one_request(self):
+        """Wait for a request (idle timeout), then let http.server read and dispatch
+        it under the request deadline; answer every error in JSON."""
         server = self.server
         self._reset()
         self._reader.deadline = time.monotonic() + server.idle_timeout
         try:
             if not self.rfile.peek(1):
-                return  # the client closed the connection
-        except (OSError, ValueError):
-            return  # idle timeout, reset, or closed by server_close
-        if not server._begin_request(self.request):
-            self._send_error(_HTTPError(HTTPStatus.SERVICE_UNAVAILABLE,
-                                        "the server is shutting down", close=True))
+                self.close_connection = True  # the client closed the connection
+                return
+            if self.rfile.peek(2)[:2] == b"\r\n":  # RFC 9112 2.2: ignore an empty line
+                self.rfile.read(2)
+        except (OSError, ValueError, _RequestTimeout):
+            self.close_connection = True  # idle timeout, reset, or server_close
             return
+        refusal = server._begin_request(self.connection)
         try:
+            if refusal:
+                self._refuse(refusal)
+                return
             self._reader.deadline = time.monotonic() + server.request_timeout
-            self._handle_one()
-        except _TIMEOUTS:
+            super().handle_one_request()
+        except _RequestTimeout:
             if not self._responded:
                 self._send_error(_HTTPError(HTTPStatus.REQUEST_TIMEOUT,
                                             "the request took too long", close=True))
             self.close_connection = True
-        except OSError:
-            self.close_connection = True  # reset, broken pipe: nobody to answer
-        finally:
-            if server._end_request(self.request):
-                self.close_connection = True
-
-    def _handle_one(self):
-        try:
-            if not self._read_head():
-                return
-            self._dispatch()
-        except _TIMEOUTS:
-            raise
         except QabelRestError as exc:
             self._send_error(exc)
         except OSError:
-            raise
+            self.close_connection = True  # reset, broken pipe: nobody to answer
         except Exception:  # a bug: answer 500, keep serving others
-            self.server.logger.exception("unexpected error in %s %s", self.command,
-                                         self._path_only())
-            self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                        "internal error", close=True))
+            server.logger.exception("unexpected error in %s", self._what())
+            self.close_connection = True
+            if not self._responded:
+                self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                            "internal error", close=True))
+        finally:
+            if server._end_request(self.connection):
+                self.close_connection = True
         if self._body_pending and not self.close_connection:
             self._drain_body()
 
-    def _read_head(self):
-        """Read the request line and headers (RFC 9112 sections 3 and 5).
-
-        Returns False at a clean end of the connection; raises _HTTPError for a
-        malformed request (the answer closes the connection).
-        """
-        line = self.rfile.readline(_MAX_LINE + 1)
-        if line in (b"\r\n", b"\n"):  # one empty line before a request is allowed
-            line = self.rfile.readline(_MAX_LINE + 1)
-        if not line:
-            return False
-        if len(line) > _MAX_LINE:
-            raise _HTTPError(HTTPStatus.REQUEST_URI_TOO_LONG, "the request line is too long",
-                             close=True)
-        if not line.endswith(b"\n"):
-            return False  # the connection ended within the request line
-        words = line.decode("latin-1").split()
-        if len(words) == 2:  # HTTP/0.9 has no version and no status line to answer with
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported",
-                             close=True)
-        if len(words) != 3 or not _is_token(words[0]):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
-        self.command, self.path, version = words
-        if not (len(version) == 8 and version.startswith("HTTP/") and version[6] == "."
-                and _is_digits(version[5] + version[7])):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed HTTP version", close=True)
-        if version[5] != "1":
-            raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
-                             "only HTTP/1.0 and HTTP/1.1 are supported", close=True)
-        self.request_version = "HTTP/1.0" if version[7] == "0" else "HTTP/1.1"
-        headers = self.headers
-        count = size = 0
-        while True:
-            line = self.rfile.readline(_MAX_LINE + 1)
-            if line in (b"\r\n", b"\n"):
-                break
-            count += 1
-            size += len(line)
-            if len(line) > _MAX_LINE or count > _MAX_HEADERS or size > _MAX_HEADER_BYTES:
-                raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                                 "the request headers are too large", close=True)
-            if not line.endswith(b"\n"):
-                return False  # the connection ended within the headers
-            name, colon, value = line.decode("latin-1").partition(":")
-            # RFC 9112 5.1/5.2: no space before the colon, no obsolete line folding
-            if not colon or not _is_token(name):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line",
-                                 close=True)
-            headers.setdefault(name.lower(), []).append(value.strip(" \t\r\n"))
-        connection = {token.strip().lower()
-                      for value in headers.get("connection", ()) for token in value.split(",")}
-        if "close" in connection:
+    def handle(self):
+        try:
+            refusal = self.server._refusal(self.connection)
+            if refusal:  # at once: a refused connection waits for nothing
+                self._reset()
+                self._refuse(refusal)
+            else:
+                super().handle()
+        except (OSError, _RequestTimeout):  # while answering an error or draining
             self.close_connection = True
-        else:
-            self.close_connection = (self.request_version == "HTTP/1.0"
-                                     and "keep-alive" not in connection)
-        for value in headers.get("expect", ()):
-            if value.lower() != "100-continue":
-                raise _HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported expectation",
-                                 close=True)
-            # RFC 9110 10.1.1: the 100 goes out only once the request has passed every
-            # check (_read_body); an HTTP/1.0 client gets none.
-            self._expect_continue = self.request_version == "HTTP/1.1"
+
+    def _reset(self):
+        """Forget the previous request on this connection."""
+        self.command, self.request_version, self.headers = None, "HTTP/1.1", {}
+        self._responded = self._body_pending = self._chunked = self._expect = False
+        self._length, self._allow = 0, None
+
+    def _refuse(self, reason):
+        """Answer 503 without reading the request (then read and drop it briefly)."""
+        self._linger = True
+        self._send_error(_HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, reason,
+                                    (("Retry-After", "1"),), close=True))
+
+    def parse_request(self):
+        """http.server's parse of the request line and headers, then the checks of
+        the contract: framing, Host, Origin, and the key (RFC 9112, 9110)."""
+        words = str(self.raw_requestline, "iso-8859-1").split()  # as http.server does
+        if not words:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "no request line", close=True)
+        if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
+            # HTTP/0.9: http.server would read on for headers that a two-word
+            # request never sends, and answer with no status line.
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported", close=True)
+        if not super().parse_request():
+            return False
+        self._check_framing()
+        self._check_host()
+        self._check_origin()
+        if not (self._path_only() == "/health" and self.command in ("GET", "HEAD")):
+            self._check_key()
         return True
 
-    def _header(self, name):
-        """The only value of a header, or None; several values count as none."""
-        values = self.headers.get(name, ())
-        return values[0] if len(values) == 1 else None
+    def handle_expect_100(self):
+        # RFC 9110 10.1.1: the 100 goes out only once the request has passed every
+        # check (_read_body, after _check_framing saw the Expect), not while
+        # http.server parses the request.
+        return True
 
-    def _dispatch(self):
-        server = self.server
-        self._check_framing()
-        self._check_host(server)
-        self._check_origin(server)
-        path = self._path_only()
-        method = "GET" if self.command == "HEAD" else self.command
-        if not (path == "/health" and method == "GET"):
-            self._check_key(server)
-        if self.command not in _KNOWN_METHODS:
-            raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, "method not implemented")
-        allowed = _ROUTES.get(path)
-        if allowed is None:
-            raise _HTTPError(HTTPStatus.NOT_FOUND, "no such resource")
-        allow = (("Allow", ", ".join(allowed)),)
-        if method == "OPTIONS":
-            self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, allow)
-            return
-        if method not in allowed:
-            raise _HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed", allow)
-        if path == "/health":
-            self._send_json(HTTPStatus.OK, {"status": "ok"})
-            return
-        document = server.settings if path == "/settings" else server.synced
-        if method == "GET":
-            self._do_get(document)
-            return
-        try:
-            form = self._content_is_form()
-            body = self._read_body(server.max_body)
-            if method == "PUT":
-                self._do_put(document, body, form)
-            else:
-                self._do_post(document, body, form)
-        except InvalidKey as exc:  # a 405 of the Qabel spec: still carries Allow
-            raise _HTTPError(exc.status, exc.message, allow) from None
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a bad request line, 414, 431, 501), as JSON.
+        Its message is cut before the request text it quotes, which may hold a
+        secret."""
+        status = HTTPStatus(code)
+        message = (message or status.phrase).partition(" (")[0]
+        self._send_error(_HTTPError(status, message, close=True))
 
-    # -- checks, in the order of the spec ------------------------------------------
+    def log_message(self, format, *args):
+        self.server.logger.info("%s " + format, self.client_address[0], *args)
+
+    def log_request(self, code="-", size="-"):
+        # Never the query string (a client may misplace the key there), never a body.
+        logger = self.server.logger
+        if logger.isEnabledFor(10):  # logging.DEBUG
+            logger.debug('%s "%s" %s', self.client_address[0], self._what(),
+                         int(code) if code != "-" else code)
+
+    # -- checks, in the order of the contract --------------------------------------
 
     def _check_framing(self):
-        """RFC 9112 section 6: exactly one way to find the body's end, or 400."""
+        """RFC 9112: a well-formed header block and exactly one way to find the
+        body's end, or 400 (501 for a transfer coding we do not know)."""
         headers = self.headers
-        if len(headers.get("host", ())) != 1:
+        # Folded lines (obsolete, RFC 9112 5.2) keep their CRLF in the value.
+        if (any(isinstance(defect, _HEADER_DEFECTS) for defect in headers.defects)
+                or any("\n" in value for value in headers.values())):
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line", close=True)
+        if len(headers.get_all("Host", ())) != 1:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "exactly one Host header is required",
                              close=True)
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "the request target must be a path",
                              close=True)
-        codings = headers.get("transfer-encoding")
-        lengths = headers.get("content-length")
+        tokens = {token.strip(_OWS).lower() for value in headers.get_all("Connection", ())
+                  for token in value.split(",")}
+        if "close" in tokens:  # http.server only knows a header that is just "close"
+            self.close_connection = True
+        for value in headers.get_all("Expect", ()):
+            if value.strip(_OWS).lower() != "100-continue":
+                raise _HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported expectation",
+                                 close=True)
+            self._expect = self.request_version != "HTTP/1.0"  # 1.0 clients expect none
+        codings = headers.get_all("Transfer-Encoding")
+        lengths = headers.get_all("Content-Length")
         if codings:
             if lengths:  # a request smuggling vector (RFC 9112 section 6.3)
                 raise _HTTPError(HTTPStatus.BAD_REQUEST,
@@ -1473,18 +1437,17 @@ class RequestHandler(socketserver.BaseRequestHandler):
             if self.request_version == "HTTP/1.0":
                 raise _HTTPError(HTTPStatus.BAD_REQUEST,
                                  "Transfer-Encoding in an HTTP/1.0 request", close=True)
-            names = [name.strip().lower() for value in codings for name in value.split(",")]
+            names = [name.strip(_OWS).lower() for value in codings for name in value.split(",")]
             if names != ["chunked"]:
                 raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED,
                                  "transfer coding not supported", close=True)
             self._chunked = self._body_pending = True
         elif lengths:
-            values = set()
-            for value in lengths:
-                if not _is_digits(value):
-                    raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed Content-Length",
-                                     close=True)
-                values.add(value.lstrip("0") or "0")
+            values = {value.strip(" \t") for value in lengths}
+            if not all(_is_digits(value) for value in values):
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed Content-Length",
+                                 close=True)
+            values = {value.lstrip("0") or "0" for value in values}
             if len(values) > 1:
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length",
                                  close=True)
@@ -1492,29 +1455,32 @@ class RequestHandler(socketserver.BaseRequestHandler):
             self._length = int(value) if len(value) <= 18 else sys.maxsize
             self._body_pending = self._length > 0
 
-    def _check_host(self, server):
-        if _host_name(self.headers["host"][0]) not in server.allowed_hosts:
+    def _check_host(self):
+        if _host_name(self.headers["Host"]) not in self.server.allowed_hosts:
             raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
 
-    def _check_origin(self, server):
-        for origin in self.headers.get("origin", ()):
-            scheme, sep, rest = origin.partition("://")
+    def _check_origin(self):
+        for origin in self.headers.get_all("Origin", ()):
+            scheme, sep, rest = origin.strip(_OWS).partition("://")
             if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
-                    or "@" in rest or _host_name(rest) not in server.allowed_hosts):
+                    or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
                 raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
 
-    def _check_key(self, server):
-        presented = list(self.headers.get("x-api-key", ()))
-        for value in self.headers.get("authorization", ()):
-            scheme, _, token = value.partition(" ")
-            presented.append(token if scheme.lower() == "bearer" else "")
+    def _check_key(self):
+        """X-API-Key or Authorization: Bearer; every one presented must be right.
+        Another scheme (Basic, which requests and curl add from ~/.netrc) is not a
+        key and is ignored."""
+        presented = list(self.headers.get_all("X-API-Key", ()))
+        for value in self.headers.get_all("Authorization", ()):
+            scheme, _, token = value.strip(_OWS).partition(" ")
+            if scheme.lower() == "bearer":
+                presented.append(token)
         if not presented:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required",
                              (("WWW-Authenticate", "Bearer"),))
-        valid = True
+        server, valid = self.server, True
         for token in presented:  # every one compared, each in constant time
-            token = token.strip().encode("latin-1")
-            valid &= server._compare_digest(token, server._api_key)
+            valid &= server._compare_digest(token.strip(_OWS).encode("latin-1"), server._api_key)
         if not valid:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key",
                              (("WWW-Authenticate", "Bearer"),))
@@ -1525,15 +1491,15 @@ class RequestHandler(socketserver.BaseRequestHandler):
         No Content-Type at all is read as JSON (RFC 9110 8.3 leaves it to us): what
         a client sends with a JSON string and no header, as some libraries do.
         """
-        value = self._header("content-type")
-        if value is None and not self.headers.get("content-type"):
+        values = self.headers.get_all("Content-Type", ())
+        if not values:
             return False
-        media, _, params = (value or "").partition(";")
-        media = media.strip().lower()
+        media, _, params = (values[0] if len(values) == 1 else "").partition(";")
+        media = media.strip(_OWS).lower()
         for param in params.split(";"):
             name, _, charset = param.partition("=")
-            if (name.strip().lower() == "charset"
-                    and charset.strip().strip('"').lower() not in ("utf-8", "utf8")):
+            if (name.strip(_OWS).lower() == "charset"
+                    and charset.strip(_OWS).strip('"').lower() not in ("utf-8", "utf8")):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
         if media == _JSON_TYPE:
             return False
@@ -1542,17 +1508,47 @@ class RequestHandler(socketserver.BaseRequestHandler):
         raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                          f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
 
-    # -- body ------------------------------------------------------------------
+    # -- routing ----------------------------------------------------------------------
+
+    def do_GET(self):
+        """Every method http.server hands us: route it by path, then by method."""
+        path = self._path_only()
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            raise _HTTPError(HTTPStatus.NOT_FOUND, "no such resource")
+        self._allow = ", ".join(allowed)
+        method = "GET" if self.command == "HEAD" else self.command
+        if method == "OPTIONS":
+            self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, (("Allow", self._allow),))
+        elif method not in allowed:
+            raise _HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
+        elif path == "/health":
+            self._send_json(HTTPStatus.OK, {"status": "ok"})
+        else:
+            document = self.server.settings if path == "/settings" else self.server.synced
+            if method == "GET":
+                self._do_read(document)
+            else:
+                form = self._content_is_form()
+                body = self._read_body(self.server.max_body)
+                (self._do_put if method == "PUT" else self._do_post)(document, body, form)
+
+    # Methods HTTP defines (RFC 9110 section 9): 404 or 405 by path. Any other method
+    # has no do_ method, and http.server answers it 501 (send_error).
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    do_TRACE = do_CONNECT = do_GET
+
+    # -- body --------------------------------------------------------------------------
 
     def _read_body(self, limit):
         if not self._chunked and self._length > limit:
             raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                              f"the body is larger than {limit} bytes", close=True)
-        if self._expect_continue:
-            self._expect_continue = False
-            self._write(_CONTINUE)
+        if self._expect:
+            self._expect = False
+            super().handle_expect_100()  # send 100 Continue now
         body = self._read_chunked(limit) if self._chunked else self.rfile.read(self._length)
-        if not self._chunked and len(body) < self._length:
+        if len(body) < self._length:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "the body ended early", close=True)
         self._body_pending = False
         return body
@@ -1587,24 +1583,23 @@ class RequestHandler(socketserver.BaseRequestHandler):
 
     def _drain_body(self):
         """Read and drop a body we answered without reading, to keep the framing."""
-        if self._chunked or self._expect_continue or self._length > self.server.max_body:
+        if self._chunked or self._expect or self._length > self.server.max_body:
             self.close_connection = True  # a 100-continue client may never send it
             self._linger = True
-            return
-        if len(self.rfile.read(self._length)) < self._length:
+        elif len(self.rfile.read(self._length)) < self._length:
             self.close_connection = True
 
     # -- the documents -------------------------------------------------------------
 
-    def _do_get(self, document):
-        state = document._current()
-        etag = (("ETag", state.etag),)
-        for value in self.headers.get("if-none-match", ()):
-            tags = {tag.strip().removeprefix("W/") for tag in value.split(",")}
-            if state.etag in tags or "*" in tags:
+    def _do_read(self, document):
+        version = document.current()
+        etag = (("ETag", version.etag),)
+        for value in self.headers.get_all("If-None-Match", ()):
+            tags = {tag.strip(_OWS).removeprefix("W/") for tag in value.split(",")}
+            if version.etag in tags or "*" in tags:
                 self._send(HTTPStatus.NOT_MODIFIED, b"", etag)
                 return
-        self._send(HTTPStatus.OK, state.body, etag)
+        self._send(HTTPStatus.OK, version.body, etag)
 
     def _do_put(self, document, body, form):
         if form:
@@ -1615,13 +1610,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
                     key = _parse_json(key)
                 except (_NotJSON, QabelRestError):
                     raise InvalidKey("the key is not a valid JSON list") from None
-            value = fields.get("value", _MISSING)
-            if value is not _MISSING:
-                try:
-                    value = _parse_json(value)
-                except _NotJSON:
-                    pass  # a plain string
-            merge = False
+            value, merge = fields.get("value", _MISSING), False
         else:
             try:
                 request = _parse_json(body)
@@ -1634,7 +1623,16 @@ class RequestHandler(socketserver.BaseRequestHandler):
             merge = request.get("merge", False)
         if key is _MISSING:
             raise InvalidKey("the key is missing")
-        stored = document._put(key, value, merge)
+        if form and value is not _MISSING:
+            # A field the schema types as a string takes the text as given
+            # ("2026" stays a string); elsewhere the text is JSON when it parses.
+            node = _node_at(document.schema, parse_key(key))
+            if not (type(node) is str and node in _TEXT_LEAVES):
+                try:
+                    value = _parse_json(value)
+                except _NotJSON:
+                    pass  # a plain string
+        stored = document.put(key, value, merge, copies=False)
         self._send_json(HTTPStatus.OK, {"key": key, "value": stored})
 
     def _do_post(self, document, body, form):
@@ -1651,7 +1649,7 @@ class RequestHandler(socketserver.BaseRequestHandler):
                 settings = request["settings"]
         except _NotJSON as exc:
             raise InvalidKey(f"settings is not a valid JSON document: {exc}") from None
-        self._send(HTTPStatus.OK, _dump_document(document._replace(settings)))
+        self._send_json(HTTPStatus.OK, document.replace(settings, copies=False))
 
     # -- answers -----------------------------------------------------------------
 
@@ -1659,66 +1657,48 @@ class RequestHandler(socketserver.BaseRequestHandler):
         self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):
+        """The JSON answer of a QabelRestError; a 405 carries Allow."""
         if error.status >= 500:
-            self.server.logger.warning("%s %s: %d %s", self.command, self._path_only(),
-                           error.status, error.message)
+            self.server.logger.warning("%s: %d %s", self._what(), error.status,
+                                       error.message)
+        headers = getattr(error, "headers", ())
+        if error.status == HTTPStatus.METHOD_NOT_ALLOWED and self._allow:
+            headers = (*headers, ("Allow", self._allow))
         if getattr(error, "close", False):
-            self.close_connection = True
-            self._linger = self._body_pending
-        self._send_json(error.status, {"error": error.message}, getattr(error, "headers", ()))
+            self.close_connection = self._linger = True
+        self._send_json(error.status, {"error": error.message}, headers)
 
     def _send(self, status, body, headers=()):
-        """Send status line, headers and body in one write."""
-        head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-                f"Server: {self.server_version}\r\n"
-                f"Date: {self.server._date()}\r\n"
-                "Cache-Control: no-store\r\n"
-                "X-Content-Type-Options: nosniff\r\n"]
-        if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
-            head.append(f"Content-Type: {_JSON_TYPE}\r\nContent-Length: {len(body)}\r\n")
-        for name, value in headers:
-            head.append(f"{name}: {value}\r\n")
-        if self.close_connection:
-            head.append("Connection: close\r\n")
-        elif self.request_version == "HTTP/1.0":
-            head.append("Connection: keep-alive\r\n")
-        head.append("\r\n")
-        head = "".join(head).encode("latin-1")
+        """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
-        if self.command == "HEAD" or not body:
-            self._write(head)
-        elif len(body) < _LARGE_BODY:
-            self._write(head + body)
+        self.send_response(status)
+        if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
+            self.send_header("Content-Type", _JSON_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         else:
-            self._write(head, body)
-        self.log_request(status.value, len(body))
+            self.send_header("Keep-Alive", f"timeout={int(self.server.idle_timeout)}")
+            if self.request_version == "HTTP/1.0":
+                self.send_header("Connection", "keep-alive")
+        self.connection.settimeout(self.server.request_timeout)
+        self.end_headers()
+        if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED and body:
+            self.wfile.write(body)
 
-    def _write(self, *parts):
-        """Send parts whole within request_timeout; without copying where the OS
-        has sendmsg (POSIX), else joined into one buffer."""
-        sock = self.request
-        sock.settimeout(self.server.request_timeout)
-        if len(parts) == 1 or not hasattr(sock, "sendmsg"):
-            sock.sendall(b"".join(parts))
-            return
-        views = [memoryview(part) for part in parts]
-        while views:
-            sent = sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+    def _what(self):
+        """The request for a log line: its method and path if we serve them, else
+        "-", never text a client may have put a secret in."""
+        path = self._path_only()
+        return f"{self.command} {path}" if path in _ROUTES and hasattr(
+            self, f"do_{self.command}") else "-"
 
     def _path_only(self):
-        return (self.path or "").partition("?")[0]
-
-    def log_request(self, code="-", size="-"):
-        # Never the query string (a client may misplace the key there), never a body.
-        logger = self.server.logger
-        if logger.isEnabledFor(10):  # logging.DEBUG
-            logger.debug('%s "%s %s" %s %s', self.client_address[0], self.command,
-                         self._path_only(), code, size)
+        return (self.path or "").partition("?")[0] if self.command else ""
 
 
 def _parse_form(body):
@@ -1741,28 +1721,31 @@ def _parse_form(body):
 # Server lifecycle
 # ---------------------------------------------------------------------------
 
-_REFUSED_BODY = b'{"error": "too many connections"}'
-_REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nCache-Control: no-store\r\n"
-            b"X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n%s"
-            % (len(_REFUSED_BODY), _REFUSED_BODY))
+_IDLE, _BUSY, _CLOSING, _REFUSED = range(4)  # states of a connection
 
 
-class QabelRestServer(socketserver.ThreadingTCPServer):
+def _shut(sock):
+    """End a connection another thread serves: its read sees the end at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+class QabelRestServer(http.server.ThreadingHTTPServer):
     """The HTTP server with its two documents; build it with make_server().
 
-    A thread per connection, as http.server.ThreadingHTTPServer. Thread-safe.
-    `settings` and `synced` are the in-process API of the documents. shutdown() may
-    be called from any thread, before or during serve_forever().
+    A thread per connection. Thread-safe. `settings` and `synced` are the in-process
+    API of the documents. shutdown() may be called from any thread, before or
+    during serve_forever().
     """
 
-    daemon_threads = True
     block_on_close = False  # server_close() joins its own threads, with a bound
     # POSIX: rebind at once after a restart (TIME_WAIT). Windows: SO_REUSEADDR would
     # let another process bind the same port and steal requests, so it gets
     # SO_EXCLUSIVEADDRUSE instead (server_bind).
     allow_reuse_address = os.name != "nt"
-    request_queue_size = DEFAULT_MAX_CONNECTIONS
+    request_queue_size = DEFAULT_MAX_CONNECTIONS  # the listen backlog
 
     def __init__(self, address, handler_class, *, data_dir, settings, synced, max_body,
                  allowed_hosts, idle_timeout, request_timeout, max_connections):
@@ -1781,20 +1764,14 @@ class QabelRestServer(socketserver.ThreadingTCPServer):
         self.logger = _logger()
         self._api_key = None  # bytes: set by make_server, never logged or shown
         self._dir_lock = None
-        self._state_lock = threading.RLock()  # RLock: shutdown() may run in a signal handler
-        self._stop_requested = False
-        self._serving_thread = None
-        self._stopped = threading.Event()
-        self._connections = {}  # socket -> [thread, idle?]
-        self._closing = False
-        self._date_cache = (0, "")
-        self._wake_r, self._wake_w = socket.socketpair()
-        try:
-            super().__init__(address, handler_class)
-        except BaseException:
-            self._wake_r.close()
-            self._wake_w.close()
-            raise
+        # Guards the fields below. Reentrant: shutdown() runs in a signal handler,
+        # in the serving thread, which may hold it (process_request).
+        self._state = threading.RLock()
+        self._stopping = False  # shutdown() was called
+        self._closing = False  # server_close() was called
+        self._serving = None  # the thread in serve_forever()
+        self._connections = {}  # socket -> [thread, state], oldest first
+        super().__init__(address, handler_class)
         bound = self.server_address[0]
         self.allowed_hosts = frozenset(
             {*_LOCAL_HOSTS, _normal_host(address[0]), _normal_host(bound),
@@ -1811,142 +1788,125 @@ class QabelRestServer(socketserver.ThreadingTCPServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         super().server_bind()
 
-    def _date(self):
-        """The Date header's value, formatted once a second."""
-        now = int(time.time())
-        cached = self._date_cache
-        if cached[0] != now:
-            cached = self._date_cache = (now, _http_date(now))
-        return cached[1]
-
     # -- serving and stopping -------------------------------------------------------
 
     def serve_forever(self, poll_interval=0.5):
-        """Handle requests until shutdown(); returns at once if it came first."""
-        with self._state_lock:
-            if self._stop_requested:
+        """Handle requests until shutdown(); returns at once if that came first."""
+        with self._state:
+            if self._stopping:
                 return
-            self._serving_thread = threading.current_thread()
-            self._stopped.clear()
+            self._serving = threading.current_thread()
         try:
-            with selectors.DefaultSelector() as selector:
-                selector.register(self, selectors.EVENT_READ)
-                selector.register(self._wake_r, selectors.EVENT_READ)
-                while not self._stop_requested:
-                    for key, _ in selector.select(poll_interval):
-                        if self._stop_requested:
-                            break
-                        if key.fileobj is self:
-                            self._handle_request_noblock()
-                    self.service_actions()
+            super().serve_forever(poll_interval)
         finally:
-            with self._state_lock:
-                self._serving_thread = None
-                self._stopped.set()
+            with self._state:
+                self._serving = None
 
     def shutdown(self):
-        """Stop serve_forever() and wait for it, unless called from its own thread
-        (a request handler, a signal handler) or before it started."""
-        with self._state_lock:
-            self._stop_requested = True
-            thread = self._serving_thread
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass  # already closed, or its buffer is full: both mean awake
-        if thread is not None and thread is not threading.current_thread():
-            self._stopped.wait()
+        """Stop serve_forever() and wait for it. From its own thread (a signal
+        handler) or before it started, return at once: socketserver's would wait
+        forever."""
+        with self._state:
+            self._stopping = True
+            serving = self._serving
+        if serving is threading.current_thread():
+            threading.Thread(target=super().shutdown, daemon=True).start()
+        elif serving is not None:
+            super().shutdown()
 
     def server_close(self):
         """Close the port, end idle connections, let requests in flight finish
         (bounded by SHUTDOWN_GRACE), refuse later changes, release the data dir."""
-        with self._state_lock:
-            self._stop_requested = True
-            self._closing = True
+        with self._state:
+            self._stopping = self._closing = True
             entries = list(self._connections.items())
-        for sock, (thread, idle) in entries:
-            if idle:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        for sock, (thread, state) in entries:
+            if state != _BUSY:
+                _shut(sock)
         super().server_close()
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        for sock, (thread, idle) in entries:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self.settings.close()
-        self.synced.close()
-        self._wake_r.close()
-        self._wake_w.close()
-        if self._dir_lock is not None:
+        for sock, (thread, state) in entries:
+            if thread is not threading.current_thread():  # a handler may close us
+                thread.join(max(0.0, deadline - time.monotonic()))
+        closed = [document.close(max(0.0, deadline - time.monotonic()))
+                  for document in (self.settings, self.synced)]
+        # A save still under way writes on: the data dir stays locked (until the
+        # process ends), so no other instance starts beside it.
+        if self._dir_lock is not None and all(closed):
             self._dir_lock.release()
 
     # -- connections -------------------------------------------------------------------
 
     def process_request(self, request, client_address):
-        with self._state_lock:
-            refuse = self._closing or len(self._connections) >= self.max_connections
-            if refuse and not self._closing:
-                # Make room by closing the oldest idle keep-alive connection (HTTP
-                # lets a server close an idle one at any time), so that idle clients
-                # cannot starve new ones. Refuse only when all are mid-request.
-                for sock, (_, idle) in self._connections.items():  # oldest first
-                    if idle:
-                        try:
-                            sock.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
-                        self._connections[sock][1] = False  # closing: not again
-                        refuse = False
-                        break
-            if not refuse:
-                thread = threading.Thread(target=self.process_request_thread,
-                                          args=(request, client_address),
-                                          name="qabel_rest connection", daemon=True)
-                self._connections[request] = [thread, True]
-        if refuse:
-            self._refuse(request)
-            return
-        thread.start()
-
-    def _refuse(self, request):
+        """A thread per connection, as ThreadingMixIn's. At the connection cap the
+        oldest idle connection is closed to make room (HTTP lets a server close an
+        idle one at any time); when none is idle, the new one is answered 503."""
+        thread = threading.Thread(target=self.process_request_thread,
+                                  args=(request, client_address), daemon=True,
+                                  name="qabel_rest connection")
+        with self._state:
+            state = _IDLE
+            entries = self._connections
+            if sum(entry[1] <= _BUSY for entry in entries.values()) >= self.max_connections:
+                idle = next((sock for sock, entry in entries.items() if entry[1] == _IDLE),
+                            None)
+                if idle is None:
+                    state = _REFUSED
+                else:
+                    _shut(idle)
+                    entries[idle][1] = _CLOSING
+            entries[request] = [thread, state]
         try:
-            request.settimeout(1.0)
-            request.sendall(_REFUSED)
-        except OSError:
-            pass
-        self.shutdown_request(request)
+            thread.start()
+        except BaseException:  # no thread to be had: socketserver closes the socket
+            with self._state:
+                del entries[request]
+            raise
+
+    def handle_error(self, request, client_address):
+        """An error no handler answered (a connection reset during setup): logged,
+        not printed to stderr as socketserver's."""
+        self.logger.debug("error on a connection from %s", client_address[0], exc_info=True)
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._state_lock:
+            with self._state:
                 self._connections.pop(request, None)
 
+    def _refusal(self, sock):
+        """Why a new connection is refused at once, if it is."""
+        with self._state:
+            return "too many connections" if self._connections[sock][1] == _REFUSED else None
+
     def _begin_request(self, sock):
-        """Mark a connection busy; False if the server is closing."""
-        with self._state_lock:
+        """Mark a connection busy; the reason to refuse its request, if there is one
+        (closed to make room the moment its request came: never half served)."""
+        with self._state:
+            entry = self._connections[sock]
             if self._closing:
-                return False
-            self._connections[sock][1] = False
-            return True
+                return "the server is shutting down"
+            if entry[1] != _IDLE:
+                return "too many connections"
+            entry[1] = _BUSY
+            return None
 
     def _end_request(self, sock):
         """Mark a connection idle; True if it must close because the server is."""
-        with self._state_lock:
-            entry = self._connections.get(sock)
-            if entry is not None:
-                entry[1] = True
-            return self._closing
+        with self._state:
+            entry = self._connections[sock]
+            if entry[1] == _BUSY:
+                entry[1] = _IDLE
+            return self._closing or entry[1] != _IDLE
 
 
 def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                 max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
-    """Load both documents, bind, lock the data dir, write any missing document with
-    its defaults; return a QabelRestServer.
+    """Load both documents and the key, bind, lock the data dir, write any missing
+    document (and a new key file) ; return a QabelRestServer.
 
     data_dir defaults to $QABEL_REST_DATA_DIR or the platform's config dir; api_key
     to $QABEL_REST_API_KEY, the key file, or a newly generated key file. Raises
@@ -1956,20 +1916,23 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     if type(max_body) is not int or max_body < 1:
         raise StartupError("max_body must be a positive integer")
     data_dir = os.path.abspath(data_dir or default_data_dir(environ))
+    key_source = "the command line"
     if api_key is None and environ.get(_ENV_API_KEY):
         api_key, key_source = environ[_ENV_API_KEY], "$" + _ENV_API_KEY
-    else:
-        key_source = "the command line"
     if api_key is not None:
         _check_api_key(api_key, key_source)
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
     synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA,
                               SYNCED_DEFAULTS)
-    # Every check that can fail without writing comes first: the documents, then
-    # the port. Only then is anything created: the data dir, the lock, the key.
+    # Every check that can fail without writing comes first: the documents, the key
+    # file, then the port. Only then is anything created: the data dir, the lock,
+    # missing documents, a new key file.
     settings.load()
     synced.load()
+    key_path = os.path.join(data_dir, _KEY_FILE)
+    if api_key is None:
+        api_key, key_source = _read_key_file(key_path), key_path
     try:
         server = QabelRestServer(
             (host, port), handler_class, data_dir=data_dir, settings=settings,
@@ -1979,20 +1942,27 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     except (OSError, OverflowError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+    existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:
         _prepare_data_dir(data_dir)
-        server._dir_lock = _DataDirLock(data_dir)
-        server._dir_lock.acquire()
+        lock = _DataDirLock(data_dir)
+        lock.acquire()
+        server._dir_lock = lock
         _remove_stale_temp_files(data_dir)
         for document in (settings, synced):
             document.load()  # again, now that no other instance can be writing
             document.create_if_missing()
         if api_key is None:
-            api_key, key_source = _read_or_create_key_file(data_dir)
+            api_key = _create_key_file(key_path)
         server._api_key = api_key.encode("ascii")
         server.key_source = key_source
     except BaseException:
+        if server._dir_lock is not None:  # ours alone: remove what this start made
+            for name in set(os.listdir(data_dir)) - (existed or set()):
+                os.unlink(os.path.join(data_dir, name))
         server.server_close()
+        if existed is None and os.path.isdir(data_dir):
+            os.rmdir(data_dir)
         raise
     return server
 

@@ -301,16 +301,22 @@ def test_missing_file_is_written_at_start_but_not_while_running(tmp_path, live_w
     assert not (tmp_path / "synced.json").exists()  # ...without writing it
 
 
+def assert_common_headers(response):
+    """The headers every answer has, and a JSON body of exactly Content-Length."""
+    assert response.headers["Content-Type"] == "application/json"
+    assert int(response.headers["Content-Length"]) == len(response.body)
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "python" not in response.headers.get("Server", "").lower()
+    assert not [h for h in response.headers if h.lower().startswith("access-control")]
+    json.loads(response.body)
+
+
 def test_every_response_is_json_with_exact_length_and_safe_headers(live):
     for response in (live.get("/settings"), live.get("/nope"), live.get("/health"),
                      live.get("/settings", key="wrong"), live.put("/settings", "x", 1)):
-        assert response.headers["Content-Type"] == "application/json"
-        assert int(response.headers["Content-Length"]) == len(response.body)
-        assert response.headers["Cache-Control"] == "no-store"
-        assert response.headers["X-Content-Type-Options"] == "nosniff"
-        assert "python" not in response.headers.get("Server", "").lower()
-        assert not [h for h in response.headers if h.lower().startswith("access-control")]
-        json.loads(response.body)
+        assert_common_headers(response)
+        assert response.headers["Keep-Alive"] == "timeout=30"  # pools close idle first
 
 
 @pytest.mark.parametrize("path", ["/settings", "/synced"])
@@ -1044,13 +1050,19 @@ def test_file_rewritten_by_another_program_is_taken_as_current(live):
     assert live.doc("settings.json")["poll_interval"] == 77
 
 
+def hide_rewrites_from_stat(monkeypatch, path):
+    """Make os.stat of path report the file as it is now, whatever is written later:
+    a rewrite on a file system with coarse timestamps, or within one tick."""
+    real, stale = os.stat, os.stat(path)
+    monkeypatch.setattr(os, "stat", lambda p, *a, **kw: stale if p == path else real(p, *a, **kw))
+
+
 def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
     # On a file system with coarse timestamps, a same-size rewrite within one tick
     # keeps every stat field; the content comparison before each save still sees it.
     live.put("/settings", "drop_last_update", "aaaa")
     path = os.path.join(live.data_dir, "settings.json")
-    stale = qabel_rest._file_signature(path)
-    monkeypatch.setattr(qabel_rest, "_file_signature", lambda p: stale)
+    hide_rewrites_from_stat(monkeypatch, path)
     data = live.file("settings.json").replace(b"aaaa", b"bbbb")
     with open(path, "r+b") as f:
         f.write(data)
@@ -1063,8 +1075,7 @@ def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
 def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
     path = os.path.join(live.data_dir, "synced.json")
-    stale = qabel_rest._file_signature(path)
-    monkeypatch.setattr(qabel_rest, "_file_signature", lambda p: stale)
+    hide_rewrites_from_stat(monkeypatch, path)
     with open(path, "w") as f:  # another program drops the second account
         json.dump({"accounts": [item(1)]}, f)
     response = live.put("/synced", "accounts.1.user", "bob")
@@ -1074,19 +1085,28 @@ def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeyp
     assert live.get("/synced").json()["accounts"] == [item(1)]
 
 
+def hold_reads(monkeypatch, path, times=1):
+    """Make the next `times` opens of path for reading wait for a gate; return the
+    events (reached, gate)."""
+    real = os.open
+    reached, gate = threading.Event(), threading.Event()
+    held = []
+
+    def opening(p, flags, *args, **kw):
+        if p == path and not flags & (os.O_WRONLY | os.O_RDWR) and len(held) < times:
+            held.append(p)
+            reached.set()
+            assert gate.wait(TIMEOUT)
+        return real(p, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", opening)
+    return reached, gate
+
+
 def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkeypatch):
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")
-    real_read = qabel_rest._read_content
-    gate, reached = threading.Event(), threading.Event()
-
-    def read_content(p, expected):
-        if not reached.is_set():
-            reached.set()  # the save's comparison read: hold it here
-            gate.wait(TIMEOUT)
-        return real_read(p, expected)
-
-    monkeypatch.setattr(qabel_rest, "_read_content", read_content)
+    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
     document = live.server.settings
     result = []
     writer = threading.Thread(target=lambda: result.append(
@@ -1219,7 +1239,7 @@ def test_replace_refused_is_retried_then_500(live, monkeypatch):
     monkeypatch.undo()
     assert response.status == 500
     assert "could not save" in response.json()["error"]
-    assert len(calls) == qabel_rest._REPLACE_ATTEMPTS
+    assert len(calls) == 6  # over 0.31 s, as the README says
     assert snapshot(live.data_dir) == before
     assert live.get("/settings").json()["poll_interval"] == 30
 
@@ -1508,37 +1528,45 @@ def test_trickling_client_is_cut_off_at_the_request_deadline(live_with):
     assert live.get("/health").status == 200
 
 
-def test_connection_cap_answers_503_when_all_are_busy(live_with):
-    live = live_with(max_connections=2)
-    busy = [live.conn() for _ in range(2)]
-    for conn in busy:  # each is mid-request: its headers have not ended
-        conn.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
-    deadline = time.monotonic() + TIMEOUT  # until the server counts both busy
-    while time.monotonic() < deadline and not (
-            len(live.server._connections) == 2
-            and not any(idle for _, idle in live.server._connections.values())):
-        time.sleep(0.01)
+def test_hundreds_of_open_connections_are_all_served(live):
+    conns = [live.conn() for _ in range(300)]  # a pooling client's sockets, all open
+    request = build_request("GET", "/settings", headers={"X-API-Key": KEY})
+    for conn in conns:
+        conn.send(request)
+    responses = [conn.read() for conn in conns]
+    assert [r.status for r in responses] == [200] * 300
+    assert all(r.headers["Keep-Alive"] == "timeout=30" for r in responses)
+    for conn in conns:  # and none was closed: each one is reused
+        assert conn.request("GET", "/health").status == 200
+        conn.close()
+
+
+def test_connection_cap_answers_503_when_all_are_busy(live_with, monkeypatch):
+    live = live_with(max_connections=1)
+    entered, gate = hold_first_save(monkeypatch)
+    busy = live.conn()
+    busy.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"}))
+    assert entered.wait(TIMEOUT)  # its request is being saved: busy
     extra = live.conn()
+    extra.send(build_request("GET", "/settings", headers={"X-API-Key": KEY}))
     response = extra.read()
     assert response.status == 503
     assert response.json() == {"error": "too many connections"}
+    assert_common_headers(response)
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["Connection"] == "close"
+    assert extra.closed()
     extra.close()
-    busy[0].send(b"\r\n")  # finish a request: it is answered, the connection goes idle
-    assert busy[0].read().status == 200
-    served = live.conn()  # room is made by closing the idle one
-    assert served.request("GET", "/health").status == 200
-    assert busy[0].closed()
-    busy[1].send(b"\r\n")
-    assert busy[1].read().status == 200  # a busy one is never closed for room
-    for conn in (served, *busy):
-        conn.close()
+    gate.set()
+    assert busy.read().status == 200  # a busy connection is never closed for room
+    assert live.doc("settings.json")["poll_interval"] == 3
+    busy.close()
 
 
 def test_idle_connections_make_room_for_new_ones(live_with):
     live = live_with(max_connections=2)
-    idle = [live.conn() for _ in range(2)]
-    for conn in idle:
-        assert conn.request("GET", "/health").status == 200
+    idle = [live.conn() for _ in range(2)]  # open, no request yet: idle
     fresh = live.conn()
     assert fresh.request("GET", "/health").status == 200
     assert idle[0].closed()  # the longest idle went
@@ -1970,15 +1998,32 @@ def hold_first_save(monkeypatch, error=None):
     return entered, gate
 
 
-def wait_pending(document, count):
-    deadline = time.monotonic() + TIMEOUT
-    while len(document._pending) < count and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert len(document._pending) == count
+def count_validations(monkeypatch):
+    """Count calls of validate(); return a function that waits for n of them. A
+    change is queued for saving while the document's lock that it was validated
+    under is still held, so after n validations n changes are queued."""
+    real = qabel_rest.validate
+    done = threading.Condition()
+    calls = []
+
+    def counting(*args, **kw):
+        result = real(*args, **kw)
+        with done:
+            calls.append(args)
+            done.notify_all()
+        return result
+
+    def wait_for(n):
+        with done:
+            assert done.wait_for(lambda: len(calls) >= n, TIMEOUT)
+
+    monkeypatch.setattr(qabel_rest, "validate", counting)
+    return wait_for
 
 
 def test_changes_waiting_during_a_save_share_the_next_one(live, monkeypatch):
     entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
     saves = []
     real = qabel_rest.atomic_write
     monkeypatch.setattr(qabel_rest, "atomic_write",
@@ -1994,7 +2039,7 @@ def test_changes_waiting_during_a_save_share_the_next_one(live, monkeypatch):
     others = [threading.Thread(target=put, args=(f"w{i}", i)) for i in range(5)]
     for thread in others:
         thread.start()
-    wait_pending(live.server.settings, 5)
+    validated(6)
     gate.set()
     for thread in [first, *others]:
         thread.join(TIMEOUT)
@@ -2009,6 +2054,7 @@ def test_a_failed_save_fails_every_change_waiting_on_it(live, monkeypatch):
     live.put("/settings", "poll_interval", 5)
     before = snapshot(live.data_dir)
     entered, gate = hold_first_save(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    validated = count_validations(monkeypatch)
     results = []
     threads = [threading.Thread(target=lambda i=i: results.append(
         live.put("/settings", f"module_data.m{i}", {}).status)) for i in range(4)]
@@ -2016,7 +2062,7 @@ def test_a_failed_save_fails_every_change_waiting_on_it(live, monkeypatch):
     assert entered.wait(TIMEOUT)
     for thread in threads[1:]:
         thread.start()
-    wait_pending(live.server.settings, 3)
+    validated(4)
     gate.set()
     for thread in threads:
         thread.join(TIMEOUT)
@@ -2096,18 +2142,18 @@ def test_put_into_a_large_document_validates_only_what_changed(live, monkeypatch
                        drops=[f"https://d.de/{i}"]) for i in range(2000)]
     assert live.post("/synced", {"identities": identities}).status == 200
     visited = []
-    real = qabel_rest._check_schema
+    real = qabel_rest.validate
 
-    def counting(value, node, path):
+    def counting(value, node, path=()):
         visited.append(path)
         return real(value, node, path)
 
-    monkeypatch.setattr(qabel_rest, "_check_schema", counting)
+    monkeypatch.setattr(qabel_rest, "validate", counting)
     assert live.put("/synced", "identities.1500.alias", "bob").status == 200
     assert visited == [("identities", "1500", "alias")]
     visited.clear()
     assert live.put("/synced", "identities.-", item(5000, alias="new")).status == 200
-    assert len(visited) < 10  # the new item's fields, not 2,000 identities
+    assert visited == [("identities", "-")]  # the new item, not 2,000 identities
     monkeypatch.undo()
     stored = live.doc("synced.json")["identities"]
     assert stored[1500]["alias"] == "bob" and stored[-1]["id"] == 5000 and len(stored) == 2001
@@ -2126,3 +2172,236 @@ def test_client_sending_a_large_refused_body_still_reads_the_413(live):
     assert response.headers["Connection"] == "close"
     conn.close()
     assert documents(live.data_dir) == live.initial
+
+
+# ---------------------------------------------------------------------------
+# Faults found by fuzzing, real clients and review: each failed before its fix
+# ---------------------------------------------------------------------------
+
+def test_key_deeper_than_a_document_may_nest_is_405_and_what_is_stored_loads(tmp_path):
+    live = start(tmp_path)
+    try:
+        too_deep = "module_data.m." + ".".join(["k"] * 70)
+        response = live.put("/settings", too_deep, 1)
+        assert response.status == 405
+        assert "deeper than 64 levels" in response.json()["error"]
+        assert documents(live.data_dir) == live.initial
+        with pytest.raises(qabel_rest.InvalidKey):
+            live.server.settings.put(["module_data", "m"] + ["k"] * 63, 1)
+        deepest = ["module_data", "m"] + ["k"] * 62  # 64 segments: a scalar may sit there
+        assert live.put("/settings", deepest, 1).status == 200
+        assert live.put("/settings", deepest, {}).status == 400  # an object may not
+        body = live.get("/settings").json()
+        assert live.post("/settings", body).status == 200  # what GET serves, POST takes
+    finally:
+        stop(live)
+    again = start(tmp_path)  # and a restart loads it
+    try:
+        assert again.server.settings.get(deepest) == 1
+    finally:
+        stop(again)
+
+
+def test_list_index_of_thousands_of_digits_is_an_invalid_key(live):
+    huge = "1" * 5000  # int() of it raises ValueError (CPython's 4,300-digit limit)
+    assert live.put("/synced", "identities.-", item(1, alias="a")).status == 200
+    assert live.put("/synced", f"identities.{huge}.alias", "b").status == 405
+    assert live.put("/settings", "module_data.m", {"list": [1]}).status == 200
+    assert live.put("/settings", f"module_data.m.list.{huge}", 2).status == 405
+    with pytest.raises(qabel_rest.InvalidKey):
+        live.server.synced.get(f"identities.{huge}")
+    with pytest.raises(qabel_rest.InvalidKey):
+        live.server.settings.put(["module_data", "m", "list", huge], 2)
+    assert live.doc("settings.json")["module_data"] == {"m": {"list": [1]}}
+
+
+def test_unexpected_error_in_a_save_fails_the_change_and_it_is_never_saved(live, monkeypatch):
+    entered, gate = hold_first_save(monkeypatch, RuntimeError("a bug"))
+    validated = count_validations(monkeypatch)
+    answers = {}
+
+    def put(name):
+        answers[name] = live.put("/settings", f"module_data.{name}", {})
+
+    failing = threading.Thread(target=put, args=("failed",))
+    failing.start()
+    assert entered.wait(TIMEOUT)
+    queued = threading.Thread(target=put, args=("queued",))  # made on top of "failed"
+    queued.start()
+    validated(2)
+    gate.set()
+    failing.join(TIMEOUT)
+    queued.join(TIMEOUT)
+    assert answers["failed"].status == 500
+    assert answers["failed"].json() == {"error": "internal error while saving"}
+    assert answers["queued"].status == 500  # it was made on top of the failed change
+    assert live.put("/settings", "module_data.later", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {"later": {}}
+    assert live.get("/settings").json()["module_data"] == {"later": {}}
+
+
+def test_failed_start_with_an_empty_key_file_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    (tmp_path / "api-key").write_bytes(b"")
+    with pytest.raises(qabel_rest.StartupError, match="API key"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert sorted(os.listdir(tmp_path)) == ["api-key"]  # no lock file, no documents
+
+
+def test_file_replaced_right_after_a_save_is_seen_by_readers(live, monkeypatch):
+    path = os.path.join(live.data_dir, "settings.json")
+    other = os.path.join(live.data_dir, "other.json")
+    real = os.replace
+
+    def then_another_program(source, target):
+        real(source, target)
+        if target == path and not os.path.exists(other):
+            with open(other, "w") as f:  # replaces our file the moment it is there
+                json.dump({"poll_interval": 99}, f)
+            real(other, path)
+
+    monkeypatch.setattr(os, "replace", then_another_program)
+    assert live.put("/settings", "poll_interval", 5).status == 200
+    monkeypatch.undo()
+    assert live.get("/settings").json()["poll_interval"] == 99
+
+
+def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.5)
+    live = start(tmp_path)
+    entered, gate = hold_first_save(monkeypatch)
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(
+        live.put("/settings", "poll_interval", 3).status))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    live.server.shutdown()
+    started = time.monotonic()
+    live.server.server_close()
+    assert time.monotonic() - started < 3
+    with pytest.raises(qabel_rest.StartupError, match="already using"):
+        start(tmp_path)  # the save is still under way: the data dir stays locked
+    gate.set()
+    writer.join(TIMEOUT)
+    assert answers == [200]  # the save under way still ended, and was answered
+
+
+def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer(
+        live, monkeypatch):
+    events = []
+    real_write, real_fsync, real_replace = os.write, os.fsync, os.replace
+
+    def write(fd, data):
+        events.append("write")
+        return real_write(fd, data)
+
+    def fsync(fd):
+        kind = "directory" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"
+        events.append(f"fsync {kind}")
+        return real_fsync(fd)
+
+    def replace(source, target):
+        events.append("rename")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    response = live.put("/settings", "poll_interval", 4)
+    events.append(f"answer {response.status}")
+    monkeypatch.undo()
+    assert [e for e in events if e != "write" or events[events.index(e) - 1] != "write"] == [
+        "write", "fsync file", "rename", "fsync directory", "answer 200"]
+
+
+def test_authorization_of_another_scheme_is_ignored(live):
+    basic = "Basic dTpw"  # what requests and curl add from a ~/.netrc "default" line
+    assert live.get("/settings", headers={"Authorization": basic}).status == 200
+    alone = live.get("/settings", key=None, headers={"Authorization": basic})
+    assert alone.status == 401 and alone.json() == {"error": "an API key is required"}
+    wrong = live.get("/settings", key="wrong", headers={"Authorization": basic})
+    assert wrong.status == 401
+
+
+def test_form_value_for_a_string_field_is_its_text(live):
+    def form_put(path, key, value):
+        body = urllib.parse.urlencode({"key": key, "value": value})
+        return live.call("PUT", path, body, content_type="application/x-www-form-urlencoded")
+
+    assert form_put("/settings", "drop_last_update", "2026").json()["value"] == "2026"
+    assert form_put("/settings", "poll_interval", "2026").json()["value"] == 2026
+    assert form_put("/synced", "identities.-", json.dumps(item(1, alias="a"))).status == 200
+    assert form_put("/synced", "identities.0.alias", "123").json()["value"] == "123"
+    assert form_put("/synced", "identities.0.keys.public_sign_key", "null").json()["value"] \
+        == "null"
+    assert form_put("/settings", "module_data.m", '{"x": [1]}').json()["value"] == {"x": [1]}
+    assert live.doc("settings.json")["drop_last_update"] == "2026"
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"X-API-Key : %s\r\n", 400),  # a space before the colon (RFC 9112 5.1)
+    (b"X-Other: a\r\n folded\r\n", 400),  # obsolete line folding (RFC 9112 5.2)
+    (b"NoColon\r\n", 400),
+    (b"".join(b"X-%d: 1\r\n" % i for i in range(101)), 431),  # over 100 header lines
+    (b"Expect: 200-ok\r\n", 417),
+])
+def test_header_block_strictness(live, raw, status):
+    conn = live.conn()
+    conn.send(b"GET /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: %s\r\n" % KEY.encode()
+              + raw.replace(b"%s", KEY.encode()) + b"\r\n")
+    response = conn.read()
+    assert response.status == status
+    assert_common_headers(response)
+    assert conn.closed()
+    conn.close()
+
+
+def test_body_that_ends_early_is_400(live):
+    conn = live.conn()
+    conn.send(put_bytes(b'{"key": "poll', "Content-Length: 40\r\n"))
+    conn.sock.shutdown(socket.SHUT_WR)
+    response = conn.read()
+    assert response.status == 400
+    assert response.json() == {"error": "the body ended early"}
+    conn.close()
+    assert documents(live.data_dir) == live.initial
+
+
+def test_file_rewritten_during_every_try_of_a_save_is_409(live, monkeypatch):
+    path = os.path.join(live.data_dir, "settings.json")
+    real = os.open
+    rewrites = []
+
+    def rewriting(p, flags, *args, **kw):
+        if p == path and not flags & (os.O_WRONLY | os.O_RDWR) and rewrites is not None:
+            rewrites.append(1)  # another program rewrites it before each comparison
+            with open(path, "w") as f:
+                json.dump({"poll_interval": len(rewrites)}, f)
+        return real(p, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", rewriting)
+    response = live.put("/settings", "module_data.m", {})
+    rewrites_seen = len(rewrites)
+    rewrites = None  # noqa: F841 - stop rewriting
+    monkeypatch.undo()
+    assert response.status == 409
+    assert response.json() == {"error": "settings.json keeps being changed by another program"}
+    assert live.doc("settings.json") == {"poll_interval": rewrites_seen}  # never overwritten
+
+
+def test_file_rewritten_invalid_during_a_save_is_503_and_kept(live, monkeypatch):
+    path = os.path.join(live.data_dir, "settings.json")
+    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(
+        live.put("/settings", "poll_interval", 3)))
+    writer.start()
+    assert reached.wait(TIMEOUT)
+    with open(path, "wb") as f:
+        f.write(b"{not json")
+    gate.set()
+    writer.join(TIMEOUT)
+    assert answers[0].status == 503
+    assert "settings.json on disk is not valid" in answers[0].json()["error"]
+    assert live.file("settings.json") == b"{not json"
+    assert live.get("/settings").status == 503

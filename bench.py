@@ -1,24 +1,40 @@
-"""Benchmark qabel_rest against a bare stdlib server doing the same work, in one run.
+"""Benchmark qabel_rest against a bare http.server baseline doing the same work, in one run.
 
-    python bench.py                  # 3.7 KB synced document, then a 1 MB one
-    python bench.py --duration 3 --rounds 3 --connections 8 --client python
+    python3 bench.py                          # defaults: wrk if installed, 5 rounds of 3 s
+    python3 bench.py --module /path/to/qabel_rest.py --rounds 3 --client python
 
-The baseline ("bare") is a ThreadingHTTPServer with HTTP/1.1 keep-alive and
-TCP_NODELAY that serves cached JSON bytes and stores PUTs in memory under a lock: no
-auth, no validation, no disk. qabel_rest runs as its own process with a temp data dir
-and fsyncs every PUT before answering. Both get the same document and the same
-requests, and both answer GET /synced with the same bytes (checked). Load comes from
-wrk (Debian package `wrk`) when installed, else from a built-in multi-threaded
-keep-alive client. Absolute numbers drift from run to run; the ratios of one run hold.
+At the start the module (default: the qabel_rest.py beside this file) is copied into a
+temp dir, and that copy is what runs and is imported, so edits made during the run do
+not mix into the figures. The baseline ("bare") is a ThreadingHTTPServer with HTTP/1.1
+keep-alive and TCP_NODELAY that serves cached JSON bytes and stores PUTs in memory under
+a lock: no auth, no validation, no disk. It runs as its own small process that imports
+only what it needs. qabel_rest runs as its own process with a temp data dir and fsyncs
+every PUT before answering. Both serve the same document and answer GET /synced with the
+same bytes (checked). Load comes from wrk when installed, else from a built-in
+multi-threaded keep-alive client; the two servers are measured in turn, round after
+round, and each one's median counts. Absolute numbers drift; the ratios of one run hold.
+
+Printed, each with its goal and whether it held:
+  - GET /synced, 3.7 KB document: qabel_rest / bare throughput        goal >= 0.90
+  - PUT one key (qabel_rest fsyncs, bare keeps it in memory): ratio   goal >= 0.50
+  - GET /synced, 1 MB document: ratio                                 goal >= 0.90
+  - import cost over http.server: cumulative us of qabel_rest in      goal <= 10 ms
+    `python -X importtime -c "import http.server, qabel_rest"`, median of 15 runs,
+    bytecode compiled first (as shared/checks/design_card.py measures it)
+  - RSS of the ready, idle qabel_rest process minus that of the bare  goal <= 4 MB
+    one, each after a warm-up request, with the 3.7 KB document
 """
 
 import argparse
+import hashlib
 import json
 import os
+import py_compile
 import re
+import shlex
 import shutil
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +43,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEY = "bench-key-0123456789abcdef0123456789abcdef"
+GOALS = {"GET 3.7KB": 0.90, "PUT 3.7KB": 0.50, "GET 1MB": 0.90}
+IMPORT_GOAL_MS = 10
+RSS_GOAL_MB = 4
 
 
 def sample_synced(n_identities=4):
@@ -56,56 +75,57 @@ def dump(document):
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-# ---------------------------------------------------------------------------
-# The bare baseline server (run as: python bench.py --bare PORT DOCFILE)
-# ---------------------------------------------------------------------------
+# The bare baseline, run as: python -c BARE_SERVER DOCFILE. Its own process with only
+# its own imports, so that its RSS is that of a bare server, not of this script.
+BARE_SERVER = r'''
+import json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-def run_bare(port, doc_file):
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def dump(document):
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
-    with open(doc_file, "rb") as f:
-        doc = json.loads(f.read())
-    lock = threading.Lock()
-    body = [dump(doc)]
+with open(sys.argv[1], "rb") as f:
+    DOC = json.loads(f.read())
+LOCK = threading.Lock()
+BODY = [dump(DOC)]
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
-        def log_message(self, *args):
-            pass
+    def log_message(self, *args):
+        pass
 
-        def _send(self, code, data):
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def _send(self, code, data):
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def do_GET(self):
-            self._send(200, body[0])
+    def do_GET(self):
+        self._send(200, BODY[0])
 
-        def do_PUT(self):
-            length = int(self.headers.get("Content-Length", 0))
-            request = json.loads(self.rfile.read(length))
-            with lock:
-                doc["module_data"][request["key"]] = request["value"]
-                body[0] = dump(doc)
-            self._send(200, b'{"ok":true}')
+    def do_PUT(self):
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        with LOCK:
+            DOC["module_data"][request["key"]] = request["value"]
+            BODY[0] = dump(DOC)
+        self._send(200, b'{"ok":true}')
 
-    ThreadingHTTPServer.daemon_threads = True
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    print(f"bare listening on {server.server_address[1]}", flush=True)
-    server.serve_forever()
+ThreadingHTTPServer.daemon_threads = True
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(f"bare listening on {server.server_address[1]}", flush=True)
+server.serve_forever()
+'''
 
 
 # ---------------------------------------------------------------------------
 # Servers and clients
 # ---------------------------------------------------------------------------
 
-def start(args, pattern):
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            cwd=HERE)
+def start(args, pattern, cwd):
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd)
     line = proc.stdout.readline().decode()
     match = re.search(pattern, line)
     if not match:
@@ -207,60 +227,57 @@ def load_python(port, method, seconds, connections, scratch):
 
 
 def rss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
 
 
-def import_cost(repeat=30):
-    """Median wall time of `python -c "import qabel_rest"` minus `python -c pass`, ms.
-
-    Bytecode is compiled first, as a user's Python caches it."""
-    import py_compile
-    py_compile.compile(os.path.join(HERE, "qabel_rest.py"), doraise=True)
+def import_ms(module_dir, runs=15):
+    """Median over runs of -X importtime's cumulative time of qabel_rest, in ms, with
+    http.server imported first (as shared/checks/design_card.py measures it)."""
+    py_compile.compile(os.path.join(module_dir, "qabel_rest.py"), doraise=True)
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-
-    def median(code):
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, check=True)
-            times.append(time.perf_counter() - started)
-        return statistics.median(times) * 1000
-
-    bare, module = median("pass"), median("import qabel_rest")
-    return module - bare
+    cmd = [sys.executable, "-X", "importtime", "-c", "import http.server, qabel_rest"]
+    subprocess.run(cmd, cwd=module_dir, env=env, capture_output=True, check=True)  # warm-up
+    times = []
+    for _ in range(runs):
+        err = subprocess.run(cmd, cwd=module_dir, env=env, capture_output=True, text=True,
+                             check=True).stderr
+        match = re.search(r"^import time:\s+\d+ \|\s+(\d+) \| qabel_rest$", err, re.M)
+        times.append(int(match.group(1)) / 1000 if match else 0)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
 
-def scenario(name, document, args, load, scratch, rows):
+def scenario(name, document, methods, args, load, module_dir, scratch, results):
+    """Start both servers on the document, check they serve the same bytes, note their
+    ready RSS, then measure each method alternating the servers."""
     data_dir = os.path.join(scratch, name)
     os.mkdir(data_dir)
     doc_file = os.path.join(data_dir, "synced.json")
     with open(doc_file, "wb") as f:
         f.write(dump(document))
-    bare, bare_port = start([sys.executable, __file__, "--bare", "0", doc_file],
-                            r"bare listening on (\d+)")
-    qabel, qabel_port = start([sys.executable, os.path.join(HERE, "qabel_rest.py"),
+    bare, bare_port = start([sys.executable, "-c", BARE_SERVER, doc_file],
+                            r"bare listening on (\d+)", scratch)
+    qabel, qabel_port = start([sys.executable, os.path.join(module_dir, "qabel_rest.py"),
                                "--port", "0", "--data-dir", data_dir, "--api-key", KEY,
                                "--max-body", str(4 << 20)],
-                              r"listening on http://[^:]+:(\d+)")
-    ready_rss = rss_kb(qabel.pid)
+                              r"listening on http://[^:]+:(\d+)", module_dir)
     try:
+        # the warm-up request of each server
         same = http_get(bare_port, "/synced") == http_get(qabel_port, "/synced")
         print(f"{name}: {len(dump(document)):,} bytes, same GET bytes from both: {same}",
               flush=True)
         if not same:
             raise SystemExit("the two servers do not serve the same bytes")
-        for method in ("GET", "PUT"):
+        time.sleep(0.5)  # let the warm-up connections' threads end
+        results[f"RSS {name}"] = (rss_kb(bare.pid), rss_kb(qabel.pid))
+        for method in methods:
             # Alternate the two servers and take each one's median: the machine's
             # speed drifts, and a drift then hits both alike.
             runs = {"bare": [], "qabel_rest": []}
@@ -268,63 +285,82 @@ def scenario(name, document, args, load, scratch, rows):
                 for server, port in (("bare", bare_port), ("qabel_rest", qabel_port)):
                     runs[server].append(load(port, method, args.duration, args.connections,
                                              scratch))
-            figures = {server: statistics.median(rates) for server, rates in runs.items()}
-            ratio = figures["qabel_rest"] / figures["bare"]
-            rows.append((name, method, figures["bare"], figures["qabel_rest"], ratio))
-            print(f"  {method:4s} bare {figures['bare']:8,.0f} req/s   qabel_rest "
-                  f"{figures['qabel_rest']:8,.0f} req/s   ratio {ratio:.2f}", flush=True)
-        return ready_rss, rss_kb(qabel.pid)
+            bare_rate, qabel_rate = (statistics.median(runs[s]) for s in ("bare", "qabel_rest"))
+            results[f"{method} {name}"] = (bare_rate, qabel_rate)
+            print(f"  {method:4s} bare {bare_rate:8,.0f} req/s   qabel_rest "
+                  f"{qabel_rate:8,.0f} req/s   ratio {qabel_rate / bare_rate:.2f}", flush=True)
     finally:
         for proc in (bare, qabel):
             proc.terminate()
             proc.wait(10)
 
 
+def verdict(held):
+    return "held" if held else "MISSED"
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--module", default=os.path.join(HERE, "qabel_rest.py"),
+                        help="the qabel_rest.py to benchmark (copied first; default: "
+                             "%(default)s)")
     parser.add_argument("--duration", type=float, default=3, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="measurements per server and request, alternating; the "
-                             "median counts")
+                             "median counts (%(default)s)")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--bare", nargs=2, metavar=("PORT", "DOCFILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.bare:
-        run_bare(int(args.bare[0]), args.bare[1])
-        return
-    use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk")
-    load = load_wrk if use_wrk else load_python
-    client = "wrk -t1" if use_wrk else "built-in python client"
-    print(f"client: {client}, {args.connections} connections, median of {args.rounds} "
-          f"alternating runs of {args.duration:g} s, "
-          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}", flush=True)
 
-    # the footprint of a ready server with the small document
     scratch = tempfile.mkdtemp(prefix="qabel-bench-")
-    rows = []
     try:
-        small_rss = scenario("3.7KB", sample_synced(4), args, load, scratch, rows)
+        module_dir = os.path.join(scratch, "module")
+        os.mkdir(module_dir)
+        module = shutil.copy(args.module, os.path.join(module_dir, "qabel_rest.py"))
+        with open(module, "rb") as f:
+            source = f.read()
+        lines = source.count(b"\n")
+        use_wrk = args.client == "wrk" or args.client == "auto" and shutil.which("wrk")
+        load = load_wrk if use_wrk else load_python
+        print(f"command: {shlex.join([os.path.basename(sys.executable)] + sys.argv)}")
+        print(f"module: {os.path.abspath(args.module)} (copied at start: "
+              f"{lines} lines, sha256 {hashlib.sha256(source).hexdigest()[:12]})")
+        print(f"client: {'wrk -t1' if use_wrk else 'built-in python client'}, "
+              f"{args.connections} connections, median of {args.rounds} alternating runs of "
+              f"{args.duration:g} s, {os.cpu_count()} cores, Python {sys.version.split()[0]}",
+              flush=True)
+
+        results = {}
+        scenario("3.7KB", sample_synced(4), ("GET", "PUT"), args, load, module_dir,
+                 scratch, results)
         n = 1
         while len(dump(sample_synced(n))) < 1 << 20:
             n *= 2
         while len(dump(sample_synced(n - 16))) >= 1 << 20:
             n -= 16
-        scenario("1MB", sample_synced(n), args, load, scratch, rows)
+        scenario("1MB", sample_synced(n), ("GET",), args, load, module_dir, scratch,
+                 results)
+        cost = import_ms(module_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    cost = import_cost()
+
     print()
-    print("| document | request | bare stdlib | qabel_rest | ratio |")
-    print("|---|---|---|---|---|")
-    for name, method, bare, qabel, ratio in rows:
-        what = "GET /synced" if method == "GET" else "PUT one key (fsync'd)"
-        print(f"| {name} | {what} | {bare:,.0f} req/s | {qabel:,.0f} req/s | {ratio:.2f} |")
-    print()
-    print(f"import qabel_rest: +{cost:.1f} ms over `python -c pass` (median of 30)")
-    if small_rss[0]:
-        print(f"RSS of qabel_rest with the 3.7KB document: {small_rss[0] / 1024:.1f} MB "
-              f"when ready, {small_rss[1] / 1024:.1f} MB after the load")
+    for what, label in (("GET 3.7KB", "GET /synced, 3.7 KB document"),
+                        ("PUT 3.7KB", "PUT one key (qabel_rest fsyncs, bare in memory)"),
+                        ("GET 1MB", "GET /synced, 1 MB document")):
+        bare_rate, qabel_rate = results[what]
+        ratio = qabel_rate / bare_rate
+        print(f"{label:48s} bare {bare_rate:7,.0f} req/s  qabel_rest {qabel_rate:7,.0f} "
+              f"req/s  ratio {ratio:.2f}  goal >= {GOALS[what]:.2f}: "
+              f"{verdict(ratio >= GOALS[what])}")
+    print(f"{'import qabel_rest over import http.server':48s} {cost:.1f} ms (-X importtime, "
+          f"median of 15)  goal <= {IMPORT_GOAL_MS} ms: {verdict(cost <= IMPORT_GOAL_MS)}")
+    bare_kb, qabel_kb = results["RSS 3.7KB"]
+    extra = (qabel_kb - bare_kb) / 1024
+    print(f"{'RSS, ready and idle, qabel_rest minus bare':48s} {extra:+.1f} MB (qabel_rest "
+          f"{qabel_kb / 1024:.1f} MB, bare {bare_kb / 1024:.1f} MB)  goal <= {RSS_GOAL_MB} MB: "
+          f"{verdict(extra <= RSS_GOAL_MB)}")
 
 
 if __name__ == "__main__":

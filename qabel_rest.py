@@ -115,7 +115,7 @@ _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
 # The schema of the Qabel "Client Configuration". A node is one of:
-#   a leaf name (a key of _LEAVES), "any" (any JSON value),
+#   a leaf name (a key of _LEAVES), or "any": any JSON value,
 #   _Obj: an object with declared fields only, some of them required,
 #   _List: a list of items; items with an "id" field must have unique ids,
 #   _Map: an object with any names, each value of one kind.
@@ -150,7 +150,6 @@ _LEAVES = MappingProxyType({
     "url": ("an absolute http or https URL", _is_url),
     "name": ("a non-empty string", lambda v: type(v) is str and v != ""),
     "key": ("a string", lambda v: type(v) is str),
-    "object": ("an object", lambda v: type(v) is dict),
 })
 # Leaves the schema types as strings (STR, URL, NAME, KEY): a form value for one of
 # them is its text as given, never read as JSON.
@@ -164,7 +163,9 @@ def _item(**fields):
     return _Obj(MappingProxyType(declared), frozenset({"id"}))
 
 
-_MODULE_DATA = _Map("object")  # module name -> object, anything JSON inside
+_ANY_OBJECT = _Map("any")
+_ANY_LIST = _List("any")
+_MODULE_DATA = _Map(_ANY_OBJECT)  # module name -> object, anything JSON inside
 _KEY_NAMES = ("private_primary_key", "public_primary_key", "private_enc_key",
               "public_enc_key", "private_sign_key", "public_sign_key")
 
@@ -402,10 +403,17 @@ def _is_text(text):
     return True
 
 
-def _check_json(value, path):
-    """Check that value is plain JSON that stays strict UTF-8 JSON when written."""
+def _check(value, node, path):
+    """Check that value is plain JSON that stays strict UTF-8 JSON when written, and
+    that it fits the schema node."""
     kind = type(value)
-    if kind is str:
+    if kind is dict or kind is list:
+        if len(path) >= MAX_DEPTH:
+            raise InvalidValue(f"{format_key(path[:MAX_DEPTH])}: nested deeper than "
+                               f"{MAX_DEPTH} levels")
+        if node == "any":
+            node = _ANY_OBJECT if kind is dict else _ANY_LIST
+    elif kind is str:
         if not _is_text(value):
             raise InvalidValue(f"{format_key(path)}: a string is not valid Unicode")
     elif kind is int:
@@ -414,50 +422,30 @@ def _check_json(value, path):
     elif kind is float:
         if not math.isfinite(value):
             raise InvalidValue(f"{format_key(path)}: NaN and Infinity are not JSON")
-    elif kind is dict or kind is list:
-        if len(path) >= MAX_DEPTH:
-            raise InvalidValue(f"{format_key(path[:MAX_DEPTH])}: nested deeper than "
-                               f"{MAX_DEPTH} levels")
-        if kind is list:
-            for index, item in enumerate(value):
-                _check_json(item, path + (str(index),))
-            return
+    elif not (kind is bool or value is None):
+        raise InvalidValue(f"{format_key(path)}: not a JSON value")
+    if type(node) is str:
+        what, check = _LEAVES.get(node, ("", None))
+        if check is not None and not check(value):
+            raise InvalidValue(f"{format_key(path)}: must be {what}")
+    elif type(node) is _List:
+        if kind is not list:
+            raise InvalidValue(f"{format_key(path)}: must be a list")
+        for index, item in enumerate(value):
+            _check(item, node.item, path + (str(index),))
+        _check_ids(value, node, path)
+    else:  # _Obj or _Map
+        if kind is not dict:
+            raise InvalidValue(f"{format_key(path)}: must be an object")
+        fields = node.fields if type(node) is _Obj else None
         for name, item in value.items():
             if type(name) is not str or not _is_text(name):
                 raise InvalidValue(f"{format_key(path)}: object keys must be strings")
-            _check_json(item, path + (name,))
-    elif not (kind is bool or value is None):
-        raise InvalidValue(f"{format_key(path)}: not a JSON value")
-
-
-def _check_schema(value, node, path):
-    """Check value (already plain JSON) against a schema node."""
-    if type(node) is str:
-        if node != "any":
-            what, check = _LEAVES[node]
-            if not check(value):
-                raise InvalidValue(f"{format_key(path)}: must be {what}")
-    elif type(node) is _Obj:
-        if type(value) is not dict:
-            raise InvalidValue(f"{format_key(path)}: must be an object")
-        for name, item in value.items():
-            field = node.fields.get(name)
-            if field is None:
+            if fields is not None and name not in fields:
                 raise InvalidValue(f"{format_key(path + (name,))}: unknown field")
-            _check_schema(item, field, path + (name,))
-        for name in sorted(node.required - value.keys()):
+            _check(item, node.value if fields is None else fields[name], path + (name,))
+        for name in sorted(node.required - value.keys()) if fields is not None else ():
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
-    elif type(node) is _List:
-        if type(value) is not list:
-            raise InvalidValue(f"{format_key(path)}: must be a list")
-        for index, item in enumerate(value):
-            _check_schema(item, node.item, path + (str(index),))
-        _check_ids(value, node, path)
-    else:  # _Map
-        if type(value) is not dict:
-            raise InvalidValue(f"{format_key(path)}: must be an object")
-        for name, item in value.items():
-            _check_schema(item, node.value, path + (name,))
 
 
 def _check_ids(items, node, path, only=None):
@@ -473,8 +461,7 @@ def _check_ids(items, node, path, only=None):
 
 def validate(value, node, path=()):
     """Raise InvalidValue unless value is valid JSON for the schema node at path."""
-    _check_json(value, path)
-    _check_schema(value, node, path)
+    _check(value, node, path)
 
 
 def _child_node(node, segment, path):
@@ -488,7 +475,7 @@ def _child_node(node, segment, path):
         return node.item
     if type(node) is _Map:
         return node.value
-    if node in ("any", "object"):
+    if node == "any":
         return "any"
     raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
 
@@ -532,7 +519,7 @@ def _assign(node_value, node, path, depth, value, merge):
             result[segment] = stored = _new_value(old, value, merge, child, here)
         else:
             if old is _MISSING:  # a missing container on the way is created
-                if type(child) is str and child not in ("any", "object"):
+                if type(child) is str and child != "any":
                     raise InvalidKey(f"{format_key(here)}: cannot go below a {child} value")
                 old = [] if type(child) is _List else {}
             result[segment], stored = _assign(old, child, path, depth + 1, value, merge)
@@ -1187,41 +1174,10 @@ _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
-_TIMEOUTS = (TimeoutError, socket.timeout)  # distinct classes before Python 3.10
 # http.client stops at a malformed header line (a space before the colon, no colon)
 # and takes the rest as a body; a first line that is a continuation it drops.
 _HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
                    email.errors.FirstHeaderLineIsContinuationDefect)
-
-
-class _RequestTimeout(Exception):
-    """The deadline of a request (or of the wait for one) passed. Not an OSError:
-    http.server's handle_one_request would swallow that without an answer."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's input, read under a deadline (a time.monotonic() value).
-
-    A per-recv timeout alone lets a client that sends one byte a second hold a
-    thread forever; the deadline bounds the whole request.
-    """
-
-    def __init__(self, sock):
-        self._sock = sock
-        self.deadline = math.inf
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise _RequestTimeout
-        self._sock.settimeout(remaining)
-        try:
-            return self._sock.recv_into(buffer)
-        except _TIMEOUTS:
-            raise _RequestTimeout from None
 
 
 class _LineReader(io.BufferedReader):
@@ -1258,9 +1214,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.rfile.close()  # http.server's socket file: ours reads under a deadline
-        self._reader = _DeadlineReader(self.connection)
-        self.rfile = _LineReader(self._reader)
+        self.rfile.close()  # http.server's socket file: ours checks each line
+        self.rfile = _LineReader(self.connection.makefile("rb", 0))
         self._linger = False
 
     def finish(self):
@@ -1299,32 +1254,25 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         it under the request deadline; answer every error in JSON."""
         server = self.server
         self._reset()
-        self._reader.deadline = time.monotonic() + server.idle_timeout
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True  # the client closed the connection
                 return
             if self.rfile.peek(2)[:2] == b"\r\n":  # RFC 9112 2.2: ignore an empty line
                 self.rfile.read(2)
-        except (OSError, ValueError, _RequestTimeout):
-            self.close_connection = True  # idle timeout, reset, or server_close
+        except (OSError, ValueError):
+            self.close_connection = True  # reset, or closed by the server
             return
         refusal = server._begin_request(self.connection)
         try:
             if refusal:
                 self._refuse(refusal)
                 return
-            self._reader.deadline = time.monotonic() + server.request_timeout
             super().handle_one_request()
-        except _RequestTimeout:
-            if not self._responded:
-                self._send_error(_HTTPError(HTTPStatus.REQUEST_TIMEOUT,
-                                            "the request took too long", close=True))
-            self.close_connection = True
         except QabelRestError as exc:
             self._send_error(exc)
-        except OSError:
-            self.close_connection = True  # reset, broken pipe: nobody to answer
+        except OSError:  # reset, broken pipe, or closed past its deadline: no answer
+            self.close_connection = True
         except Exception:  # a bug: answer 500, keep serving others
             server.logger.exception("unexpected error in %s", self._what())
             self.close_connection = True
@@ -1345,7 +1293,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self._refuse(refusal)
             else:
                 super().handle()
-        except (OSError, _RequestTimeout):  # while answering an error or draining
+        except OSError:  # while answering an error or draining
             self.close_connection = True
 
     def _reset(self):
@@ -1685,7 +1633,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Keep-Alive", f"timeout={int(self.server.idle_timeout)}")
             if self.request_version == "HTTP/1.0":
                 self.send_header("Connection", "keep-alive")
-        self.connection.settimeout(self.server.request_timeout)
         self.end_headers()
         if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED and body:
             self.wfile.write(body)
@@ -1770,7 +1717,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._stopping = False  # shutdown() was called
         self._closing = False  # server_close() was called
         self._serving = None  # the thread in serve_forever()
-        self._connections = {}  # socket -> [thread, state], oldest first
+        self._connections = {}  # socket -> [thread, state, deadline], oldest first
+        self._next_sweep = 0.0
         super().__init__(address, handler_class)
         bound = self.server_address[0]
         self.allowed_hosts = frozenset(
@@ -1820,12 +1768,12 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         with self._state:
             self._stopping = self._closing = True
             entries = list(self._connections.items())
-        for sock, (thread, state) in entries:
+        for sock, (thread, state, _) in entries:
             if state != _BUSY:
                 _shut(sock)
         super().server_close()
         deadline = time.monotonic() + SHUTDOWN_GRACE
-        for sock, (thread, state) in entries:
+        for sock, (thread, state, _) in entries:
             if thread is not threading.current_thread():  # a handler may close us
                 thread.join(max(0.0, deadline - time.monotonic()))
         closed = [document.close(max(0.0, deadline - time.monotonic()))
@@ -1855,13 +1803,29 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 else:
                     _shut(idle)
                     entries[idle][1] = _CLOSING
-            entries[request] = [thread, state]
+            entries[request] = [thread, state, time.monotonic() + self.idle_timeout]
         try:
             thread.start()
         except BaseException:  # no thread to be had: socketserver closes the socket
             with self._state:
                 del entries[request]
             raise
+
+    def service_actions(self):
+        """Called by serve_forever() at least every poll_interval: close connections
+        past their deadline, idle ones (idle_timeout) and requests taking too long
+        (request_timeout, which bounds a client trickling bytes or never reading).
+        The sockets stay blocking: a timeout on each of them costs a poll() per
+        read and write."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 0.1
+        with self._state:
+            for sock, entry in self._connections.items():
+                if entry[1] <= _BUSY and entry[2] < now:
+                    _shut(sock)
+                    entry[1] = _CLOSING
 
     def handle_error(self, request, client_address):
         """An error no handler answered (a connection reset during setup): logged,
@@ -1889,7 +1853,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 return "the server is shutting down"
             if entry[1] != _IDLE:
                 return "too many connections"
-            entry[1] = _BUSY
+            entry[1:] = _BUSY, time.monotonic() + self.request_timeout
             return None
 
     def _end_request(self, sock):
@@ -1897,7 +1861,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         with self._state:
             entry = self._connections[sock]
             if entry[1] == _BUSY:
-                entry[1] = _IDLE
+                entry[1:] = _IDLE, time.monotonic() + self.idle_timeout
             return self._closing or entry[1] != _IDLE
 
 

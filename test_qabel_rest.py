@@ -153,7 +153,8 @@ def start(data_dir, **options):
     options.setdefault("api_key", KEY)
     data_dir = None if data_dir is None else str(data_dir)
     server = qabel_rest.make_server(data_dir=data_dir, port=0, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll: shutdown() waits for serve_forever to notice it
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     return Live(server, thread)
 

@@ -1211,6 +1211,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"
     server_version = f"qabel_rest/{__version__}"  # the Server header: no Python version
     disable_nagle_algorithm = True  # no 40 ms stall on a delayed ACK between writes
+    # Buffered output: head and body of an answer go out in one send (_send flushes).
+    # Each send lets go of the GIL, and with many threads each one costs a handoff.
+    wbufsize = 1 << 16
 
     def setup(self):
         super().setup()
@@ -1298,7 +1301,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _reset(self):
         """Forget the previous request on this connection."""
-        self.command, self.request_version, self.headers = None, "HTTP/1.1", {}
+        self.command, self.request_version, self.headers, self.fields = None, "HTTP/1.1", {}, {}
         self._responded = self._body_pending = self._chunked = self._expect = False
         self._length, self._allow = 0, None
 
@@ -1356,28 +1359,32 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _check_framing(self):
         """RFC 9112: a well-formed header block and exactly one way to find the
         body's end, or 400 (501 for a transfer coding we do not know)."""
-        headers = self.headers
-        # Folded lines (obsolete, RFC 9112 5.2) keep their CRLF in the value.
-        if (any(isinstance(defect, _HEADER_DEFECTS) for defect in headers.defects)
-                or any("\n" in value for value in headers.values())):
+        # The header fields by lower-case name, read from http.server's parse once:
+        # each lookup in its email.message.Message walks all of them.
+        self.fields = fields = {}
+        for name, value in self.headers.items():
+            if "\n" in value:  # a folded line (obsolete, RFC 9112 5.2) keeps its CRLF
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line", close=True)
+            fields.setdefault(name.lower(), []).append(value)
+        if any(isinstance(defect, _HEADER_DEFECTS) for defect in self.headers.defects):
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line", close=True)
-        if len(headers.get_all("Host", ())) != 1:
+        if len(fields.get("host", ())) != 1:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "exactly one Host header is required",
                              close=True)
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "the request target must be a path",
                              close=True)
-        tokens = {token.strip(_OWS).lower() for value in headers.get_all("Connection", ())
+        tokens = {token.strip(_OWS).lower() for value in fields.get("connection", ())
                   for token in value.split(",")}
         if "close" in tokens:  # http.server only knows a header that is just "close"
             self.close_connection = True
-        for value in headers.get_all("Expect", ()):
+        for value in fields.get("expect", ()):
             if value.strip(_OWS).lower() != "100-continue":
                 raise _HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported expectation",
                                  close=True)
             self._expect = self.request_version != "HTTP/1.0"  # 1.0 clients expect none
-        codings = headers.get_all("Transfer-Encoding")
-        lengths = headers.get_all("Content-Length")
+        codings = fields.get("transfer-encoding")
+        lengths = fields.get("content-length")
         if codings:
             if lengths:  # a request smuggling vector (RFC 9112 section 6.3)
                 raise _HTTPError(HTTPStatus.BAD_REQUEST,
@@ -1404,11 +1411,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._body_pending = self._length > 0
 
     def _check_host(self):
-        if _host_name(self.headers["Host"]) not in self.server.allowed_hosts:
+        if _host_name(self.fields["host"][0]) not in self.server.allowed_hosts:
             raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
 
     def _check_origin(self):
-        for origin in self.headers.get_all("Origin", ()):
+        for origin in self.fields.get("origin", ()):
             scheme, sep, rest = origin.strip(_OWS).partition("://")
             if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
                     or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
@@ -1418,8 +1425,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """X-API-Key or Authorization: Bearer; every one presented must be right.
         Another scheme (Basic, which requests and curl add from ~/.netrc) is not a
         key and is ignored."""
-        presented = list(self.headers.get_all("X-API-Key", ()))
-        for value in self.headers.get_all("Authorization", ()):
+        presented = list(self.fields.get("x-api-key", ()))
+        for value in self.fields.get("authorization", ()):
             scheme, _, token = value.strip(_OWS).partition(" ")
             if scheme.lower() == "bearer":
                 presented.append(token)
@@ -1439,7 +1446,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         No Content-Type at all is read as JSON (RFC 9110 8.3 leaves it to us): what
         a client sends with a JSON string and no header, as some libraries do.
         """
-        values = self.headers.get_all("Content-Type", ())
+        values = self.fields.get("content-type", ())
         if not values:
             return False
         media, _, params = (values[0] if len(values) == 1 else "").partition(";")
@@ -1495,6 +1502,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if self._expect:
             self._expect = False
             super().handle_expect_100()  # send 100 Continue now
+            self.wfile.flush()
         body = self._read_chunked(limit) if self._chunked else self.rfile.read(self._length)
         if len(body) < self._length:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "the body ended early", close=True)
@@ -1542,7 +1550,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _do_read(self, document):
         version = document.current()
         etag = (("ETag", version.etag),)
-        for value in self.headers.get_all("If-None-Match", ()):
+        for value in self.fields.get("if-none-match", ()):
             tags = {tag.strip(_OWS).removeprefix("W/") for tag in value.split(",")}
             if version.etag in tags or "*" in tags:
                 self._send(HTTPStatus.NOT_MODIFIED, b"", etag)
@@ -1636,6 +1644,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED and body:
             self.wfile.write(body)
+        self.wfile.flush()
 
     def _what(self):
         """The request for a log line: its method and path if we serve them, else

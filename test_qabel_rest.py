@@ -1442,6 +1442,14 @@ def test_get_with_body_is_drained(live):
     b"GET /settings HTTP/1.1 extra\r\nHost: localhost\r\n\r\n",
     b"GET /settings HTTP/x.y\r\nHost: localhost\r\n\r\n",
     b"GET /settings FTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health HTTP/0.9\r\nHost: localhost\r\n\r\n",  # answered with a status line
+    b"GET\xa0/health\r\nHost: localhost\r\n\r\n",  # HTTP/0.9 as http.server splits it
+    b"   \r\nHost: localhost\r\n\r\n",
+    # a bare CR would hide a header from any other parser (RFC 9112 2.2)
+    b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: %s\r\nX-A: a\rContent-Length:"
+    b" 2\r\n\r\n{}",
+    b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-A: a\x00b\r\n\r\n",
+    b"GET /hea\x00lth HTTP/1.1\r\nHost: localhost\r\n\r\n",
 ])
 def test_malformed_requests_400_and_close(live, raw):
     conn = live.conn()
@@ -2406,3 +2414,168 @@ def test_file_rewritten_invalid_during_a_save_is_503_and_kept(live, monkeypatch)
     assert "settings.json on disk is not valid" in answers[0].json()["error"]
     assert live.file("settings.json") == b"{not json"
     assert live.get("/settings").status == 503
+
+
+def test_empty_line_before_a_request_is_ignored(live):
+    conn = live.conn()
+    conn.send(b"\r\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert conn.read().status == 200
+    conn.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                            {"X-API-Key": KEY}) + b"\r\n")  # an old client's extra CRLF
+    assert conn.read().status == 200
+    assert conn.request("GET", "/health").status == 200
+    conn.close()
+
+
+def test_expect_with_white_space_still_gets_its_100(live):
+    body = b'{"key": "poll_interval", "value": 12}'
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b"", {
+        "X-API-Key": KEY, "Content-Type": "application/json",
+        "Content-Length": str(len(body)), "Expect": "100-continue "}))
+    assert conn.read().status == 100
+    conn.send(body)
+    assert conn.read().status == 200
+    conn.close()
+
+
+def test_refused_connection_is_answered_at_once(live_with, monkeypatch):
+    live = live_with(max_connections=1)
+    entered, gate = hold_first_save(monkeypatch)
+    busy = live.conn()
+    busy.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                            {"X-API-Key": KEY}))
+    assert entered.wait(TIMEOUT)
+    refused = live.conn()  # sends nothing: the 503 does not wait for a request
+    response = refused.read()
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    refused.close()
+    gate.set()
+    assert busy.read().status == 200
+    busy.close()
+
+
+def test_shutdown_from_the_serving_thread_holding_the_connection_table(
+        live_with, monkeypatch):
+    # A signal handler runs in the serving thread, maybe while it holds the lock of
+    # the connection table (here: while it closes an idle connection to make room).
+    live = live_with(max_connections=1)
+    real = qabel_rest._shut
+    monkeypatch.setattr(qabel_rest, "_shut", lambda sock: (live.server.shutdown(), real(sock)))
+    idle = live.conn()
+    fresh = live.conn()
+    live.thread.join(TIMEOUT)
+    assert not live.thread.is_alive()
+    idle.close()
+    fresh.close()
+
+
+def test_server_close_from_a_handler_thread(tmp_path, monkeypatch):
+    live = start(tmp_path)
+
+    def close_from_inside(self, document, body, form):
+        self.server.shutdown()
+        self.server.server_close()
+        self._send_json(qabel_rest.HTTPStatus.OK, {"closed": True})
+
+    monkeypatch.setattr(qabel_rest.RequestHandler, "_do_put", close_from_inside)
+    assert live.put("/settings", "poll_interval", 1).status == 200
+    live.thread.join(TIMEOUT)
+    monkeypatch.undo()
+    stop(start(tmp_path))  # the data dir was released
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file")
+def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    before = live.file("settings.json")
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 500
+    assert live.file("settings.json") == before  # the failed change is not kept
+    assert live.get("/settings").json()["poll_interval"] == 5
+
+
+def test_interrupt_of_the_writing_thread_fails_its_batch_and_wakes_the_queue(
+        live, monkeypatch):
+    entered, gate = hold_first_save(monkeypatch, KeyboardInterrupt())
+    validated = count_validations(monkeypatch)
+    outcomes = {}
+
+    def put(name):
+        try:
+            live.server.settings.put(f"module_data.{name}", {})
+            outcomes[name] = "saved"
+        except BaseException as exc:
+            outcomes[name] = type(exc).__name__
+
+    writer = threading.Thread(target=put, args=("interrupted",))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    queued = threading.Thread(target=put, args=("queued",))
+    queued.start()
+    validated(2)
+    gate.set()
+    writer.join(TIMEOUT)
+    queued.join(TIMEOUT)
+    assert outcomes == {"interrupted": "KeyboardInterrupt", "queued": "SaveError"}
+    assert live.put("/settings", "module_data.later", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {"later": {}}
+
+
+def test_rewrite_while_a_save_is_being_fsynced_is_not_overwritten(live, monkeypatch):
+    path = os.path.join(live.data_dir, "settings.json")
+    real = os.fsync
+    rewritten = []
+
+    def fsync(fd):
+        if not rewritten:  # the temp file's fsync: meanwhile another program writes
+            rewritten.append(1)
+            with open(path, "w") as f:
+                json.dump({"drop_last_update": "theirs"}, f)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert live.put("/settings", "poll_interval", 7).status == 200
+    monkeypatch.undo()
+    assert live.doc("settings.json")["drop_last_update"] == "theirs"
+    assert live.doc("settings.json")["poll_interval"] == 7
+
+
+def test_start_failing_after_it_created_files_removes_them(tmp_path, monkeypatch):
+    data_dir = tmp_path / "new"
+    real = qabel_rest.atomic_write
+
+    def full_at_synced(path, data, *args, **kw):
+        if path.endswith("synced.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, *args, **kw)
+
+    monkeypatch.setattr(qabel_rest, "atomic_write", full_at_synced)
+    with pytest.raises(qabel_rest.StartupError, match="cannot write synced.json"):
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    assert not data_dir.exists()
+    data_dir.mkdir()
+    (data_dir / "keep").write_text("x")
+    with pytest.raises(qabel_rest.StartupError):
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    assert os.listdir(data_dir) == ["keep"]
+
+
+@pytest.mark.skipif(ROOT or not POSIX, reason="root writes any directory")
+def test_read_only_data_dir_is_a_startup_error(tmp_path):  # pragma: no cover - not as root
+    stop(start(tmp_path))
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(qabel_rest.StartupError, match="not writable"):
+            qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    finally:
+        os.chmod(tmp_path, 0o700)

@@ -58,18 +58,9 @@ except ImportError:  # POSIX
 
 __version__ = "1.1.0"
 __all__ = [
-    "QabelRestError",
-    "StartupError",
-    "InvalidKey",
-    "InvalidValue",
-    "DocumentUnavailable",
-    "SaveError",
-    "DocumentChanged",
-    "SettingsDocument",
-    "QabelRestServer",
-    "RequestHandler",
-    "make_server",
-    "main",
+    "QabelRestError", "StartupError", "InvalidKey", "InvalidValue", "DocumentUnavailable",
+    "SaveError", "DocumentChanged", "SettingsDocument", "QabelRestServer", "RequestHandler",
+    "make_server", "main",
 ]
 
 
@@ -80,9 +71,7 @@ def _logger():
     return logging.getLogger("qabel_rest")
 
 
-# ---------------------------------------------------------------------------
-# Constants and schema
-# ---------------------------------------------------------------------------
+# --- Constants and schema -----------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9696  # the port of the Qabel spec
@@ -195,9 +184,7 @@ SYNCED_DEFAULTS = ('{"accounts": [], "drop_servers": [], "storage_servers": [],'
                    ' "storage_volumes": [], "identities": [], "module_data": {}}')
 
 
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
+# --- Errors -------------------------------------------------------------------
 
 class QabelRestError(Exception):
     """Base of every error this module raises; `status` is its HTTP answer."""
@@ -256,9 +243,7 @@ class _NotJSON(ValueError):
     """The text does not parse as JSON (RFC 8259)."""
 
 
-# ---------------------------------------------------------------------------
-# JSON and dotted keys
-# ---------------------------------------------------------------------------
+# --- JSON and dotted keys -----------------------------------------------------
 
 def _is_digits(text):
     """One run of ASCII digits (str.isdigit alone also takes other scripts' digits)."""
@@ -388,9 +373,7 @@ def _list_index(items, segment, path):
     raise InvalidKey(f"{format_key(path)}: no such list item")
 
 
-# ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
+# --- Validation ---------------------------------------------------------------
 
 def _is_text(text):
     """True if text is valid Unicode: no lone surrogates, so it encodes as UTF-8."""
@@ -566,9 +549,7 @@ def _lookup(document, path):
     return value
 
 
-# ---------------------------------------------------------------------------
-# Storage: atomic, durable files
-# ---------------------------------------------------------------------------
+# --- Storage: atomic, durable files -------------------------------------------
 
 _REPLACE_ATTEMPTS = 6  # Windows: a virus scanner or indexer may hold the file briefly
 _REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
@@ -1004,9 +985,7 @@ class SettingsDocument:
         return defaults
 
 
-# ---------------------------------------------------------------------------
-# Data directory: location, lock, API key
-# ---------------------------------------------------------------------------
+# --- Data directory: location, lock, API key ----------------------------------
 
 def default_data_dir(environ=None, platform=None):
     """$QABEL_REST_DATA_DIR, else the platform's per-user config dir + qabel-rest."""
@@ -1158,9 +1137,7 @@ def _normal_host(name):
     return name
 
 
-# ---------------------------------------------------------------------------
-# HTTP handler
-# ---------------------------------------------------------------------------
+# --- HTTP handler -------------------------------------------------------------
 
 _ROUTES = MappingProxyType({
     "/settings": ("GET", "PUT", "POST"),
@@ -1673,9 +1650,7 @@ def _parse_form(body):
     return fields
 
 
-# ---------------------------------------------------------------------------
-# Server lifecycle
-# ---------------------------------------------------------------------------
+# --- Server lifecycle ---------------------------------------------------------
 
 _IDLE, _BUSY, _CLOSING, _REFUSED = range(4)  # states of a connection
 
@@ -1940,9 +1915,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     return server
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
+# --- Command line -------------------------------------------------------------
 
 def _positive_int(text):
     value = int(text)

@@ -33,6 +33,7 @@ import email.errors
 import errno
 import http.server
 import io
+import itertools
 import json
 import math
 import os
@@ -59,7 +60,7 @@ except ImportError:  # POSIX
 __version__ = "1.1.0"
 __all__ = [
     "QabelRestError", "StartupError", "InvalidKey", "InvalidValue", "DocumentUnavailable",
-    "SaveError", "DocumentChanged", "SettingsDocument", "QabelRestServer", "RequestHandler",
+    "SaveError", "DocumentChanged", "PreconditionFailed", "SettingsDocument", "QabelRestServer", "RequestHandler",
     "make_server", "main",
 ]
 
@@ -222,6 +223,12 @@ class DocumentUnavailable(QabelRestError):
 
 class SaveError(QabelRestError):
     """Saving failed; nothing was changed, in memory or on disk."""
+
+
+class PreconditionFailed(QabelRestError):
+    """If-Match names no tag the document has now (RFC 9110 13.1.1): 412."""
+
+    status = HTTPStatus.PRECONDITION_FAILED
 
 
 class DocumentChanged(QabelRestError):
@@ -481,6 +488,19 @@ def _deep_merge(base, patch):
     return result
 
 
+def _merge_patch(target, patch):
+    """RFC 7396: members replace, null removes, objects merge, the rest replaces."""
+    if type(patch) is not dict:
+        return patch
+    result = dict(target) if type(target) is dict else {}
+    for name, value in patch.items():
+        if value is None:
+            result.pop(name, None)
+        else:
+            result[name] = _merge_patch(result.get(name), value)
+    return result
+
+
 _MISSING = object()
 
 
@@ -689,11 +709,12 @@ class _Rewritten(Exception):
 class _Change:
     """A change waiting for its save: how to make it, what it gives back, how it ended."""
 
-    __slots__ = ("apply", "result", "error", "done")
+    __slots__ = ("apply", "result", "tag", "error", "done")
 
     def __init__(self, apply):
         self.apply = apply  # document -> (new document, result); never changes its argument
         self.result = None
+        self.tag = None  # the document's tag after it
         self.error = None  # the QabelRestError it failed with
         self.done = False  # saved or failed: its writer may return
 
@@ -714,13 +735,14 @@ class SettingsDocument:
         self.schema = schema
         self._defaults = defaults
         self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
-        self._generation = 0
+        self._tags = itertools.count(1)  # next() is atomic: no lock needed
         # _lock guards the fields below and is not held while the file is written.
         # Only the writer with _saving set writes the file, so saves never overlap.
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save ends
         self._disk = None  # _Version on disk: what readers get
-        self._head = None  # the newest accepted document, saved or not yet
+        self._head = None  # the newest accepted document, saved or not yet...
+        self._head_tag = None  # ...and its tag: what If-Match compares with
         self._queue = []  # _Change objects accepted and not yet in a save
         self._saving = False
         self._closed = False
@@ -735,27 +757,52 @@ class SettingsDocument:
             return json.loads(version.body)
         return copy.deepcopy(_lookup(version.document, parse_key(key)))
 
-    def put(self, key, value, merge=False, *, copies=True):
-        """Set value at key (deep-merged into an object there if merge); return it
-        as stored. copies=False: the caller hands value over and will not change
-        what is returned (the HTTP handler, which parsed it)."""
+    def put(self, key, value, merge=False, if_match=None):
+        """Set value at key (deep-merged into an object there if merge); return a copy
+        as stored. PreconditionFailed unless if_match is None, "*" or the tag."""
+        return copy.deepcopy(self.update(key, copy.deepcopy(value), merge, if_match)[0])
+
+    def replace(self, document, if_match=None):
+        """Substitute the whole document; return a copy as stored (see put)."""
+        return copy.deepcopy(self.substitute(copy.deepcopy(document), if_match)[0])
+
+    def patch(self, patch, if_match=None):
+        """Apply a JSON merge patch (RFC 7396) to the whole document; return a copy
+        as stored (see put)."""
+        return copy.deepcopy(self.merge_patch(copy.deepcopy(patch), if_match)[0])
+
+    @property
+    def etag(self):
+        """The tag of the newest accepted version, as in the ETag header."""
+        with self._lock:
+            self._refresh()
+            self._usable(self._disk)
+            return self._head_tag
+
+    # -- the interface of the HTTP handler: no copies; returns (result, new tag) ----
+
+    def update(self, key, value, merge=False, if_match=None):
         path = parse_key(key)
         if type(merge) is not bool:
             raise InvalidValue("merge must be true or false")
-        if copies:
-            value = copy.deepcopy(value)
-        stored = self._change(lambda document: _assign(document, self.schema, path, 0,
-                                                       value, merge))
-        return copy.deepcopy(stored) if copies else stored
+        return self._change(lambda document: _assign(document, self.schema, path, 0,
+                                                     value, merge), if_match)
 
-    def replace(self, document, *, copies=True):
-        """Substitute the whole document; return it as stored (see put for copies)."""
-        if copies:
-            document = copy.deepcopy(document)
+    def substitute(self, document, if_match=None):
         validate(document, self.schema)
         complete = self._complete(document)
-        self._change(lambda _: (complete, complete))
-        return copy.deepcopy(complete) if copies else complete
+        return self._change(lambda _: (complete, complete), if_match)
+
+    def merge_patch(self, patch, if_match=None):
+        if type(patch) is not dict:
+            raise InvalidValue("a merge patch must be a JSON object")
+
+        def apply(document):
+            merged = _merge_patch(document, patch)
+            validate(merged, self.schema)
+            merged = self._complete(merged)  # a field removed returns to its default
+            return merged, merged
+        return self._change(apply, if_match)
 
     def current(self):
         """The version on disk (document, body, etag; shared: never change them),
@@ -818,18 +865,28 @@ class SettingsDocument:
         if force or _file_signature(self.path) != self._disk.signature:
             self._disk = self._read_version(self._disk)
             if self._disk.error is None:
-                self._head = self._disk.document
+                self._head, self._head_tag = self._disk.document, self._disk.etag
 
-    def _change(self, apply):
-        """Apply a change to the newest document and return once it is saved;
-        return what apply gives back."""
+    def _change(self, apply, if_match=None):
+        """Apply a change to the newest document and return once it is saved:
+        (what apply gives back, the document's tag after the change). A change that
+        leaves the content as it was keeps the tag."""
         with self._lock:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
             self._refresh()
             self._usable(self._disk)
             change = _Change(apply)
-            self._head, change.result = apply(self._head)
+            document, change.result = apply(self._head)
+            tags = (if_match,) if isinstance(if_match, str) else if_match
+            if tags is not None and "*" not in tags and self._head_tag not in tags:
+                raise PreconditionFailed(f"{self.name} has changed: If-Match does not "
+                                         "name its tag")
+            if document == self._head and not self._queue and not self._saving:
+                return change.result, self._head_tag  # nothing to save
+            if document != self._head:
+                self._head, self._head_tag = document, self._new_tag()
+            change.tag = self._head_tag
             self._queue.append(change)
             while not change.done:
                 if self._saving:
@@ -841,20 +898,20 @@ class SettingsDocument:
                     self._save_queue()
         if change.error is not None:
             raise change.error
-        return change.result
+        return change.result, change.tag
 
     def _save_queue(self):
         """Save the newest document with every queued change. Holds _lock, and lets
         it go during the write."""
         batch, self._queue = self._queue, []
-        document, base = self._head, self._disk
+        document, tag, base = self._head, self._head_tag, self._disk
         self._saving = True
         self._lock.release()
         # Unless _write says otherwise: a bug, or an interrupt of this thread
         # (KeyboardInterrupt in the app's), fails the batch and goes on.
         disk, rebased, error = base, False, SaveError("internal error while saving")
         try:
-            disk, rebased, error = self._write(document, base, batch)
+            disk, rebased, error = self._write(document, tag, base, batch)
         except Exception:
             _logger().exception("unexpected error saving %s", self.path)
         finally:
@@ -871,9 +928,10 @@ class SettingsDocument:
         self._disk = disk
         if error is not None:
             batch, self._queue = batch + self._queue, []
-            self._head = disk.document
+            self._head, self._head_tag = disk.document, disk.etag
         elif rebased:
-            self._head = self._reapply(self._queue, disk.document)
+            self._head, tag = self._reapply(self._queue, disk.document)
+            self._head_tag = tag or disk.etag
             for change in self._queue:
                 change.done = change.error is not None
             self._queue = [change for change in self._queue if not change.done]
@@ -881,19 +939,20 @@ class SettingsDocument:
             change.error = change.error or error
             change.done = True
 
-    @staticmethod
-    def _reapply(changes, document):
-        """Apply changes again to another document, in order; those no longer valid
-        there fail alone."""
+    def _reapply(self, changes, document):
+        """Apply changes again to another document, in order, each with a new tag;
+        those no longer valid there fail alone. Returns (document, the last tag)."""
+        tag = None
         for change in changes:
             if change.error is None:
                 try:
                     document, change.result = change.apply(document)
+                    tag = change.tag = self._new_tag()
                 except QabelRestError as exc:
                     change.error = exc
-        return document
+        return document, tag
 
-    def _write(self, document, base, batch):
+    def _write(self, document, tag, base, batch):
         """Write document, made of base and batch, unless another program rewrote the
         file since base: then batch is made again on the file's version. Without
         _lock. Returns (the version on disk, whether the batch was re-applied, the
@@ -906,7 +965,7 @@ class SettingsDocument:
                     self._dir_fd = _open_dir(os.path.dirname(self.path))
                 signature = atomic_write(self.path, body, self._dir_fd,
                                          lambda: self._check_unchanged(base))
-                return self._new_version(document, body, signature, body), rebased, None
+                return _Version(document, body, tag, signature, body, None), rebased, None
             except _Rewritten:
                 base, rebased = self._read_version(base), True
             except OSError as exc:
@@ -920,7 +979,7 @@ class SettingsDocument:
             if base.error:
                 return base, rebased, DocumentUnavailable(
                     f"{self.name} on disk is not valid: {base.error}")
-            document = self._reapply(batch, base.document)
+            document, tag = self._reapply(batch, base.document)
             if all(change.error for change in batch):
                 return base, rebased, None  # nothing left to write
         return base, rebased, DocumentChanged(
@@ -950,10 +1009,11 @@ class SettingsDocument:
 
     # -- versions -----------------------------------------------------------------
 
+    def _new_tag(self):
+        return f'"{self._etag_prefix}-{next(self._tags)}"'
+
     def _new_version(self, document, body, signature, raw):
-        self._generation += 1
-        return _Version(document, body, f'"{self._etag_prefix}-{self._generation}"',
-                        signature, raw, None)
+        return _Version(document, body, self._new_tag(), signature, raw, None)
 
     def _read_version(self, known):
         """The file's version: known itself (with the new signature) if the content
@@ -1140,12 +1200,13 @@ def _normal_host(name):
 # --- HTTP handler -------------------------------------------------------------
 
 _ROUTES = MappingProxyType({
-    "/settings": ("GET", "PUT", "POST"),
-    "/synced": ("GET", "PUT", "POST"),
+    "/settings": ("GET", "PUT", "POST", "PATCH"),
+    "/synced": ("GET", "PUT", "POST", "PATCH"),
     "/health": ("GET",),
 })
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
+_PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _MAX_FORM_FIELDS = 16
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
@@ -1417,28 +1478,28 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key",
                              (("WWW-Authenticate", "Bearer"),))
 
-    def _content_is_form(self):
-        """True for a form body, False for JSON; 415 for any other type.
-
-        No Content-Type at all is read as JSON (RFC 9110 8.3 leaves it to us): what
-        a client sends with a JSON string and no header, as some libraries do.
-        """
+    def _content_type(self):
+        """(the body's media type in lower case, or None without a Content-Type; its
+        other parameters); 415 for a charset other than UTF-8."""
         values = self.fields.get("content-type", ())
         if not values:
-            return False
-        media, _, params = (values[0] if len(values) == 1 else "").partition(";")
-        media = media.strip(_OWS).lower()
-        for param in params.split(";"):
-            name, _, charset = param.partition("=")
-            if (name.strip(_OWS).lower() == "charset"
-                    and charset.strip(_OWS).strip('"').lower() not in ("utf-8", "utf8")):
+            return None, []
+        media, *params = (values[0] if len(values) == 1 else "").split(";")
+        others = []
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip(_OWS).lower() != "charset":
+                others.append(name)
+            elif value.strip(_OWS).strip('"').lower() not in ("utf-8", "utf8"):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
-        if media == _JSON_TYPE:
-            return False
-        if media == _FORM_TYPE:
-            return True
-        raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                         f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
+        return media.strip(_OWS).lower(), others
+
+    def _if_match(self):
+        """The tags If-Match lists, None without it. Compared as they are: a weak tag
+        (W/"...") never matches (RFC 9110 13.1.1)."""
+        values = self.fields.get("if-match")
+        return None if values is None else [
+            tag.strip(_OWS) for value in values for tag in value.split(",")]
 
     # -- routing ----------------------------------------------------------------------
 
@@ -1451,7 +1512,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._allow = ", ".join(allowed)
         method = "GET" if self.command == "HEAD" else self.command
         if method == "OPTIONS":
-            self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, (("Allow", self._allow),))
+            headers = (("Allow", self._allow),)
+            if "PATCH" in allowed:
+                headers += (("Accept-Patch", _PATCH_TYPE),)
+            self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, headers)
         elif method not in allowed:
             raise _HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
         elif path == "/health":
@@ -1460,10 +1524,19 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             document = self.server.settings if path == "/settings" else self.server.synced
             if method == "GET":
                 self._do_read(document)
-            else:
-                form = self._content_is_form()
-                body = self._read_body(self.server.max_body)
-                (self._do_put if method == "PUT" else self._do_post)(document, body, form)
+                return
+            # No Content-Type at all is read as JSON (RFC 9110 8.3 leaves it to us):
+            # some libraries send a JSON body without one.
+            media, others = self._content_type()
+            if method == "PATCH" and (media != _PATCH_TYPE or others):
+                raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                 f"a merge patch must be {_PATCH_TYPE}")
+            if method != "PATCH" and media not in (None, _JSON_TYPE, _FORM_TYPE):
+                raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                                 f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
+            body = self._read_body(self.server.max_body)
+            handler = {"PUT": self._do_put, "POST": self._do_post, "PATCH": self._do_patch}
+            handler[method](document, body, media == _FORM_TYPE)
 
     # Methods HTTP defines (RFC 9110 section 9): 404 or 405 by path. Any other method
     # has no do_ method, and http.server answers it 501 (send_error).
@@ -1565,8 +1638,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                     value = _parse_json(value)
                 except _NotJSON:
                     pass  # a plain string
-        stored = document.put(key, value, merge, copies=False)
-        self._send_json(HTTPStatus.OK, {"key": key, "value": stored})
+        stored, tag = document.update(key, value, merge, self._if_match())
+        self._send_json(HTTPStatus.OK, {"key": key, "value": stored}, (("ETag", tag),))
 
     def _do_post(self, document, body, form):
         try:
@@ -1582,7 +1655,21 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 settings = request["settings"]
         except _NotJSON as exc:
             raise InvalidKey(f"settings is not a valid JSON document: {exc}") from None
-        self._send_json(HTTPStatus.OK, document.replace(settings, copies=False))
+        self._send_json(HTTPStatus.OK, *self._tagged(document.substitute(
+            settings, self._if_match())))
+
+    def _do_patch(self, document, body, form):
+        try:
+            patch = _parse_json(body)
+        except _NotJSON as exc:
+            raise InvalidValue(f"the merge patch is not JSON: {exc}") from None
+        self._send_json(HTTPStatus.OK, *self._tagged(document.merge_patch(
+            patch, self._if_match())))
+
+    @staticmethod
+    def _tagged(result):
+        """(the stored document, the ETag header) of a change's (result, tag)."""
+        return result[0], (("ETag", result[1]),)
 
     # -- answers -----------------------------------------------------------------
 
@@ -1597,6 +1684,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         headers = getattr(error, "headers", ())
         if error.status == HTTPStatus.METHOD_NOT_ALLOWED and self._allow:
             headers = (*headers, ("Allow", self._allow))
+        if error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE and self.command == "PATCH":
+            headers = (*headers, ("Accept-Patch", _PATCH_TYPE))
         if getattr(error, "close", False):
             self.close_connection = self._linger = True
         self._send_json(error.status, {"error": error.message}, headers)

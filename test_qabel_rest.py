@@ -370,7 +370,7 @@ def test_put_405_key_not_valid_carries_allow(live, path, key):
     before = documents(live.data_dir)
     response = live.put(path, key, "v")
     assert response.status == 405
-    assert response.headers["Allow"] == "GET, PUT, POST"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
     assert "error" in response.json()
     assert documents(live.data_dir) == before
 
@@ -432,7 +432,7 @@ def test_post_400_settings_with_invalid_keys_or_values(live, path, settings):
 def test_post_405_settings_not_a_valid_json_document(live, body, content_type):
     response = live.call("POST", "/settings", body, content_type=content_type)
     assert response.status == 405
-    assert response.headers["Allow"] == "GET, PUT, POST"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
     assert documents(live.data_dir) == live.initial
 
 
@@ -448,10 +448,10 @@ def test_health_needs_no_key(live):
 def test_unknown_path_404_other_method_405(live):
     assert live.get("/nope").status == 404
     assert live.get("/settings/").status == 404
-    for method in ("DELETE", "PATCH"):
+    for method in ("DELETE", "TRACE"):
         response = live.call(method, "/synced")
         assert response.status == 405
-        assert response.headers["Allow"] == "GET, PUT, POST"
+        assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
     assert live.call("DELETE", "/health").headers["Allow"] == "GET"
 
 
@@ -469,7 +469,7 @@ def test_head_is_get_without_body(live):
 def test_options_answers_allow_without_cors(live):
     response = live.call("OPTIONS", "/settings")
     assert response.status == 200
-    assert response.headers["Allow"] == "GET, PUT, POST"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
     assert not [h for h in response.headers if h.lower().startswith("access-control")]
     assert live.call("OPTIONS", "/settings", key=None).status == 401
 
@@ -2579,3 +2579,180 @@ def test_read_only_data_dir_is_a_startup_error(tmp_path):  # pragma: no cover - 
             qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
     finally:
         os.chmod(tmp_path, 0o700)
+
+
+# ---------------------------------------------------------------------------
+# Versions and lost updates: ETag and If-Match (SPEC section 6)
+# ---------------------------------------------------------------------------
+
+def test_every_successful_change_answers_the_new_tag_that_get_then_serves(live):
+    tag = live.get("/settings").headers["ETag"]
+    assert re.fullmatch(r'"[^"]+"', tag)  # a strong entity tag (RFC 9110 8.8.3)
+    put = live.put("/settings", "poll_interval", 9)
+    assert put.headers["ETag"] != tag
+    assert live.get("/settings").headers["ETag"] == put.headers["ETag"]
+    assert live.call("HEAD", "/settings").headers["ETag"] == put.headers["ETag"]
+    post = live.post("/settings", {"poll_interval": 8})
+    assert post.headers["ETag"] not in (tag, put.headers["ETag"])
+    patch = live.call("PATCH", "/settings", {"poll_interval": 7},
+                      content_type="application/merge-patch+json")
+    assert patch.headers["ETag"] not in (tag, put.headers["ETag"], post.headers["ETag"])
+    assert live.get("/settings").headers["ETag"] == patch.headers["ETag"]
+    assert live.server.settings.etag == patch.headers["ETag"]
+    assert live.get("/synced").headers["ETag"] != patch.headers["ETag"]
+
+
+@pytest.mark.parametrize("if_match, status", [
+    ("{tag}", 200), ('"other", {tag}', 200), ("*", 200),
+    ('"other"', 412), ("W/{tag}", 412),  # a weak tag never matches
+])
+def test_if_match_on_put(live, if_match, status):
+    tag = live.get("/settings").headers["ETag"]
+    before = documents(live.data_dir)
+    response = live.put("/settings", "poll_interval", 5,
+                        headers={"If-Match": if_match.format(tag=tag)})
+    assert response.status == status
+    if status == 412:
+        assert response.json()["error"] == "settings.json has changed: If-Match does not name its tag"
+        assert documents(live.data_dir) == before
+        assert live.get("/settings").headers["ETag"] == tag
+    else:
+        assert live.doc("settings.json")["poll_interval"] == 5
+
+
+def test_if_match_on_post_and_patch(live):
+    stale = live.get("/synced").headers["ETag"]
+    assert live.put("/synced", "module_data.m", {}).status == 200
+    assert live.post("/synced", {}, headers={"If-Match": stale}).status == 412
+    assert live.call("PATCH", "/synced", {"module_data": None}, headers={"If-Match": stale},
+                     content_type="application/merge-patch+json").status == 412
+    assert live.doc("synced.json")["module_data"] == {"m": {}}
+    fresh = live.get("/synced").headers["ETag"]
+    assert live.call("PATCH", "/synced", {"module_data": None}, headers={"If-Match": fresh},
+                     content_type="application/merge-patch+json").status == 200
+    assert live.doc("synced.json")["module_data"] == {}
+
+
+def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
+    tag = live.get("/settings").headers["ETag"]
+    entered, gate = hold_first_save(monkeypatch)  # both race while a save is under way
+    answers = []
+    writers = [threading.Thread(target=lambda i=i: answers.append(live.put(
+        "/settings", "poll_interval", 10 + i, headers={"If-Match": tag}).status))
+        for i in range(2)]
+    writers[0].start()
+    assert entered.wait(TIMEOUT)
+    writers[1].start()
+    writers[1].join(TIMEOUT)  # answered at once: the first one is the newest accepted
+    gate.set()
+    writers[0].join(TIMEOUT)
+    assert sorted(answers) == [200, 412]
+    assert live.doc("settings.json")["poll_interval"] == 10
+
+
+@pytest.mark.parametrize("call, status", [
+    (lambda live, h: live.call("PUT", "/settings", b"{nope", headers=h), 400),
+    (lambda live, h: live.put("/settings", "no_such_field", 1, headers=h), 405),
+    (lambda live, h: live.put("/settings", "poll_interval", "x", headers=h), 400),
+    (lambda live, h: live.call("PUT", "/settings", b"{}", headers=h,
+                               content_type="text/plain"), 415),
+    (lambda live, h: live.call("PATCH", "/settings", {}, headers=h), 415),
+])
+def test_a_request_wrong_on_its_own_gets_its_own_4xx_whatever_if_match(live, call, status):
+    assert call(live, {"If-Match": '"stale"'}).status == status
+
+
+def test_a_change_that_keeps_the_content_keeps_the_tag(live):
+    tag = live.put("/settings", "poll_interval", 6).headers["ETag"]
+    same = live.put("/settings", "poll_interval", 6)
+    assert same.status == 200 and same.headers["ETag"] == tag
+    patch = live.call("PATCH", "/settings", {}, content_type="application/merge-patch+json")
+    assert patch.status == 200 and patch.headers["ETag"] == tag
+    assert live.post("/settings", live.get("/settings").json()).headers["ETag"] == tag
+
+
+def test_in_process_etag_and_if_match(live):
+    settings = live.server.settings
+    tag = settings.etag
+    assert settings.put("poll_interval", 4, if_match=tag) == 4
+    for change in (lambda: settings.put("poll_interval", 3, if_match=tag),
+                   lambda: settings.replace({}, if_match=tag),
+                   lambda: settings.patch({"poll_interval": 2}, if_match=tag)):
+        with pytest.raises(qabel_rest.PreconditionFailed) as failed:
+            change()
+        assert isinstance(failed.value, qabel_rest.QabelRestError)
+    assert settings.get("poll_interval") == 4
+    assert settings.replace({"poll_interval": 3}, if_match=settings.etag)["poll_interval"] == 3
+    assert settings.patch({"poll_interval": 2}, if_match="*")["poll_interval"] == 2
+    assert settings.etag == live.get("/settings").headers["ETag"]
+
+
+# ---------------------------------------------------------------------------
+# JSON merge patch (SPEC section 8, RFC 7396)
+# ---------------------------------------------------------------------------
+
+def patch_call(live, path, patch, content_type="application/merge-patch+json", **kw):
+    body = patch if isinstance(patch, bytes) else json.dumps(patch).encode()
+    return live.call("PATCH", path, body, content_type=content_type, **kw)
+
+
+def test_merge_patch_members_replace_null_removes_objects_merge_arrays_replace(live):
+    live.post("/synced", full_synced())
+    response = patch_call(live, "/synced", {
+        "module_data": {"de.qabel.chat": {"sound": None, "list": [3], "new": {"a": 1}},
+                        "other": {}},
+        "accounts": [], "identities": None})
+    assert response.status == 200
+    stored = live.doc("synced.json")
+    assert response.json() == stored == live.get("/synced").json()
+    assert stored["module_data"] == {"de.qabel.chat": {"list": [3], "new": {"a": 1}},
+                                     "other": {}}
+    assert stored["accounts"] == [] and stored["identities"] == []  # removed: the default
+    assert stored["drop_servers"] == full_synced()["drop_servers"]  # untouched
+    removed = patch_call(live, "/settings", {"poll_interval": None, "drop_last_update": "x"})
+    assert removed.json()["poll_interval"] == 30 and removed.json()["drop_last_update"] == "x"
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{nope", 400), (b"[1]", 400), (b'"text"', 400), (b"null", 400),
+    (b'{"poll_interval": -1}', 400), (b'{"no_such_field": 1}', 400),
+    (b'{"module_data": {"m": 1}}', 400),  # the result is checked as a whole
+])
+def test_merge_patch_400_changes_nothing(live, body, status):
+    before = documents(live.data_dir)
+    response = patch_call(live, "/settings", body)
+    assert response.status == status
+    assert documents(live.data_dir) == before
+
+
+@pytest.mark.parametrize("content_type, status", [
+    ("application/merge-patch+json", 200), ("application/merge-patch+json; charset=utf-8", 200),
+    ("application/json", 415), ("application/merge-patch+json; charset=latin-1", 415),
+    ("application/merge-patch+json; profile=x", 415), ("text/plain", 415),
+])
+def test_merge_patch_content_types(live, content_type, status):
+    response = patch_call(live, "/settings", {"poll_interval": 3}, content_type)
+    assert response.status == status
+    if status == 415:
+        assert response.headers["Accept-Patch"] == "application/merge-patch+json"
+        assert live.doc("settings.json")["poll_interval"] == 30
+
+
+def test_options_lists_patch_and_accept_patch(live):
+    response = live.call("OPTIONS", "/synced")
+    assert response.status == 200
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
+    assert response.headers["Accept-Patch"] == "application/merge-patch+json"
+    assert live.call("PATCH", "/health").headers["Allow"] == "GET"
+
+
+def test_in_process_patch_is_validated_and_copied(live):
+    patch = {"module_data": {"m": {"x": [1]}}}
+    stored = live.server.settings.patch(patch)
+    stored["module_data"]["m"]["x"].append(2)
+    patch["module_data"]["m"]["x"].append(3)
+    assert live.server.settings.get("module_data.m.x") == [1]
+    with pytest.raises(qabel_rest.InvalidValue):
+        live.server.settings.patch({"poll_interval": "soon"})
+    with pytest.raises(qabel_rest.InvalidValue):
+        live.server.settings.patch([1])

@@ -496,6 +496,8 @@ def test_form_put_reads_value_as_json_else_string(live):
     body = "key=" + urllib.parse.quote('["module_data", "de.qabel.chat", "x"]') + "&value=1"
     assert live.call("PUT", "/settings", body, content_type=form).status == 200
     assert live.doc("settings.json")["module_data"]["de.qabel.chat"] == {"x": 1}
+    body = "key=module_data.m.note&value=" + urllib.parse.quote("plain {text")
+    assert live.call("PUT", "/settings", body, content_type=form).json()["value"] == "plain {text"
 
 
 @pytest.mark.parametrize("body, status", [
@@ -2756,3 +2758,74 @@ def test_in_process_patch_is_validated_and_copied(live):
         live.server.settings.patch({"poll_interval": "soon"})
     with pytest.raises(qabel_rest.InvalidValue):
         live.server.settings.patch([1])
+
+
+def test_change_queued_when_the_document_closes_fails(live, monkeypatch):
+    entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
+    outcomes = {}
+
+    def put(name):
+        try:
+            outcomes[name] = live.server.settings.put(f"module_data.{name}", {})
+        except qabel_rest.QabelRestError as exc:
+            outcomes[name] = (exc.status, exc.message)
+
+    saving = threading.Thread(target=put, args=("saving",))
+    saving.start()
+    assert entered.wait(TIMEOUT)
+    queued = threading.Thread(target=put, args=("queued",))
+    queued.start()
+    validated(2)
+    assert live.server.settings.close(timeout=0) is False  # a save is under way
+    gate.set()
+    saving.join(TIMEOUT)
+    queued.join(TIMEOUT)
+    assert outcomes == {"saving": {}, "queued": (503, "the server is shutting down")}
+    assert live.doc("settings.json")["module_data"] == {"saving": {}}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file")
+def test_failed_first_save_of_a_missing_file_removes_it_again(tmp_path, monkeypatch):
+    live = start(tmp_path)
+    try:
+        os.unlink(os.path.join(live.data_dir, "settings.json"))  # deleted while running
+        real = os.fsync
+
+        def fsync(fd):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.EIO, "Input/output error")
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        assert live.put("/settings", "poll_interval", 6).status == 500
+        monkeypatch.undo()
+        assert not os.path.exists(os.path.join(live.data_dir, "settings.json"))
+        assert live.get("/settings").json()["poll_interval"] == 30
+    finally:
+        stop(live)
+
+
+def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
+    live.post("/synced", {"accounts": [item(1), item(2)]})
+    path = os.path.join(live.data_dir, "synced.json")
+    reached, gate = hold_reads(monkeypatch, path)  # the first save's comparison read
+    validated = count_validations(monkeypatch)
+    answers = {}
+
+    def put(key, value):
+        answers[key] = live.put("/synced", key, value).status
+
+    first = threading.Thread(target=put, args=("accounts.0.user", "a"))
+    first.start()
+    assert reached.wait(TIMEOUT)
+    second = threading.Thread(target=put, args=("accounts.1.user", "b"))  # queued behind
+    second.start()
+    validated(2)
+    with open(path, "w") as f:  # another program drops the second account
+        json.dump({"accounts": [item(1)]}, f)
+    gate.set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert answers == {"accounts.0.user": 200, "accounts.1.user": 405}
+    assert live.doc("synced.json")["accounts"] == [item(1, user="a")]

@@ -1552,13 +1552,20 @@ def test_hundreds_of_open_connections_are_all_served(live):
         conn.close()
 
 
-def test_connection_cap_answers_503_when_all_are_busy(live_with, monkeypatch):
+def one_busy_connection(live_with, monkeypatch):
+    """A server that serves one connection at most, and that connection busy: its PUT
+    is being saved until the gate opens. Returns (live, the connection, the gate)."""
     live = live_with(max_connections=1)
     entered, gate = hold_first_save(monkeypatch)
     busy = live.conn()
     busy.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
                             {"X-API-Key": KEY, "Content-Type": "application/json"}))
-    assert entered.wait(TIMEOUT)  # its request is being saved: busy
+    assert entered.wait(TIMEOUT)
+    return live, busy, gate
+
+
+def test_connection_cap_answers_503_when_all_are_busy(live_with, monkeypatch):
+    live, busy, gate = one_busy_connection(live_with, monkeypatch)
     extra = live.conn()
     extra.send(build_request("GET", "/settings", headers={"X-API-Key": KEY}))
     response = extra.read()
@@ -2442,12 +2449,7 @@ def test_expect_with_white_space_still_gets_its_100(live):
 
 
 def test_refused_connection_is_answered_at_once(live_with, monkeypatch):
-    live = live_with(max_connections=1)
-    entered, gate = hold_first_save(monkeypatch)
-    busy = live.conn()
-    busy.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
-                            {"X-API-Key": KEY}))
-    assert entered.wait(TIMEOUT)
+    live, busy, gate = one_busy_connection(live_with, monkeypatch)
     refused = live.conn()  # sends nothing: the 503 does not wait for a request
     response = refused.read()
     assert response.status == 503 and response.headers["Retry-After"] == "1"

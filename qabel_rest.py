@@ -1082,51 +1082,33 @@ def _prepare_data_dir(path):
         raise StartupError(f"the data dir is not writable: {exc.strerror} ({path})") from None
 
 
-class _DataDirLock:
-    """One server per data dir: an exclusive lock that dies with the process."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.path = os.path.join(directory, _LOCK_FILE)
-        self._fd = None
-
-    def acquire(self):
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-        except OSError as exc:
-            raise StartupError(f"the data dir is not writable: {exc.strerror} "
-                               f"({self.directory})") from None
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:  # pragma: no cover - Windows: lock one byte far past the pid text
-                os.lseek(fd, 1 << 20, os.SEEK_SET)
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            holder = self._read_holder(fd)
-            os.close(fd)
-            raise StartupError(f"another qabel_rest{holder} is already using the data dir "
-                               f"({self.directory})") from None
-        os.ftruncate(fd, 0)
+def _lock_data_dir(directory):
+    """One server per data dir: take an exclusive lock that the OS releases when the
+    process dies, and write our pid into the lock file; return its descriptor, whose
+    closing releases the lock. The file stays: removing it would let a third process
+    lock a different inode."""
+    try:
+        fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    except OSError as exc:
+        raise StartupError(f"the data dir is not writable: {exc.strerror} "
+                           f"({directory})") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows: lock one byte far past the pid text
+            os.lseek(fd, 1 << 20, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    @staticmethod
-    def _read_holder(fd):
-        try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            pid = os.read(fd, 32).decode("ascii").strip()
-        except (OSError, UnicodeDecodeError):  # pragma: no cover - Windows
-            return ""
-        return f" (pid {pid})" if pid.isdigit() else ""
-
-    def release(self):
-        if self._fd is not None:
-            # Closing the descriptor releases flock and msvcrt locks alike. The file
-            # stays: removing it would let a third process lock a different inode.
-            os.close(self._fd)
-            self._fd = None
+        pid = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        holder = f" (pid {pid})" if pid.isdigit() else ""
+        raise StartupError(f"another qabel_rest{holder} is already using the data dir "
+                           f"({directory})") from None
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _remove_stale_temp_files(directory):
@@ -1783,7 +1765,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._compare_digest = hmac.compare_digest
         self.logger = _logger()
         self._api_key = None  # bytes: set by make_server, never logged or shown
-        self._dir_lock = None
+        self._dir_lock = None  # the descriptor of the data dir's lock file
         # Guards the fields below. Reentrant: shutdown() runs in a signal handler,
         # in the serving thread, which may hold it (process_request).
         self._state = threading.RLock()
@@ -1854,7 +1836,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         # A save still under way writes on: the data dir stays locked (until the
         # process ends), so no other instance starts beside it.
         if self._dir_lock is not None and all(closed):
-            self._dir_lock.release()
+            os.close(self._dir_lock)  # releases the lock
+            self._dir_lock = None
 
     # -- connections -------------------------------------------------------------------
 
@@ -1982,9 +1965,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:
         _prepare_data_dir(data_dir)
-        lock = _DataDirLock(data_dir)
-        lock.acquire()
-        server._dir_lock = lock
+        server._dir_lock = _lock_data_dir(data_dir)
         _remove_stale_temp_files(data_dir)
         for document in (settings, synced):
             document.load()  # again, now that no other instance can be writing

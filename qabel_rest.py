@@ -488,6 +488,20 @@ def _deep_merge(base, patch):
     return result
 
 
+def _same(a, b):
+    """The same JSON: Python's == takes 1 for True and 30 for 30.0. Shared parts,
+    most of a document after a change, are the same at once."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(_same(value, b[name]) for name, value in a.items())
+    if type(a) is list:
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
 def _merge_patch(target, patch):
     """RFC 7396: members replace, null removes, objects merge, the rest replaces."""
     if type(patch) is not dict:
@@ -882,9 +896,10 @@ class SettingsDocument:
             if tags is not None and "*" not in tags and self._head_tag not in tags:
                 raise PreconditionFailed(f"{self.name} has changed: If-Match does not "
                                          "name its tag")
-            if document == self._head and not self._queue and not self._saving:
-                return change.result, self._head_tag  # nothing to save
-            if document != self._head:
+            if _same(document, self._head):
+                if not self._queue and not self._saving:
+                    return change.result, self._head_tag  # nothing to save
+            else:
                 self._head, self._head_tag = document, self._new_tag()
             change.tag = self._head_tag
             self._queue.append(change)

@@ -723,14 +723,28 @@ class _Rewritten(Exception):
 class _Change:
     """A change waiting for its save: how to make it, what it gives back, how it ended."""
 
-    __slots__ = ("apply", "result", "tag", "error", "done")
+    __slots__ = ("apply", "if_match", "result", "tag", "error", "done")
 
-    def __init__(self, apply):
+    def __init__(self, apply, if_match=None):
         self.apply = apply  # document -> (new document, result); never changes its argument
+        self.if_match = if_match  # the tags of its precondition, or None
         self.result = None
         self.tag = None  # the document's tag after it
         self.error = None  # the QabelRestError it failed with
         self.done = False  # saved or failed: its writer may return
+
+    def matches(self, tag):
+        """Whether the precondition holds when the document's tag is tag."""
+        return self.if_match is None or "*" in self.if_match or tag in self.if_match
+
+
+def _tags(if_match):
+    """The tags of an if_match argument: a tag, "*", or a list of them (If-Match)."""
+    if if_match is None or isinstance(if_match, str):
+        return None if if_match is None else (if_match,)
+    if type(if_match) not in (list, tuple) or not all(isinstance(t, str) for t in if_match):
+        raise InvalidValue("if_match must be a tag or a list of tags")
+    return tuple(if_match)
 
 
 class SettingsDocument:
@@ -799,8 +813,15 @@ class SettingsDocument:
         path = parse_key(key)
         if type(merge) is not bool:
             raise InvalidValue("merge must be true or false")
+        # What is wrong whatever the document holds is answered before If-Match: a
+        # key no document can have, a value of the wrong type for its key.
+        node = _node_at(self.schema, path)  # "-" in a list: the node of its items
+
+        def check_value():
+            if not merge and value is not _MISSING:
+                _check(value, node, path)
         return self._change(lambda document: _assign(document, self.schema, path, 0,
-                                                     value, merge), if_match)
+                                                     value, merge), if_match, check_value)
 
     def substitute(self, document, if_match=None):
         validate(document, self.schema)
@@ -881,21 +902,23 @@ class SettingsDocument:
             if self._disk.error is None:
                 self._head, self._head_tag = self._disk.document, self._disk.etag
 
-    def _change(self, apply, if_match=None):
+    def _change(self, apply, if_match=None, check_alone=None):
         """Apply a change to the newest document and return once it is saved:
         (what apply gives back, the document's tag after the change). A change that
-        leaves the content as it was keeps the tag."""
+        leaves the content as it was keeps the tag. Where if_match fails, what
+        check_alone() raises (an error of the request on its own) comes first."""
         with self._lock:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
             self._refresh()
             self._usable(self._disk)
-            change = _Change(apply)
-            document, change.result = apply(self._head)
-            tags = (if_match,) if isinstance(if_match, str) else if_match
-            if tags is not None and "*" not in tags and self._head_tag not in tags:
+            change = _Change(apply, _tags(if_match))
+            if not change.matches(self._head_tag):
+                if check_alone is not None:
+                    check_alone()
                 raise PreconditionFailed(f"{self.name} has changed: If-Match does not "
                                          "name its tag")
+            document, change.result = apply(self._head)
             if _same(document, self._head):
                 if not self._queue and not self._saving:
                     return change.result, self._head_tag  # nothing to save
@@ -959,6 +982,9 @@ class SettingsDocument:
         those no longer valid there fail alone. Returns (document, the last tag)."""
         tag = None
         for change in changes:
+            if not change.matches(None):  # its If-Match named the version replaced
+                change.error = PreconditionFailed(f"{self.name} was changed by another "
+                                                  "program: If-Match does not name its tag")
             if change.error is None:
                 try:
                     document, change.result = change.apply(document)
@@ -1485,6 +1511,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         others = []
         for param in params:
             name, _, value = param.partition("=")
+            if not name.strip(_OWS):  # "type/subtype;" (RFC 9110 5.6.6)
+                continue
             if name.strip(_OWS).lower() != "charset":
                 others.append(name)
             elif value.strip(_OWS).strip('"').lower() not in ("utf-8", "utf8"):

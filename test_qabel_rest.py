@@ -2837,3 +2837,39 @@ def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, 
     second.join(TIMEOUT)
     assert answers == {"accounts.0.user": 200, "accounts.1.user": 405}
     assert live.doc("synced.json")["accounts"] == [item(1, user="a")]
+
+
+def test_stale_if_match_beats_errors_that_depend_on_the_document(live):
+    stale = {"If-Match": '"stale"'}
+    assert live.put("/synced", "identities.0.alias", "a", headers=stale).status == 412
+    assert live.put("/settings", "module_data.m.list.-", 1, headers=stale).status == 412
+    assert live.put("/synced", "identities.-", {"alias": "no id"}, headers=stale).status == 400
+    assert live.put("/settings", "poll_interval.x", 1, headers=stale).status == 405
+
+
+def test_change_made_again_on_another_programs_rewrite_fails_its_if_match(live, monkeypatch):
+    path = os.path.join(live.data_dir, "settings.json")
+    tag = live.get("/settings").headers["ETag"]
+    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(live.post(
+        "/settings", {"poll_interval": 5}, headers={"If-Match": tag})))
+    writer.start()
+    assert reached.wait(TIMEOUT)
+    with open(path, "w") as f:  # another program's change, which the writer never saw
+        json.dump({"module_data": {"theirs": {}}}, f)
+    gate.set()
+    writer.join(TIMEOUT)
+    assert answers[0].status == 412
+    assert live.doc("settings.json") == {"module_data": {"theirs": {}}}  # kept
+
+
+def test_merge_patch_content_type_with_an_empty_parameter(live):
+    assert patch_call(live, "/settings", {"poll_interval": 4},
+                      "application/merge-patch+json;").status == 200
+
+
+def test_in_process_if_match_of_another_type_is_invalid(live):
+    with pytest.raises(qabel_rest.InvalidValue):
+        live.server.settings.put("poll_interval", 5, if_match=5)
+    assert live.server.settings.put("poll_interval", 5, if_match=[live.server.settings.etag]) == 5

@@ -1009,8 +1009,10 @@ class SettingsDocument:
                 return _Version(document, body, tag, signature, body, None), rebased, None
             except _Rewritten:
                 base, rebased = self._read_version(base), True
-            except OSError as exc:
+            except BaseException as exc:
                 self._put_back(base, body)
+                if not isinstance(exc, OSError):
+                    raise  # a bug, or an interrupt: _save_queue fails the batch
                 full = exc.errno in (errno.ENOSPC, errno.EFBIG,
                                      getattr(errno, "EDQUOT", errno.ENOSPC))
                 _logger().error("could not save %s: %s", self.path, exc.strerror)

@@ -2873,3 +2873,22 @@ def test_in_process_if_match_of_another_type_is_invalid(live):
     with pytest.raises(qabel_rest.InvalidValue):
         live.server.settings.put("poll_interval", 5, if_match=5)
     assert live.server.settings.put("poll_interval", 5, if_match=[live.server.settings.etag]) == 5
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file")
+def test_interrupt_during_the_directory_fsync_puts_the_file_back(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    before = live.file("settings.json")
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise KeyboardInterrupt
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        live.server.settings.put("poll_interval", 6)
+    monkeypatch.undo()
+    assert live.file("settings.json") == before
+    assert live.get("/settings").json()["poll_interval"] == 5

@@ -1324,8 +1324,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if not self.rfile.peek(1):
                 self.close_connection = True  # the client closed the connection
                 return
-            if self.rfile.peek(2)[:2] == b"\r\n":  # RFC 9112 2.2: ignore an empty line
-                self.rfile.read(2)
+            for empty in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore an empty line
+                if self.rfile.peek(2).startswith(empty):
+                    self.rfile.read(len(empty))
+                    break
         except (OSError, ValueError):
             self.close_connection = True  # reset, or closed by the server
             return
@@ -1378,12 +1380,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """http.server's parse of the request line and headers, then the checks of
         the contract: framing, Host, Origin, and the key (RFC 9112, 9110)."""
         words = str(self.raw_requestline, "iso-8859-1").split()  # as http.server does
-        if not words:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "no request line", close=True)
         if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
             # HTTP/0.9: http.server would read on for headers that a two-word
             # request never sends, and answer with no status line.
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported", close=True)
+        if self.raw_requestline.rstrip(b"\r\n").split(b" ") != [w.encode("latin-1") for w in words]:
+            # RFC 9112 3: method SP target SP version; str.split() also splits on
+            # Unicode white space such as \x85 and \xa0
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
         if not super().parse_request():
             return False
         self._check_framing()
@@ -1615,11 +1619,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunked trailer", close=True)
 
     def _drain_body(self):
-        """Read and drop a body we answered without reading, to keep the framing."""
-        if self._chunked or self._expect or self._length > self.server.max_body:
-            self.close_connection = True  # a 100-continue client may never send it
-            self._linger = True
-        elif len(self.rfile.read(self._length)) < self._length:
+        """Read and drop a body we answered without reading, to keep the framing
+        (one _send did not close the connection for)."""
+        if len(self.rfile.read(self._length)) < self._length:
             self.close_connection = True
 
     # -- the documents -------------------------------------------------------------
@@ -1720,6 +1722,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
+        if self._body_pending and (self._chunked or self._expect
+                                   or self._length > self.server.max_body):
+            # A body left unread that cannot be drained cheaply (a 100-continue
+            # client may never send it): the answer says the connection closes.
+            self.close_connection = self._linger = True
         self.send_response(status)
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
             self.send_header("Content-Type", _JSON_TYPE)

@@ -1447,6 +1447,9 @@ def test_get_with_body_is_drained(live):
     b"GET /health HTTP/0.9\r\nHost: localhost\r\n\r\n",  # answered with a status line
     b"GET\xa0/health\r\nHost: localhost\r\n\r\n",  # HTTP/0.9 as http.server splits it
     b"   \r\nHost: localhost\r\n\r\n",
+    b"GET /health\x85HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET\xa0/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET  /health HTTP/1.1\r\nHost: localhost\r\n\r\n",
     # a bare CR would hide a header from any other parser (RFC 9112 2.2)
     b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: %s\r\nX-A: a\rContent-Length:"
     b" 2\r\n\r\n{}",
@@ -2892,3 +2895,21 @@ def test_interrupt_during_the_directory_fsync_puts_the_file_back(live, monkeypat
     monkeypatch.undo()
     assert live.file("settings.json") == before
     assert live.get("/settings").json()["poll_interval"] == 5
+
+
+def test_unread_chunked_body_is_answered_with_a_close(live):
+    conn = live.conn()
+    conn.send(b"GET /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY.encode()
+              + b"\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    response = conn.read()
+    assert response.status == 200
+    assert response.headers["Connection"] == "close" and "Keep-Alive" not in response.headers
+    assert conn.closed()
+    conn.close()
+
+
+def test_bare_lf_empty_line_before_a_request_is_ignored(live):
+    conn = live.conn()
+    conn.send(b"\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert conn.read().status == 200
+    conn.close()

@@ -2492,18 +2492,27 @@ def test_server_close_from_a_handler_thread(tmp_path, monkeypatch):
     stop(start(tmp_path))  # the data dir was released
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file")
-def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monkeypatch):
-    live.put("/settings", "poll_interval", 5)
-    before = live.file("settings.json")
+def fail_directory_fsync(monkeypatch, error=OSError(errno.EIO, "Input/output error")):
+    """Make os.fsync of a directory raise error: the fsync after a save's rename."""
     real = os.fsync
 
     def fsync(fd):
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.EIO, "Input/output error")
+        if os.path.isdir(f"/proc/self/fd/{fd}"):  # Linux names a descriptor's file there
+            raise error
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+LINUX_FDS = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
+                               reason="names a descriptor's file")
+
+
+@LINUX_FDS
+def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    before = live.file("settings.json")
+    fail_directory_fsync(monkeypatch)
     response = live.put("/settings", "poll_interval", 6)
     monkeypatch.undo()
     assert response.status == 500
@@ -2796,19 +2805,12 @@ def test_change_queued_when_the_document_closes_fails(live, monkeypatch):
     assert live.doc("settings.json")["module_data"] == {"saving": {}}
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file")
+@LINUX_FDS
 def test_failed_first_save_of_a_missing_file_removes_it_again(tmp_path, monkeypatch):
     live = start(tmp_path)
     try:
         os.unlink(os.path.join(live.data_dir, "settings.json"))  # deleted while running
-        real = os.fsync
-
-        def fsync(fd):
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                raise OSError(errno.EIO, "Input/output error")
-            return real(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
+        fail_directory_fsync(monkeypatch)
         assert live.put("/settings", "poll_interval", 6).status == 500
         monkeypatch.undo()
         assert not os.path.exists(os.path.join(live.data_dir, "settings.json"))
@@ -2878,18 +2880,11 @@ def test_in_process_if_match_of_another_type_is_invalid(live):
     assert live.server.settings.put("poll_interval", 5, if_match=[live.server.settings.etag]) == 5
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file")
+@LINUX_FDS
 def test_interrupt_during_the_directory_fsync_puts_the_file_back(live, monkeypatch):
     live.put("/settings", "poll_interval", 5)
     before = live.file("settings.json")
-    real = os.fsync
-
-    def fsync(fd):
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            raise KeyboardInterrupt
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    fail_directory_fsync(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         live.server.settings.put("poll_interval", 6)
     monkeypatch.undo()

@@ -25,6 +25,9 @@ KEY = "test-key-0123456789abcdef0123456789abcdef"
 TIMEOUT = 10  # seconds: every socket and wait in these tests is bounded
 POSIX = os.name == "posix"
 ROOT = POSIX and os.geteuid() == 0
+# Tests that ask which file a descriptor is (a directory?) through /proc (Linux)
+LINUX_FDS = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
+                               reason="names a descriptor's file")
 
 
 # ---------------------------------------------------------------------------
@@ -2307,6 +2310,7 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     assert answers == [200]  # the save under way still ended, and was answered
 
 
+@LINUX_FDS
 def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer(
         live, monkeypatch):
     events = []
@@ -2502,10 +2506,6 @@ def fail_directory_fsync(monkeypatch, error=OSError(errno.EIO, "Input/output err
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-
-
-LINUX_FDS = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
-                               reason="names a descriptor's file")
 
 
 @LINUX_FDS

@@ -1,14 +1,8 @@
 """qabel_rest: the local REST server of the Qabel desktop client.
 
-The desktop app starts it (in a thread, or as its own process) on 127.0.0.1:9696;
-every other local program reads and changes the client's two settings documents
-through it:
-
-    GET  /settings   the local settings document       PUT  {"key": K, "value": V}
-    GET  /synced     the synced settings document      POST {"settings": {...}}
-    GET  /health     {"status": "ok"}, no key needed
-
-Usage:
+Every local program reads and changes the client's two settings documents through
+it: GET/PUT/POST/PATCH /settings and /synced, GET /events (the change feed), and
+GET /health. Built on http.server (ThreadingHTTPServer, BaseHTTPRequestHandler).
 
     python qabel_rest.py --port 9696 --data-dir ~/.config/qabel-rest
 
@@ -17,17 +11,12 @@ Usage:
     server.settings.put("poll_interval", 10)
     server.shutdown(); server.server_close()
 
-Built on http.server: ThreadingHTTPServer, a thread per connection, and
-BaseHTTPRequestHandler's parse_request for every request line and header block; the
-checks this server adds run after that parse.
-
-Security stance: the documents hold private keys and tokens, so every request must
-name an allowed Host (against DNS rebinding), carry no foreign Origin (against web
-pages), and present the API key (X-API-Key or Authorization: Bearer, compared in
-constant time) except GET /health. No CORS header is ever sent; errors and logs never
-contain the key or a settings value; files are mode 0600 in a 0700 directory.
+The documents hold private keys, so every request must name an allowed Host, carry
+no foreign Origin and present the API key (except GET /health); no CORS header is
+ever sent, and errors and logs never contain the key or a settings value.
 """
 
+import collections
 import copy
 import email.errors
 import errno
@@ -60,14 +49,13 @@ except ImportError:  # POSIX
 __version__ = "1.1.0"
 __all__ = [
     "QabelRestError", "StartupError", "InvalidKey", "InvalidValue", "DocumentUnavailable",
-    "SaveError", "DocumentChanged", "PreconditionFailed", "SettingsDocument", "QabelRestServer", "RequestHandler",
-    "make_server", "main",
+    "SaveError", "DocumentChanged", "PreconditionFailed", "CursorGone", "SettingsDocument",
+    "QabelRestServer", "RequestHandler", "make_server", "main",
 ]
 
 
 def _logger():
-    """The logger "qabel_rest". logging (and hmac, below) are imported when a server
-    is made, not on import: neither is needed before."""
+    """The logger "qabel_rest"; logging (and hmac) are imported only when needed."""
     import logging
     return logging.getLogger("qabel_rest")
 
@@ -79,19 +67,14 @@ DEFAULT_PORT = 9696  # the port of the Qabel spec
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a synced document with many identities fits
 DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for one whole request, first byte to last
-# One thread each. Clients that pool (Node's fetch, aiohttp) hold two sockets per
-# request in flight: 200 concurrent requests are about 400 connections.
+# Pooling clients (Node's fetch, aiohttp) hold two sockets per request in flight.
 DEFAULT_MAX_CONNECTIONS = 512
 SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
-# Any JSON value may nest at most this deep (document root = 0). Far below the
-# interpreter's recursion limit, so no parser or validator ever hits it.
-MAX_DEPTH = 64
+MAX_DEPTH = 64  # how deep a value may nest: far below Python's recursion limit
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
-# Longest decimal text of a 64-bit integer, with sign. Longer text is out of range,
-# and int() never sees it (CPython refuses over 4,300 digits with a ValueError).
-_MAX_INT_TEXT = 20
+_MAX_INT_TEXT = 20  # digits and sign of a 64-bit integer: int() never sees more
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
@@ -104,11 +87,9 @@ _SYNCED_FILE = "synced.json"
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
-# The schema of the Qabel "Client Configuration". A node is one of:
-#   a leaf name (a key of _LEAVES), or "any": any JSON value,
-#   _Obj: an object with declared fields only, some of them required,
-#   _List: a list of items; items with an "id" field must have unique ids,
-#   _Map: an object with any names, each value of one kind.
+# The schema of the Qabel "Client Configuration". A node is a leaf name (of _LEAVES),
+# "any" (any JSON value), an _Obj (declared fields only), a _List (items with an
+# "id" have unique ids) or a _Map (any names, each value of one kind).
 _Obj = namedtuple("_Obj", "fields required")
 _List = namedtuple("_List", "item")
 _Map = namedtuple("_Map", "value")
@@ -141,8 +122,7 @@ _LEAVES = MappingProxyType({
     "name": ("a non-empty string", lambda v: type(v) is str and v != ""),
     "key": ("a string", lambda v: type(v) is str),
 })
-# Leaves the schema types as strings (STR, URL, NAME, KEY): a form value for one of
-# them is its text as given, never read as JSON.
+# Leaves typed as strings: a form value for one is its text as given, never JSON.
 _TEXT_LEAVES = frozenset({"str", "url", "name", "key"})
 
 
@@ -178,8 +158,8 @@ SYNCED_SCHEMA = _Obj(MappingProxyType({
     "module_data": _MODULE_DATA,
 }), frozenset())
 
-# The documents of a fresh data dir, as JSON text so that nobody can change them.
-# A stored document missing a top-level field gets it from here.
+# The documents of a fresh data dir (text: nobody can change them); a stored
+# document missing a top-level field gets it from here.
 LOCAL_DEFAULTS = '{"poll_interval": 30, "drop_last_update": "", "module_data": {}}'
 SYNCED_DEFAULTS = ('{"accounts": [], "drop_servers": [], "storage_servers": [],'
                    ' "storage_volumes": [], "identities": [], "module_data": {}}')
@@ -195,8 +175,7 @@ class QabelRestError(Exception):
     def __init__(self, message, status=None):
         super().__init__(message)
         self.message = message
-        if status is not None:
-            self.status = HTTPStatus(status)
+        self.status = HTTPStatus(status or self.status)
 
 
 class StartupError(QabelRestError):
@@ -252,8 +231,7 @@ class _NotJSON(ValueError):
 
 # --- JSON and dotted keys -----------------------------------------------------
 
-def _is_digits(text):
-    """One run of ASCII digits (str.isdigit alone also takes other scripts' digits)."""
+def _is_digits(text):  # str.isdigit alone also takes other scripts' digits
     return text.isascii() and text.isdigit()
 
 
@@ -281,20 +259,15 @@ def _build_object(pairs):
     return result
 
 
-# Stateless, so one instance of each serves every thread. Documents and answers are
-# compact: json.dumps with indent runs the pure-Python encoder, about ten times
-# slower than the C one on a large document.
+# Shared by every thread. Compact: with indent, json runs its slow Python encoder.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_float,
                             parse_int=_parse_int, parse_constant=_reject_constant)
 
 
 def _parse_json(data):
-    """Parse strict JSON from UTF-8 bytes or text.
-
-    Raises _NotJSON when it is not JSON at all, InvalidValue when it is JSON that no
-    document may hold (duplicate keys, numbers out of range, too deep).
-    """
+    """Strict JSON from UTF-8 bytes or text: _NotJSON if it is not JSON at all,
+    InvalidValue for JSON no document may hold (duplicate keys, too large, too deep)."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -310,17 +283,13 @@ def _parse_json(data):
         raise InvalidValue(f"nested deeper than {MAX_DEPTH} levels") from None
 
 
-def _dump_document(document):
-    """The bytes of a JSON value as served and stored: compact UTF-8 JSON."""
+def _dump_document(document):  # the bytes of a JSON value, as served and stored
     return _ENCODER.encode(document).encode("utf-8")
 
 
 def parse_key(key):
-    """Split a dotted key (or take a list of segments) into a tuple of segments.
-
-    `\\.` is a literal dot and `\\\\` a literal backslash. Raises InvalidKey, also
-    for a key deeper than a document may nest: what it would store could not load.
-    """
+    """The segments of a dotted key (`\\.` a dot, `\\\\` a backslash) or of a list;
+    InvalidKey, also for one deeper than a document may nest."""
     if type(key) is str:
         if key == "":
             raise InvalidKey("the key is empty")
@@ -371,9 +340,8 @@ def format_key(segments):
 
 
 def _list_index(items, segment, path):
-    """The index of an existing item of items named by segment (decimal digits, no
-    leading zero); InvalidKey otherwise. Never int() of a long text: CPython refuses
-    one of over 4,300 digits with a ValueError."""
+    """The index of an existing item named by segment, else InvalidKey; never int()
+    of a long text (CPython refuses over 4,300 digits)."""
     if (_is_digits(segment) and (segment == "0" or segment[0] != "0")
             and len(segment) <= len(str(len(items))) and int(segment) < len(items)):
         return int(segment)
@@ -384,18 +352,15 @@ def _list_index(items, segment, path):
 
 def _is_text(text):
     """True if text is valid Unicode: no lone surrogates, so it encodes as UTF-8."""
-    if text.isascii():
-        return True
     try:
-        text.encode("utf-8")
+        text.isascii() or text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
 
 
 def _check(value, node, path):
-    """Check that value is plain JSON that stays strict UTF-8 JSON when written, and
-    that it fits the schema node."""
+    """Check that value is JSON that stays strict UTF-8 JSON and fits the schema node."""
     kind = type(value)
     if kind is dict or kind is list:
         if len(path) >= MAX_DEPTH:
@@ -489,8 +454,7 @@ def _deep_merge(base, patch):
 
 
 def _same(a, b):
-    """The same JSON: Python's == takes 1 for True and 30 for 30.0. Shared parts,
-    most of a document after a change, are the same at once."""
+    """The same JSON (Python's == takes 1 for True); shared parts at once."""
     if a is b:
         return True
     if type(a) is not type(b):
@@ -519,12 +483,9 @@ _MISSING = object()
 
 
 def _assign(node_value, node, path, depth, value, merge):
-    """Return (a copy of node_value with value set at path[depth:], the stored value).
-
-    node_value is never changed: containers on the path are copied, the rest is
-    shared. The new value is validated against the schema, and only it (plus the ids
-    of the list it lands in): the rest of the document is valid already.
-    """
+    """(a copy of node_value with value set at path[depth:], the stored value).
+    Containers on the path are copied, the rest shared; only the new value (and the
+    ids of its list) is validated: the rest of the document is valid already."""
     segment = path[depth]
     here = path[:depth + 1]
     last = depth == len(path) - 1
@@ -571,6 +532,15 @@ def _new_value(old, value, merge, node, path):
     return value
 
 
+def _event_key(document, path):
+    """A changed key as its event names it: an append (-) as the index it got."""
+    if path[-1] == "-":
+        items = _lookup(document, path[:-1])
+        if type(items) is list:
+            return [*path[:-1], str(len(items) - 1)]
+    return list(path)
+
+
 def _lookup(document, path):
     value = document
     for depth, segment in enumerate(path):
@@ -585,7 +555,7 @@ def _lookup(document, path):
 
 # --- Storage: atomic, durable files -------------------------------------------
 
-_REPLACE_ATTEMPTS = 6  # Windows: a virus scanner or indexer may hold the file briefly
+_REPLACE_ATTEMPTS = 6  # Windows: a virus scanner may hold the file for a moment;
 _REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
 _REBASE_ATTEMPTS = 3  # a file rewritten under us this often in one save: 409
 # O_EXCL: never reuse or follow an existing name. Windows: binary, not inherited.
@@ -594,21 +564,14 @@ _TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 
 def _replace_file(source, target):
-    """os.replace, retried a bounded number of times on PermissionError.
-
-    On Windows, replacing a file another process has open (antivirus, indexer,
-    backup) fails with a sharing violation that clears within milliseconds.
-    """
-    delay = _REPLACE_BACKOFF
+    """os.replace, retried on PermissionError: a Windows sharing violation clears."""
     for attempt in range(_REPLACE_ATTEMPTS):
         try:
-            os.replace(source, target)
-            return
+            return os.replace(source, target)
         except PermissionError:
             if attempt == _REPLACE_ATTEMPTS - 1:
                 raise
-            time.sleep(delay)
-            delay *= 2
+            time.sleep(_REPLACE_BACKOFF * 2 ** attempt)
 
 
 def _fsync_file(fd):
@@ -630,23 +593,16 @@ def _open_dir(directory):
     return os.open(directory, os.O_RDONLY)
 
 
-def _signature(st):
-    """What changes when another program rewrites a file, from its os.stat_result."""
+def _signature(st):  # what changes when another program rewrites a file
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def atomic_write(path, data, dir_fd=None, check=None):
-    """Write data to path atomically and durably, mode 0600; return the written
-    file's signature.
-
-    A temp file in the same directory is written, fsynced and renamed over path,
-    then the directory is fsynced (through dir_fd if given, an open descriptor of
-    it). check(), if given, runs right before the rename; what it raises abandons
-    the write. The signature comes from the descriptor after the rename, so a
-    program that replaces path right after cannot lend us its file's. On failure
-    the temp file is removed, path is untouched (unless the directory fsync failed),
-    and the exception propagates.
-    """
+    """Write data to path atomically and durably, mode 0600: a temp file written,
+    fsynced and renamed over path, then the directory (dir_fd, if given) fsynced.
+    check() runs right before the rename; what it raises abandons the write. Returns
+    the signature of the file written (from its descriptor, not path). On failure
+    the temp file is removed, path untouched (unless the directory fsync failed)."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
@@ -692,8 +648,8 @@ def _file_signature(path):
 
 
 def _read_file(path, size_hint=None):
-    """(signature, content) of a file; (None, None) if it is missing. One read when
-    it holds size_hint bytes (then without a stat). Raises OSError."""
+    """(signature, content) of a file, (None, None) if missing; without a stat if
+    size_hint is given (one read when the file has that size). Raises OSError."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
@@ -709,10 +665,9 @@ def _read_file(path, size_hint=None):
     return signature, b"".join(chunks)
 
 
-# One version of a document; replaced whole, never changed.
-#   document: the parsed value (never mutated), body: its bytes as served,
-#   etag: a strong entity tag for body, signature/raw: the file it came from or went
-#   to (raw None: no file), error: why the file cannot be used (then document is None).
+# One version of a document, never changed: the parsed value, its bytes as served,
+# its tag, the file it came from or went to (raw None: no file), and error: why the
+# file cannot be used (then document is None).
 _Version = namedtuple("_Version", "document body etag signature raw error")
 
 
@@ -723,13 +678,16 @@ class _Rewritten(Exception):
 class _Change:
     """A change waiting for its save: how to make it, what it gives back, how it ended."""
 
-    __slots__ = ("apply", "if_match", "result", "tag", "error", "done")
+    __slots__ = ("apply", "if_match", "result", "key", "tag", "changed", "error", "done")
 
     def __init__(self, apply, if_match=None):
-        self.apply = apply  # document -> (new document, result); never changes its argument
+        # document -> (new document, result, the key of its event); never changes
+        # its argument
+        self.apply = apply
         self.if_match = if_match  # the tags of its precondition, or None
-        self.result = None
+        self.result = self.key = None
         self.tag = None  # the document's tag after it
+        self.changed = False  # whether it changed the content: then it is an event
         self.error = None  # the QabelRestError it failed with
         self.done = False  # saved or failed: its writer may return
 
@@ -748,14 +706,11 @@ def _tags(if_match):
 
 
 class SettingsDocument:
-    """One settings document: its file, schema, and current version.
+    """One settings document: its file, schema, and current version. Thread-safe.
 
-    Thread-safe. A change is validated, queued and saved together with every change
-    queued while the save before it ran (group commit: the first writer to find no
-    save running writes the newest document for all of them, with one fsync). A
-    change returns only once the write holding it is durable. Readers see only what
-    is on disk and never wait, except for a file changed by another program.
-    """
+    Group commit: a change is validated and queued; the first writer to find no save
+    running writes the newest document for every queued change, with one fsync, and
+    each returns once that is durable. Readers see what is on disk and never wait."""
 
     def __init__(self, path, schema, defaults):
         self.path = path
@@ -764,8 +719,8 @@ class SettingsDocument:
         self._defaults = defaults
         self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
         self._tags = itertools.count(1)  # next() is atomic: no lock needed
-        # _lock guards the fields below and is not held while the file is written.
-        # Only the writer with _saving set writes the file, so saves never overlap.
+        # _lock guards the fields below, not held while the writer with _saving set
+        # writes the file.
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save ends
         self._disk = None  # _Version on disk: what readers get
@@ -775,6 +730,8 @@ class SettingsDocument:
         self._saving = False
         self._closed = False
         self._dir_fd = None  # the data dir, open for fsync once the first save needs it
+        # Called with (key, tag) for each change on disk, under _lock: the server's feed
+        self.publish = lambda key, etag: None
 
     # -- the in-process API -----------------------------------------------------
 
@@ -786,8 +743,8 @@ class SettingsDocument:
         return copy.deepcopy(_lookup(version.document, parse_key(key)))
 
     def put(self, key, value, merge=False, if_match=None):
-        """Set value at key (deep-merged into an object there if merge); return a copy
-        as stored. PreconditionFailed unless if_match is None, "*" or the tag."""
+        """Set value at key (deep-merged if merge); return a copy as stored.
+        PreconditionFailed unless if_match is None, "*" or the tag."""
         return copy.deepcopy(self.update(key, copy.deepcopy(value), merge, if_match)[0])
 
     def replace(self, document, if_match=None):
@@ -795,8 +752,7 @@ class SettingsDocument:
         return copy.deepcopy(self.substitute(copy.deepcopy(document), if_match)[0])
 
     def patch(self, patch, if_match=None):
-        """Apply a JSON merge patch (RFC 7396) to the whole document; return a copy
-        as stored (see put)."""
+        """Apply a JSON merge patch (RFC 7396); return a copy as stored (see put)."""
         return copy.deepcopy(self.merge_patch(copy.deepcopy(patch), if_match)[0])
 
     @property
@@ -813,20 +769,22 @@ class SettingsDocument:
         path = parse_key(key)
         if type(merge) is not bool:
             raise InvalidValue("merge must be true or false")
-        # What is wrong whatever the document holds is answered before If-Match: a
-        # key no document can have, a value of the wrong type for its key.
+        # A key no document can have is answered before If-Match; so is a bad value.
         node = _node_at(self.schema, path)  # "-" in a list: the node of its items
 
         def check_value():
             if not merge and value is not _MISSING:
                 _check(value, node, path)
-        return self._change(lambda document: _assign(document, self.schema, path, 0,
-                                                     value, merge), if_match, check_value)
+
+        def apply(document):
+            document, stored = _assign(document, self.schema, path, 0, value, merge)
+            return document, stored, _event_key(document, path)
+        return self._change(apply, if_match, check_value)
 
     def substitute(self, document, if_match=None):
         validate(document, self.schema)
         complete = self._complete(document)
-        return self._change(lambda _: (complete, complete), if_match)
+        return self._change(lambda _: (complete, complete, None), if_match)
 
     def merge_patch(self, patch, if_match=None):
         if type(patch) is not dict:
@@ -836,12 +794,12 @@ class SettingsDocument:
             merged = _merge_patch(document, patch)
             validate(merged, self.schema)
             merged = self._complete(merged)  # a field removed returns to its default
-            return merged, merged
+            return merged, merged, None
         return self._change(apply, if_match)
 
     def current(self):
-        """The version on disk (document, body, etag; shared: never change them),
-        re-read first if another program changed the file."""
+        """The version on disk (shared: never change it), re-read if another program
+        changed the file."""
         version = self._disk
         if _file_signature(self.path) != version.signature:
             with self._lock:
@@ -860,8 +818,7 @@ class SettingsDocument:
             raise StartupError(f"{self.name}: {error} ({self.path})")
 
     def create_if_missing(self):
-        """At startup: write the default document if there is no file, so that the
-        data dir shows (and other programs find) both documents."""
+        """At startup: write the default document if there is no file."""
         with self._lock:
             version = self._disk
             if version.raw is not None or version.error:
@@ -874,8 +831,8 @@ class SettingsDocument:
             self._disk = version._replace(signature=signature, raw=version.body)
 
     def close(self, timeout=SHUTDOWN_GRACE):
-        """Refuse every later change; wait (at most timeout seconds) for a save
-        under way to end, and return whether none is. Changes queued behind it fail."""
+        """Refuse later changes; wait at most timeout for a save under way to end,
+        and return whether none is."""
         with self._lock:
             self._closed = True
             if not self._saved.wait_for(lambda: not self._saving, timeout):
@@ -894,19 +851,20 @@ class SettingsDocument:
 
     def _refresh(self, force=False):
         """Take another program's rewrite of the file as current, unless a change of
-        ours is queued or being saved (then the file is ours to write). Holds _lock."""
+        ours is queued or saving (the file is ours to write then). Holds _lock."""
         if self._queue or self._saving:
             return
         if force or _file_signature(self.path) != self._disk.signature:
-            self._disk = self._read_version(self._disk)
+            old, self._disk = self._disk, self._read_version(self._disk)
             if self._disk.error is None:
                 self._head, self._head_tag = self._disk.document, self._disk.etag
+                if old is not None and self._disk.etag != old.etag:
+                    self.publish(None, self._disk.etag)
 
     def _change(self, apply, if_match=None, check_alone=None):
-        """Apply a change to the newest document and return once it is saved:
-        (what apply gives back, the document's tag after the change). A change that
-        leaves the content as it was keeps the tag. Where if_match fails, what
-        check_alone() raises (an error of the request on its own) comes first."""
+        """Apply a change to the newest document; once saved, return (what apply
+        gives back, the tag after it). A change that changes nothing keeps the tag.
+        Where if_match fails, what check_alone() raises comes first."""
         with self._lock:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
@@ -918,19 +876,20 @@ class SettingsDocument:
                     check_alone()
                 raise PreconditionFailed(f"{self.name} has changed: If-Match does not "
                                          "name its tag")
-            document, change.result = apply(self._head)
+            document, change.result, change.key = apply(self._head)
             if _same(document, self._head):
                 if not self._queue and not self._saving:
                     return change.result, self._head_tag  # nothing to save
             else:
                 self._head, self._head_tag = document, self._new_tag()
+                change.changed = True
             change.tag = self._head_tag
             self._queue.append(change)
             while not change.done:
                 if self._saving:
                     self._saved.wait()
                 elif self._closed:
-                    self._end([], self._disk, False,
+                    self._end([], self._disk, None,
                               DocumentUnavailable("the server is shutting down"))
                 else:
                     self._save_queue()
@@ -939,15 +898,14 @@ class SettingsDocument:
         return change.result, change.tag
 
     def _save_queue(self):
-        """Save the newest document with every queued change. Holds _lock, and lets
-        it go during the write."""
+        """Save the newest document with every queued change. Holds _lock but for
+        the write."""
         batch, self._queue = self._queue, []
         document, tag, base = self._head, self._head_tag, self._disk
         self._saving = True
         self._lock.release()
-        # Unless _write says otherwise: a bug, or an interrupt of this thread
-        # (KeyboardInterrupt in the app's), fails the batch and goes on.
-        disk, rebased, error = base, False, SaveError("internal error while saving")
+        # A bug, or an interrupt of this thread, fails the batch and goes on.
+        disk, rebased, error = base, None, SaveError("internal error while saving")
         try:
             disk, rebased, error = self._write(document, tag, base, batch)
         except Exception:
@@ -959,15 +917,16 @@ class SettingsDocument:
             self._saved.notify_all()
 
     def _end(self, batch, disk, rebased, error):
-        """Settle a batch whose save ended with disk on disk. On error the batch and
-        every change queued on top of it fail, and the newest document is the one on
-        disk again; if the batch was re-applied to another program's version, so are
-        the queued changes. Holds _lock."""
+        """Settle a batch whose save left disk on disk, and publish its changes. On
+        error it and every change queued behind it fail; if it was re-applied to
+        another program's version (rebased), so are the queued changes. Holds _lock."""
+        if rebased is not None and rebased.error is None and rebased.etag != self._disk.etag:
+            self.publish(None, rebased.etag)
         self._disk = disk
         if error is not None:
             batch, self._queue = batch + self._queue, []
             self._head, self._head_tag = disk.document, disk.etag
-        elif rebased:
+        elif rebased is not None:
             self._head, tag = self._reapply(self._queue, disk.document)
             self._head_tag = tag or disk.etag
             for change in self._queue:
@@ -976,10 +935,12 @@ class SettingsDocument:
         for change in batch:
             change.error = change.error or error
             change.done = True
+            if change.error is None and change.changed:
+                self.publish(change.key, change.tag)
 
     def _reapply(self, changes, document):
-        """Apply changes again to another document, in order, each with a new tag;
-        those no longer valid there fail alone. Returns (document, the last tag)."""
+        """Apply changes again to another document, each with a new tag; those no
+        longer valid fail alone. Returns (document, the last tag)."""
         tag = None
         for change in changes:
             if not change.matches(None):  # its If-Match named the version replaced
@@ -987,18 +948,18 @@ class SettingsDocument:
                                                   "program: If-Match does not name its tag")
             if change.error is None:
                 try:
-                    document, change.result = change.apply(document)
+                    document, change.result, change.key = change.apply(document)
                     tag = change.tag = self._new_tag()
+                    change.changed = True
                 except QabelRestError as exc:
                     change.error = exc
         return document, tag
 
     def _write(self, document, tag, base, batch):
-        """Write document, made of base and batch, unless another program rewrote the
-        file since base: then batch is made again on the file's version. Without
-        _lock. Returns (the version on disk, whether the batch was re-applied, the
-        error the batch fails with or None)."""
-        rebased = False
+        """Write document (base with batch), or, if another program rewrote the file
+        since base, batch again on that version. Returns (the version on disk, the
+        other program's version it was re-applied to or None, the error or None)."""
+        rebased = None
         for _ in range(_REBASE_ATTEMPTS):
             body = _dump_document(document)
             try:
@@ -1008,7 +969,7 @@ class SettingsDocument:
                                          lambda: self._check_unchanged(base))
                 return _Version(document, body, tag, signature, body, None), rebased, None
             except _Rewritten:
-                base, rebased = self._read_version(base), True
+                base = rebased = self._read_version(base)
             except BaseException as exc:
                 self._put_back(base, body)
                 if not isinstance(exc, OSError):
@@ -1029,8 +990,8 @@ class SettingsDocument:
             f"{self.name} keeps being changed by another program")
 
     def _check_unchanged(self, base):
-        """Raise _Rewritten unless the file is still base. Compares content, not
-        stat: an in-place rewrite within one timestamp tick keeps size and mtime."""
+        """Raise _Rewritten unless the file still holds base (content, not stat: an
+        in-place rewrite within one clock tick keeps size and mtime)."""
         try:
             current = _read_file(self.path, len(base.raw or b""))[1]
         except OSError:
@@ -1039,8 +1000,8 @@ class SettingsDocument:
             raise _Rewritten
 
     def _put_back(self, base, body):
-        """After a failed save: if the file holds body all the same (the directory
-        fsync failed after the rename), put base back: a failed change is never kept."""
+        """After a failed save, put base back if the file holds body all the same
+        (the directory fsync failed after the rename): a failed change is not kept."""
         try:
             if body != base.raw and _read_file(self.path, len(body))[1] == body:
                 if base.raw is None:
@@ -1059,8 +1020,7 @@ class SettingsDocument:
         return _Version(document, body, self._new_tag(), signature, raw, None)
 
     def _read_version(self, known):
-        """The file's version: known itself (with the new signature) if the content
-        is the same."""
+        """The file's version: known (with the new signature) if the content is the same."""
         try:
             signature, raw = _read_file(self.path)
         except OSError as exc:
@@ -1086,6 +1046,125 @@ class SettingsDocument:
         defaults = json.loads(self._defaults)
         defaults.update(document)
         return defaults
+
+
+# --- Change feed -------------------------------------------------------------
+
+EVENTS_KEPT = 1000  # the newest events the feed keeps, and the most one answer holds
+MAX_WAIT = 300  # seconds a request may wait for events
+_POLL_INTERVAL = 0.5  # seconds between looks at the files while requests wait
+
+
+class CursorGone(QabelRestError):
+    """A cursor this run did not hand out, or older than the events kept: 410.
+    `cursor` is the current one: read the documents again, then go on from it."""
+
+    status = HTTPStatus.GONE
+
+    def __init__(self, message, cursor):
+        super().__init__(message)
+        self.cursor = cursor
+
+
+def _event(document, key, etag):
+    return {"document": document, "key": None if key is None else list(key), "etag": etag}
+
+
+class _Feed:
+    """Every change to either document as an event, in order, the newest ones kept.
+    Event n (from 1) has the cursor "<run>-<n>"; a cursor names the events after it."""
+
+    def __init__(self, look):
+        self._look = look  # looks at the files, publishing another program's rewrite
+        self._run = os.urandom(6).hex()  # a cursor of another run is unknown
+        self._events = collections.deque(maxlen=EVENTS_KEPT)  # (document, key, etag)
+        self._last = 0  # the number of the newest event
+        self._changed = threading.Condition()  # notified on each event, and on close
+        self._next_look = 0.0
+        self._closed = False
+        self._subscribers = []  # [the last event before it subscribed, callback]
+        self._dispatcher = None  # the thread that calls them
+
+    def publish(self, document, key, etag):
+        with self._changed:
+            self._events.append((document, key, etag))
+            self._last += 1
+            self._changed.notify_all()
+
+    def close(self):
+        """Answer every waiting request now, and every later one at once."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def events(self, since=None, timeout=0):
+        """{"cursor", "events"} after since, waiting up to timeout seconds for one."""
+        if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
+            raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._changed:
+                number = self._number(since)
+                start = number - (self._last - len(self._events))
+                found = list(itertools.islice(self._events, start, start + EVENTS_KEPT))
+                now = time.monotonic()
+                if found or since is None or self._closed or now >= deadline:
+                    return {"cursor": f"{self._run}-{number + len(found)}",
+                            "events": [_event(*event) for event in found]}
+                look = now >= self._next_look  # one waiter looks for all of them
+                if look:
+                    self._next_look = now + _POLL_INTERVAL
+                else:
+                    self._changed.wait(min(deadline, self._next_look) - now)
+            if look:
+                self._look()  # without the lock: a rewrite found publishes
+
+    def _number(self, since):
+        """The number of the event a cursor names; CursorGone unless this run handed
+        it out and every event after it is kept. Holds _changed."""
+        if since is None:
+            return self._last
+        run, _, number = since.rpartition("-") if type(since) is str else ("", "", "")
+        if (run == self._run and _is_digits(number) and len(number) <= _MAX_INT_TEXT
+                and str(int(number)) == number
+                and self._last - len(self._events) <= int(number) <= self._last):
+            return int(number)
+        raise CursorGone("the cursor is unknown or too old: read the documents again",
+                         f"{self._run}-{self._last}")
+
+    def subscribe(self, callback):
+        """Call callback(event) for each later event, in order, from one thread of
+        the feed; return a function that unsubscribes."""
+        with self._changed:
+            entry = [self._last, callback]
+            self._subscribers.append(entry)
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(target=self._dispatch, args=(self._last,),
+                                                    daemon=True, name="qabel_rest events")
+                self._dispatcher.start()
+
+        def unsubscribe():
+            with self._changed:
+                self._subscribers = [s for s in self._subscribers if s is not entry]
+        return unsubscribe
+
+    def _dispatch(self, done):
+        """Call the subscribers for each event after done, until closed."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._last > done or self._closed)
+                first = self._last - len(self._events) + 1  # the oldest kept
+                found = list(enumerate(self._events, first))[max(0, done + 1 - first):]
+                subscribers, done = list(self._subscribers), self._last
+            if not found:
+                return  # closed
+            for number, event in found:
+                for since, callback in subscribers:
+                    if number > since:
+                        try:
+                            callback(_event(*event))
+                        except Exception:
+                            _logger().exception("a subscriber of the change feed failed")
 
 
 # --- Data directory: location, lock, API key ----------------------------------
@@ -1227,12 +1306,14 @@ def _normal_host(name):
 _ROUTES = MappingProxyType({
     "/settings": ("GET", "PUT", "POST", "PATCH"),
     "/synced": ("GET", "PUT", "POST", "PATCH"),
+    "/events": ("GET",),
     "/health": ("GET",),
 })
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _MAX_FORM_FIELDS = 16
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{0,9})?|\.[0-9]{1,9}")  # a timeout= value
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
@@ -1551,6 +1632,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
         elif path == "/health":
             self._send_json(HTTPStatus.OK, {"status": "ok"})
+        elif path == "/events":
+            self._do_events()
         else:
             document = self.server.settings if path == "/settings" else self.server.synced
             if method == "GET":
@@ -1695,6 +1778,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, *self._tagged(document.merge_patch(
             patch, self._if_match())))
 
+    def _do_events(self):
+        query = _parse_form(self.path.partition("?")[2].encode("latin-1"))
+        timeout = query.get("timeout", "30")
+        if not (_SECONDS.fullmatch(timeout) and float(timeout) <= MAX_WAIT):
+            raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
+        self.server._extend_deadline(self.connection, float(timeout))
+        self._send_json(HTTPStatus.OK, self.server.events(query.get("since"), float(timeout)))
+
     @staticmethod
     def _tagged(result):
         """(the stored document, the ETag header) of a change's (result, tag)."""
@@ -1711,13 +1802,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.logger.warning("%s: %d %s", self._what(), error.status,
                                        error.message)
         headers = getattr(error, "headers", ())
+        payload = {"error": error.message}
+        if isinstance(error, CursorGone):
+            payload["cursor"] = error.cursor
         if error.status == HTTPStatus.METHOD_NOT_ALLOWED and self._allow:
             headers = (*headers, ("Allow", self._allow))
         if error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE and self.command == "PATCH":
             headers = (*headers, ("Accept-Patch", _PATCH_TYPE))
         if getattr(error, "close", False):
             self.close_connection = self._linger = True
-        self._send_json(error.status, {"error": error.message}, headers)
+        self._send_json(error.status, payload, headers)
 
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
@@ -1826,6 +1920,9 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._serving = None  # the thread in serve_forever()
         self._connections = {}  # socket -> [thread, state, deadline], oldest first
         self._next_sweep = 0.0
+        self._feed = _Feed(self._look)
+        settings.publish = lambda key, etag: self._feed.publish("settings", key, etag)
+        synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         super().__init__(address, handler_class)
         bound = self.server_address[0]
         self.allowed_hosts = frozenset(
@@ -1837,6 +1934,24 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
+
+    def events(self, since=None, timeout=0):
+        """What GET /events answers, as a dict: the events after the cursor since
+        (waiting up to timeout seconds for one), and the cursor after them. Raises
+        CursorGone where HTTP answers 410."""
+        return self._feed.events(since, timeout)
+
+    def subscribe(self, callback):
+        """Call callback(event) for every later event, in order, from a thread of the
+        server, once the change is on disk; return a function that unsubscribes."""
+        return self._feed.subscribe(callback)
+
+    def _look(self):
+        for document in (self.settings, self.synced):
+            try:
+                document.current()  # publishes another program's rewrite
+            except QabelRestError:
+                pass
 
     def server_bind(self):
         if os.name == "nt":  # pragma: no cover - Windows
@@ -1864,6 +1979,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         with self._state:
             self._stopping = True
             serving = self._serving
+        self._feed.close()  # requests waiting for events are answered now
         if serving is threading.current_thread():
             threading.Thread(target=super().shutdown, daemon=True).start()
         elif serving is not None:
@@ -1875,6 +1991,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         with self._state:
             self._stopping = self._closing = True
             entries = list(self._connections.items())
+        self._feed.close()
         for sock, (thread, state, _) in entries:
             if state != _BUSY:
                 _shut(sock)
@@ -1963,6 +2080,11 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 return "too many connections"
             entry[1:] = _BUSY, time.monotonic() + self.request_timeout
             return None
+
+    def _extend_deadline(self, sock, seconds):
+        """Give a request that waits for events that much more time."""
+        with self._state:
+            self._connections[sock][2] += seconds
 
     def _end_request(self, sock):
         """Mark a connection idle; True if it must close because the server is."""

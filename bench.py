@@ -24,6 +24,10 @@ Printed, each with its goal and whether it held:
   - RSS of the ready, idle qabel_rest process minus that of the bare  goal <= 4 MB
     one, each after a warm-up request, with the 3.7 KB document: run as a script
     (compiled from source at every start) and as `python -m qabel_rest` (from its .pyc)
+  - PUT -> event latency with 100 waiters (long-polls of GET /events): goal p50 <= 5 ms,
+    from a PUT's 200 read to a follower's answer with its event read   p99 <= 50 ms
+  - GET /synced throughput with 100 waiters / without, alternating     goal >= 0.90
+    (both on the 3.7 KB qabel_rest process, after its figures; not with --skip-feed)
 """
 
 import argparse
@@ -47,6 +51,8 @@ KEY = "bench-key-0123456789abcdef0123456789abcdef"
 GOALS = {"GET 3.7KB": 0.90, "PUT 3.7KB": 0.50, "GET 1MB": 0.90}
 IMPORT_GOAL_MS = 10
 RSS_GOAL_MB = 4
+FEED_GOALS_MS = (5, 50)  # p50, p99 of PUT -> event with 100 waiters
+FEED_GET_GOAL = 0.90
 
 
 def sample_synced(n_identities=4):
@@ -227,6 +233,104 @@ def load_python(port, method, seconds, connections, scratch):
     return sum(counts) / (time.monotonic() - started)
 
 
+def send(sock, method, path, body=b""):
+    sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nX-API-Key: {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                 .encode() + body)
+
+
+def answer(reader):
+    """(status, headers with lower-case names, body) of one keep-alive answer."""
+    status, headers = int(reader.readline().split()[1]), {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers, reader.read(int(headers.get("content-length", 0)))
+
+
+def connect(port):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=90)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    return sock, sock.makefile("rb")
+
+
+class Waiters:
+    """n connections, a thread each, that long-poll GET /events?timeout=60, re-issued with
+    the new cursor after each answer, whose events and read time go to on_answer."""
+
+    def __init__(self, port, n, on_answer=lambda events, received: None):
+        self.stop, self.issued, self.changed = False, 0, threading.Condition()
+        cursor = json.loads(http_get(port, "/events")[1])["cursor"]
+        self.threads = [threading.Thread(target=self._run, args=(port, cursor, on_answer),
+                                         daemon=True) for _ in range(n)]
+        for thread in self.threads:
+            thread.start()
+        self.wait_issued(n)
+
+    def _run(self, port, cursor, on_answer):
+        sock, reader = connect(port)
+        with sock:
+            while not self.stop:
+                send(sock, "GET", f"/events?since={cursor}&timeout=60")
+                with self.changed:
+                    self.issued += 1
+                    self.changed.notify_all()
+                feed = json.loads(answer(reader)[2])  # a failure ends the thread
+                on_answer(feed["events"], time.perf_counter())
+                cursor = feed["cursor"]
+
+    def wait_issued(self, count):
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.issued >= count, 10):
+                raise SystemExit("the feed waiters stopped answering")
+
+    def close(self, put):
+        self.stop = True
+        while any(thread.is_alive() for thread in self.threads):
+            put()  # an event answers every waiter, which then sees stop and closes
+            for thread in self.threads:
+                thread.join(0.5 / len(self.threads))
+
+
+def feed_figures(port, args, load, scratch, puts=200):
+    """p50 and p99 ms of PUT -> event as a follower beside 100 waiters sees it, then the
+    GET /synced rates with and without 100 waiters (medians of alternating rounds)."""
+    sock, reader = connect(port)
+    values = iter(range(1000, 1 << 30))  # a new poll_interval each PUT, so an event each
+
+    def put():
+        send(sock, "PUT", "/settings", b'{"key":"poll_interval","value":%d}' % next(values))
+        status, headers, _ = answer(reader)
+        if status != 200:
+            raise SystemExit(f"PUT /settings answered {status}")
+        return headers["etag"], time.perf_counter()
+
+    seen, latencies = {}, []  # seen: etag -> when the follower had read its answer
+    waiters = Waiters(port, 100)
+    follower = Waiters(port, 1, lambda events, t: seen.update((e["etag"], t) for e in events))
+    for i in range(puts):
+        etag, done = put()
+        # Each answer holds one event: wait until all 101 have re-issued their long-poll,
+        # so that every PUT meets 101 waiting requests.
+        waiters.wait_issued(100 * (i + 2))
+        follower.wait_issued(i + 2)
+        # As is, not clamped at 0: negative when the follower read the event before this
+        # thread had read the PUT's 200 (the event is published before the 200 is sent).
+        latencies.append((seen[etag] - done) * 1000)
+    waiters.close(put)
+    follower.close(put)
+    rates = {True: [], False: []}
+    for _ in range(args.rounds):
+        for waiting in (False, True):
+            waiters = Waiters(port, 100 if waiting else 0)
+            time.sleep(0.2)  # let the server take up the last long-polls
+            rates[waiting].append(load(port, "GET", args.duration, args.connections, scratch))
+            waiters.close(put)
+    sock.close()
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return cuts[49], cuts[98], statistics.median(rates[True]), statistics.median(rates[False])
+
+
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -279,7 +383,7 @@ def import_ms(module_dir, runs=15):
 # The run
 # ---------------------------------------------------------------------------
 
-def scenario(name, document, methods, args, load, module_dir, scratch, results):
+def scenario(name, document, methods, args, load, module_dir, scratch, results, feed=False):
     """Start both servers on the document, check they serve the same bytes, note their
     ready RSS, then measure each method alternating the servers."""
     data_dir = os.path.join(scratch, name)
@@ -315,6 +419,10 @@ def scenario(name, document, methods, args, load, module_dir, scratch, results):
             results[f"{method} {name}"] = (bare_rate, qabel_rate)
             print(f"  {method:4s} bare {bare_rate:8,.0f} req/s   qabel_rest "
                   f"{qabel_rate:8,.0f} req/s   ratio {qabel_rate / bare_rate:.2f}", flush=True)
+        if feed:  # after the figures above, so it leaves them as they were
+            results["feed"] = feed_figures(qabel_port, args, load, scratch)
+            print("  feed PUT -> event p50 {:.2f} ms, p99 {:.2f} ms; GET with 100 waiters "
+                  "{:,.0f} req/s, without {:,.0f} req/s".format(*results["feed"]), flush=True)
     finally:
         for proc in (bare, qabel):
             proc.terminate()
@@ -337,6 +445,8 @@ def main():
                              "median counts (%(default)s)")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--skip-feed", action="store_true",
+                        help="leave out the two change-feed figures")
     args = parser.parse_args()
 
     scratch = tempfile.mkdtemp(prefix="qabel-bench-")
@@ -359,7 +469,7 @@ def main():
 
         results = {}
         scenario("3.7KB", sample_synced(4), ("GET", "PUT"), args, load, module_dir,
-                 scratch, results)
+                 scratch, results, feed=not args.skip_feed)
         n = 1
         while len(dump(sample_synced(n))) < 1 << 20:
             n *= 2
@@ -388,6 +498,14 @@ def main():
         print(f"{'RSS ready, ' + how + ', minus bare':48s} {extra:+.1f} MB (qabel_rest "
               f"{kb / 1024:.1f} MB, bare {bare_kb / 1024:.1f} MB)  goal <= {RSS_GOAL_MB} MB: "
               f"{verdict(extra <= RSS_GOAL_MB)}")
+    if "feed" in results:
+        p50, p99, with_, without = results["feed"]
+        print(f"{'PUT -> event latency with 100 waiters':48s} p50 {p50:.2f} ms  p99 {p99:.2f} "
+              f"ms  goal p50 <= {FEED_GOALS_MS[0]} ms, p99 <= {FEED_GOALS_MS[1]} ms: "
+              f"{verdict(p50 <= FEED_GOALS_MS[0] and p99 <= FEED_GOALS_MS[1])}")
+        print(f"{'GET /synced throughput with 100 waiters':48s} without {without:7,.0f} "
+              f"req/s  with {with_:7,.0f} req/s  ratio {with_ / without:.2f}  goal >= "
+              f"{FEED_GET_GOAL:.2f}: {verdict(with_ / without >= FEED_GET_GOAL)}")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,13 @@ class _HTTPError(QabelRestError):
         self.close = close
 
 
+class _Malformed(_HTTPError):
+    """A request whose framing cannot be trusted: answered, then the connection closes."""
+
+    def __init__(self, message, status=HTTPStatus.BAD_REQUEST):
+        super().__init__(status, message, close=True)
+
+
 class _NotJSON(ValueError):
     """The text does not parse as JSON (RFC 8259)."""
 
@@ -647,22 +654,14 @@ def _file_signature(path):
         return ("unreadable", exc.errno)
 
 
-def _read_file(path, size_hint=None):
-    """(signature, content) of a file, (None, None) if missing; without a stat if
-    size_hint is given (one read when the file has that size). Raises OSError."""
+def _read_file(path):
+    """(signature, content) of a file, (None, None) if it is missing; OSError."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
         return None, None
-    try:
-        signature = None if size_hint is not None else _signature(os.fstat(fd))
-        size = size_hint if size_hint is not None else signature[2]
-        chunks = [os.read(fd, size + 1)]  # a short read is the end of a regular file
-        while len(chunks[0]) > size and chunks[-1]:  # the file has grown
-            chunks.append(os.read(fd, 1 << 16))
-    finally:
-        os.close(fd)
-    return signature, b"".join(chunks)
+    with open(fd, "rb") as file:
+        return _signature(os.fstat(fd)), file.read()
 
 
 # One version of a document, never changed: the parsed value, its bytes as served,
@@ -993,7 +992,7 @@ class SettingsDocument:
         """Raise _Rewritten unless the file still holds base (content, not stat: an
         in-place rewrite within one clock tick keeps size and mtime)."""
         try:
-            current = _read_file(self.path, len(base.raw or b""))[1]
+            current = _read_file(self.path)[1]
         except OSError:
             current = ()  # never equal: re-reading says why
         if current != base.raw:
@@ -1003,7 +1002,7 @@ class SettingsDocument:
         """After a failed save, put base back if the file holds body all the same
         (the directory fsync failed after the rename): a failed change is not kept."""
         try:
-            if body != base.raw and _read_file(self.path, len(body))[1] == body:
+            if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
                     os.unlink(self.path)
                 else:
@@ -1334,8 +1333,7 @@ class _LineReader(io.BufferedReader):
         line = super().readline(limit)
         end = len(line) - (line.endswith(b"\n") + line.endswith(b"\r\n"))
         if _CONTROL.search(line, 0, end):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "a control character in a line",
-                             close=True)
+            raise _Malformed("a control character in a line")
         return line
 
 
@@ -1464,11 +1462,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
             # HTTP/0.9: http.server would read on for headers that a two-word
             # request never sends, and answer with no status line.
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported", close=True)
+            raise _Malformed("HTTP/0.9 is not supported")
         if self.raw_requestline.rstrip(b"\r\n").split(b" ") != [w.encode("latin-1") for w in words]:
             # RFC 9112 3: method SP target SP version; str.split() also splits on
             # Unicode white space such as \x85 and \xa0
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed request line", close=True)
+            raise _Malformed("malformed request line")
         if not super().parse_request():
             return False
         self._check_framing()
@@ -1512,48 +1510,40 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.fields = fields = {}
         for name, value in self.headers.items():
             if "\n" in value:  # a folded line (obsolete, RFC 9112 5.2) keeps its CRLF
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line", close=True)
+                raise _Malformed("malformed header line")
             fields.setdefault(name.lower(), []).append(value)
         if any(isinstance(defect, _HEADER_DEFECTS) for defect in self.headers.defects):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed header line", close=True)
+            raise _Malformed("malformed header line")
         if len(fields.get("host", ())) != 1:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "exactly one Host header is required",
-                             close=True)
+            raise _Malformed("exactly one Host header is required")
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "the request target must be a path",
-                             close=True)
+            raise _Malformed("the request target must be a path")
         tokens = {token.strip(_OWS).lower() for value in fields.get("connection", ())
                   for token in value.split(",")}
         if "close" in tokens:  # http.server only knows a header that is just "close"
             self.close_connection = True
         for value in fields.get("expect", ()):
             if value.strip(_OWS).lower() != "100-continue":
-                raise _HTTPError(HTTPStatus.EXPECTATION_FAILED, "unsupported expectation",
-                                 close=True)
+                raise _Malformed("unsupported expectation", HTTPStatus.EXPECTATION_FAILED)
             self._expect = self.request_version != "HTTP/1.0"  # 1.0 clients expect none
         codings = fields.get("transfer-encoding")
         lengths = fields.get("content-length")
         if codings:
             if lengths:  # a request smuggling vector (RFC 9112 section 6.3)
-                raise _HTTPError(HTTPStatus.BAD_REQUEST,
-                                 "both Transfer-Encoding and Content-Length", close=True)
+                raise _Malformed("both Transfer-Encoding and Content-Length")
             if self.request_version == "HTTP/1.0":
-                raise _HTTPError(HTTPStatus.BAD_REQUEST,
-                                 "Transfer-Encoding in an HTTP/1.0 request", close=True)
+                raise _Malformed("Transfer-Encoding in an HTTP/1.0 request")
             names = [name.strip(_OWS).lower() for value in codings for name in value.split(",")]
             if names != ["chunked"]:
-                raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED,
-                                 "transfer coding not supported", close=True)
+                raise _Malformed("transfer coding not supported", HTTPStatus.NOT_IMPLEMENTED)
             self._chunked = self._body_pending = True
         elif lengths:
             values = {value.strip(" \t") for value in lengths}
             if not all(_is_digits(value) for value in values):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed Content-Length",
-                                 close=True)
+                raise _Malformed("malformed Content-Length")
             values = {value.lstrip("0") or "0" for value in values}
             if len(values) > 1:
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "conflicting Content-Length",
-                                 close=True)
+                raise _Malformed("conflicting Content-Length")
             value = values.pop()
             self._length = int(value) if len(value) <= 18 else sys.maxsize
             self._body_pending = self._length > 0
@@ -1660,38 +1650,39 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     # -- body --------------------------------------------------------------------------
 
     def _read_body(self, limit):
-        if not self._chunked and self._length > limit:
-            raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                             f"the body is larger than {limit} bytes", close=True)
+        self._check_size(self._length, limit)
         if self._expect:
             self._expect = False
             super().handle_expect_100()  # send 100 Continue now
             self.wfile.flush()
         body = self._read_chunked(limit) if self._chunked else self.rfile.read(self._length)
         if len(body) < self._length:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, "the body ended early", close=True)
+            raise _Malformed("the body ended early")
         self._body_pending = False
         return body
+
+    @staticmethod
+    def _check_size(size, limit):
+        if size > limit:
+            raise _Malformed(f"the body is larger than {limit} bytes",
+                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
     def _read_chunked(self, limit):
         """Decode a chunked body (RFC 9112 section 7.1), at most limit bytes."""
         body = bytearray()
         while True:
             line = self.rfile.readline(4096)
-            if not line.endswith(b"\n"):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk", close=True)
             size = line.split(b";", 1)[0].strip(b" \t\r\n")
-            if not (0 < len(size) <= 16 and _HEX_DIGITS.issuperset(size)):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk size", close=True)
+            if not (line.endswith(b"\n") and 0 < len(size) <= 16
+                    and _HEX_DIGITS.issuperset(size)):
+                raise _Malformed("malformed chunk size")
             size = int(size, 16)
             if size == 0:
                 break
-            if len(body) + size > limit:
-                raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                 f"the body is larger than {limit} bytes", close=True)
+            self._check_size(len(body) + size, limit)
             data = self.rfile.read(size)
             if len(data) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunk", close=True)
+                raise _Malformed("malformed chunk")
             body += data
         for _ in range(64):  # trailer fields, ignored
             line = self.rfile.readline(4096)
@@ -1699,7 +1690,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 return bytes(body)
             if not line.endswith(b"\n"):
                 break
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, "malformed chunked trailer", close=True)
+        raise _Malformed("malformed chunked trailer")
 
     def _drain_body(self):
         """Read and drop a body we answered without reading, to keep the framing

@@ -1069,9 +1069,25 @@ def _event(document, key, etag):
     return {"document": document, "key": None if key is None else list(key), "etag": etag}
 
 
+class _Waiter:
+    """A request waiting for events: its cursor's number, and how it gets its answer."""
+
+    __slots__ = ("number", "deliver", "answer", "done")
+
+    def __init__(self, number, deliver):
+        self.number = number
+        self.deliver = deliver  # None, or a function the answer goes to
+        self.answer = None  # the answer, or the CursorGone it gets
+        self.done = threading.Event()
+
+
 class _Feed:
     """Every change to either document as an event, in order, the newest ones kept.
-    Event n (from 1) has the cursor "<run>-<n>"; a cursor names the events after it."""
+    Event n (from 1) has the cursor "<run>-<n>"; a cursor names the events after it.
+
+    One thread of the feed answers every waiting request as soon as there is an event,
+    calls the subscribers, and looks at the files while requests wait: a hundred
+    waiting threads woken at once would each wait for the others to get the GIL."""
 
     def __init__(self, look):
         self._look = look  # looks at the files, publishing another program's rewrite
@@ -1079,44 +1095,60 @@ class _Feed:
         self._events = collections.deque(maxlen=EVENTS_KEPT)  # (document, key, etag)
         self._last = 0  # the number of the newest event
         self._changed = threading.Condition()  # notified on each event, and on close
-        self._next_look = 0.0
         self._closed = False
+        self._waiters = set()
         self._subscribers = []  # [the last event before it subscribed, callback]
-        self._dispatcher = None  # the thread that calls them
+        self._thread = None  # the feed's thread, started when first needed
 
     def publish(self, document, key, etag):
         with self._changed:
             self._events.append((document, key, etag))
             self._last += 1
-            self._changed.notify_all()
+            self._changed.notify()
 
     def close(self):
         """Answer every waiting request now, and every later one at once."""
         with self._changed:
             self._closed = True
-            self._changed.notify_all()
+            self._changed.notify()
 
-    def events(self, since=None, timeout=0):
-        """{"cursor", "events"} after since, waiting up to timeout seconds for one."""
+    def events(self, since=None, timeout=0, deliver=None):
+        """{"cursor", "events"} after since, waiting up to timeout seconds for one.
+        With deliver, an answer that waited goes to deliver(answer) from the feed's
+        thread instead, and None is returned."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
-        deadline = time.monotonic() + timeout
-        while True:
+        with self._changed:
+            number = self._number(since)
+            answer = self._answer(number)
+            if answer["events"] or since is None or self._closed or timeout == 0:
+                return answer
+            waiter = _Waiter(number, deliver)
+            self._waiters.add(waiter)
+            self._start()
+            self._changed.notify()  # the feed's thread starts looking at the files
+        if not waiter.done.wait(timeout):
             with self._changed:
-                number = self._number(since)
-                start = number - (self._last - len(self._events))
-                found = list(itertools.islice(self._events, start, start + EVENTS_KEPT))
-                now = time.monotonic()
-                if found or since is None or self._closed or now >= deadline:
-                    return {"cursor": f"{self._run}-{number + len(found)}",
-                            "events": [_event(*event) for event in found]}
-                look = now >= self._next_look  # one waiter looks for all of them
-                if look:
-                    self._next_look = now + _POLL_INTERVAL
-                else:
-                    self._changed.wait(min(deadline, self._next_look) - now)
-            if look:
-                self._look()  # without the lock: a rewrite found publishes
+                if waiter in self._waiters:  # else the feed's thread is answering it
+                    self._waiters.remove(waiter)
+                    return answer
+            waiter.done.wait()
+        if isinstance(waiter.answer, CursorGone):
+            raise waiter.answer
+        return waiter.answer
+
+    def subscribe(self, callback):
+        """Call callback(event) for each later event, in order, from the feed's
+        thread; return a function that unsubscribes."""
+        with self._changed:
+            entry = [self._last, callback]
+            self._subscribers.append(entry)
+            self._start()
+
+        def unsubscribe():
+            with self._changed:
+                self._subscribers = [s for s in self._subscribers if s is not entry]
+        return unsubscribe
 
     def _number(self, since):
         """The number of the event a cursor names; CursorGone unless this run handed
@@ -1128,35 +1160,57 @@ class _Feed:
                 and str(int(number)) == number
                 and self._last - len(self._events) <= int(number) <= self._last):
             return int(number)
-        raise CursorGone("the cursor is unknown or too old: read the documents again",
-                         f"{self._run}-{self._last}")
+        raise self._gone()
 
-    def subscribe(self, callback):
-        """Call callback(event) for each later event, in order, from one thread of
-        the feed; return a function that unsubscribes."""
-        with self._changed:
-            entry = [self._last, callback]
-            self._subscribers.append(entry)
-            if self._dispatcher is None:
-                self._dispatcher = threading.Thread(target=self._dispatch, args=(self._last,),
-                                                    daemon=True, name="qabel_rest events")
-                self._dispatcher.start()
+    def _gone(self):
+        return CursorGone("the cursor is unknown or too old: read the documents again",
+                          f"{self._run}-{self._last}")
 
-        def unsubscribe():
-            with self._changed:
-                self._subscribers = [s for s in self._subscribers if s is not entry]
-        return unsubscribe
+    def _answer(self, number):
+        """The answer to a request for the events after number. Holds _changed."""
+        start = number - (self._last - len(self._events))
+        if start < 0:  # a waiter fell behind by more than the events kept
+            raise self._gone()
+        found = list(itertools.islice(self._events, start, start + EVENTS_KEPT))
+        return {"cursor": f"{self._run}-{number + len(found)}",
+                "events": [_event(*event) for event in found]}
 
-    def _dispatch(self, done):
-        """Call the subscribers for each event after done, until closed."""
+    def _start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, daemon=True,
+                                            name="qabel_rest events")
+            self._thread.start()
+
+    def _serve(self):
+        """The feed's thread, until close: answer the waiting requests when there are
+        events, call the subscribers, and look at the files while requests wait."""
+        done, next_look = self._last, 0.0
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._last > done or self._closed)
-                first = self._last - len(self._events) + 1  # the oldest kept
-                found = list(enumerate(self._events, first))[max(0, done + 1 - first):]
-                subscribers, done = list(self._subscribers), self._last
-            if not found:
-                return  # closed
+                if self._last == done and not self._closed:
+                    self._changed.wait(_POLL_INTERVAL if self._waiters else None)
+                waiters, found = [], []
+                if self._last > done or self._closed:
+                    waiters, self._waiters = self._waiters, set()
+                    for waiter in waiters:
+                        try:
+                            waiter.answer = self._answer(waiter.number)
+                        except CursorGone as exc:
+                            waiter.answer = exc
+                    first = self._last - len(self._events) + 1
+                    found = list(enumerate(self._events, first))[max(0, done + 1 - first):]
+                    done = self._last
+                subscribers, closed = list(self._subscribers), self._closed
+                look = self._waiters and time.monotonic() >= next_look
+            for waiter in waiters:  # every answer is sent before any waiter wakes
+                try:
+                    if waiter.deliver is not None:
+                        waiter.deliver(waiter.answer)
+                        waiter.answer = None  # answered
+                except Exception:
+                    _logger().exception("unexpected error answering a request for events")
+            for waiter in waiters:
+                waiter.done.set()
             for number, event in found:
                 for since, callback in subscribers:
                     if number > since:
@@ -1164,6 +1218,11 @@ class _Feed:
                             callback(_event(*event))
                         except Exception:
                             _logger().exception("a subscriber of the change feed failed")
+            if closed:
+                return
+            if look:
+                next_look = time.monotonic() + _POLL_INTERVAL
+                self._look()  # without the lock: a rewrite found publishes
 
 
 # --- Data directory: location, lock, API key ----------------------------------
@@ -1775,7 +1834,19 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if not (_SECONDS.fullmatch(timeout) and float(timeout) <= MAX_WAIT):
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         self.server._extend_deadline(self.connection, float(timeout))
-        self._send_json(HTTPStatus.OK, self.server.events(query.get("since"), float(timeout)))
+        answer = self.server.events(query.get("since"), float(timeout), self._deliver)
+        if answer is not None:  # else it was delivered
+            self._send_json(HTTPStatus.OK, answer)
+
+    def _deliver(self, answer):
+        """The answer to a request that waited for events, from the feed's thread."""
+        try:
+            if isinstance(answer, CursorGone):
+                self._send_error(answer)
+            else:
+                self._send_json(HTTPStatus.OK, answer)
+        except OSError:  # the client is gone
+            self.close_connection = True
 
     @staticmethod
     def _tagged(result):
@@ -1926,11 +1997,12 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
-    def events(self, since=None, timeout=0):
+    def events(self, since=None, timeout=0, deliver=None):
         """What GET /events answers, as a dict: the events after the cursor since
         (waiting up to timeout seconds for one), and the cursor after them. Raises
-        CursorGone where HTTP answers 410."""
-        return self._feed.events(since, timeout)
+        CursorGone where HTTP answers 410. With deliver, an answer that had to wait
+        goes to deliver(answer) from a thread of the server, and None is returned."""
+        return self._feed.events(since, timeout, deliver)
 
     def subscribe(self, callback):
         """Call callback(event) for every later event, in order, from a thread of the

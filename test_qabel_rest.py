@@ -2908,3 +2908,897 @@ def test_bare_lf_empty_line_before_a_request_is_ignored(live):
     conn.send(b"\nGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert conn.read().status == 200
     conn.close()
+
+
+# ---------------------------------------------------------------------------
+# --- Change feed (SPEC section 7): GET /events, subscribe(), events()
+# ---------------------------------------------------------------------------
+
+FEED_CURSOR = re.compile(r"[A-Za-z0-9._~-]+")  # URL-safe characters only
+FEED_MERGE = "application/merge-patch+json"
+FEED_FORM = "application/x-www-form-urlencoded"
+FEED_REWRITES = {  # what another program writes: valid, and unlike the defaults
+    "settings": {"poll_interval": 77, "drop_last_update": "rewritten",
+                 "module_data": {"sync": {"a": 1}}},
+    "synced": {"accounts": [item(7, provider="p", user="u", auth="a")]},
+}
+
+
+def feed_path(since=None, timeout=None):
+    """/events with since and timeout (when given) in the query string."""
+    query = [(name, str(value)) for name, value in (("since", since), ("timeout", timeout))
+             if value is not None]
+    return "/events" + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
+def feed_get(client, since=None, timeout=None, **kw):
+    return client.get(feed_path(since, timeout), **kw)
+
+
+def feed_cursor(client):
+    """The current cursor, from GET /events without since."""
+    response = client.get("/events")
+    assert response.status == 200, response
+    cursor = response.json()["cursor"]
+    assert FEED_CURSOR.fullmatch(cursor)
+    return cursor
+
+
+def feed_events(client, since):
+    """The events after since, without waiting (timeout=0)."""
+    response = feed_get(client, since, 0)
+    assert response.status == 200, response
+    return response.json()["events"]
+
+
+def feed_event(document, key, etag):
+    return {"document": document, "key": key, "etag": etag}
+
+
+def feed_rewrite(data_dir, name, document):
+    """Another program replaces DATA_DIR/name.json (temp file and rename, as a sync
+    module would: never half written)."""
+    path = os.path.join(str(data_dir), name + ".json")
+    with open(path + ".other", "w") as f:
+        json.dump(document, f)
+    os.replace(path + ".other", path)
+
+
+def feed_readable(conns, wait):
+    """The connections with an answer (or EOF) waiting to be read within wait seconds."""
+    import select
+    ready, _, _ = select.select([conn.sock for conn in conns], [], [], wait)
+    return [conn for conn in conns if conn.sock in ready]
+
+
+def feed_wait_for(condition, predicate, timeout=TIMEOUT):
+    with condition:
+        assert condition.wait_for(predicate, timeout)
+
+
+class FeedWaiter:
+    """A long poll of GET /events in a thread of its own, on its own connection."""
+
+    def __init__(self, client, since, timeout=5, **kw):
+        self.response = self.error = self.finished = None
+        self.done = threading.Event()
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(client, since, timeout, kw),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, client, since, timeout, kw):
+        try:
+            self.response = feed_get(client, since, timeout, **kw)
+        except Exception as exc:  # reported by result()
+            self.error = exc
+        finally:
+            self.finished = time.monotonic()
+            self.done.set()
+
+    def result(self, within=TIMEOUT):
+        assert self.done.wait(within), "the long poll was not answered"
+        assert self.error is None, self.error
+        assert self.response is not None, "connection closed without an answer"
+        return self.response
+
+
+def test_feed_without_since_answers_at_once_with_the_current_cursor(live):
+    live.put("/settings", "poll_interval", 5)  # history: never in an answer without since
+    for path in ("/events", "/events?timeout=5"):  # without since, timeout changes nothing
+        started = time.monotonic()
+        response = live.get(path)
+        assert time.monotonic() - started < 1
+        assert response.status == 200
+        assert_common_headers(response)
+        body = response.json()
+        assert set(body) == {"cursor", "events"}
+        assert body["events"] == []
+        assert FEED_CURSOR.fullmatch(body["cursor"])
+    cursor = body["cursor"]
+    assert feed_events(live, cursor) == []  # the current cursor: nothing after it yet
+    put = live.put("/settings", "poll_interval", 6)
+    assert feed_events(live, cursor) == [feed_event("settings", ["poll_interval"],
+                                                    put.headers["ETag"])]
+
+
+def test_feed_carries_both_documents_in_the_order_applied(live):
+    server = live.server
+    since = feed_cursor(live)
+    expected = []
+    put = live.put("/settings", "poll_interval", 5)
+    expected.append(feed_event("settings", ["poll_interval"], put.headers["ETag"]))
+    put = live.put("/synced", "module_data.m", {"a": 1})
+    expected.append(feed_event("synced", ["module_data", "m"], put.headers["ETag"]))
+    post = live.post("/synced", full_synced())
+    expected.append(feed_event("synced", None, post.headers["ETag"]))
+    patch = patch_call(live, "/settings", {"drop_last_update": "x"})
+    expected.append(feed_event("settings", None, patch.headers["ETag"]))
+    server.synced.put("identities.0.alias", "bob")
+    expected.append(feed_event("synced", ["identities", "0", "alias"], server.synced.etag))
+    server.settings.replace({"poll_interval": 9})
+    expected.append(feed_event("settings", None, server.settings.etag))
+    server.synced.patch({"module_data": {"n": {}}})
+    expected.append(feed_event("synced", None, server.synced.etag))
+    put = live.put("/settings", "poll_interval", 6)
+    expected.append(feed_event("settings", ["poll_interval"], put.headers["ETag"]))
+    started = time.monotonic()
+    response = feed_get(live, since, 5)  # events are there: answered at once
+    assert time.monotonic() - started < 2
+    assert response.status == 200
+    assert_common_headers(response)
+    assert set(response.json()) == {"cursor", "events"}
+    assert response.json()["events"] == expected  # oldest first, both documents
+    assert len({event["etag"] for event in expected}) == len(expected)
+    assert expected[-1]["etag"] == live.get("/settings").headers["ETag"]
+    assert expected[-2]["etag"] == live.get("/synced").headers["ETag"]
+
+
+def test_feed_cursor_points_after_the_last_event_returned(live):
+    first = cursor = feed_cursor(live)
+    expected = []
+    for n in range(1, 4):
+        expected.append(feed_event("settings", ["poll_interval"],
+                                   live.put("/settings", "poll_interval", n).headers["ETag"]))
+        answer = feed_get(live, cursor, 0).json()
+        assert answer["events"] == expected[-1:]  # nothing twice, nothing missed
+        assert FEED_CURSOR.fullmatch(answer["cursor"]) and answer["cursor"] != cursor
+        cursor = answer["cursor"]
+    assert feed_events(live, cursor) == []
+    assert feed_events(live, first) == expected  # reading does not consume events
+
+
+def test_feed_event_key_is_the_list_of_segments_of_a_put(live):
+    since = feed_cursor(live)
+    secret = "s3cr3t-value-never-in-the-feed"
+    changes = [
+        (lambda: live.put("/settings", "module_data.de\\.qabel\\.chat.sound", secret),
+         "settings", ["module_data", "de.qabel.chat", "sound"]),
+        (lambda: live.put("/settings", ["module_data", "de.qabel.chat", "volume"], 3),
+         "settings", ["module_data", "de.qabel.chat", "volume"]),
+        (lambda: live.put("/synced", "identities.-", IDENTITY), "synced", ["identities", "0"]),
+        (lambda: live.put("/synced", "identities.-", {"id": 4, "alias": "bob"}),
+         "synced", ["identities", "1"]),  # an append: the index the item got
+        (lambda: live.put("/synced", "identities.1.alias", "carol"),
+         "synced", ["identities", "1", "alias"]),
+        (lambda: live.put("/settings", "module_data.m", {"list": [1, 2]}),
+         "settings", ["module_data", "m"]),
+        (lambda: live.put("/settings", "module_data.m.list.-", 3),
+         "settings", ["module_data", "m", "list", "2"]),
+        (lambda: live.call("PUT", "/settings", {"key": "module_data.m", "value": {"x": 1},
+                                                "merge": True}),
+         "settings", ["module_data", "m"]),
+        (lambda: live.call("PUT", "/settings", "key=poll_interval&value=12",
+                           content_type=FEED_FORM), "settings", ["poll_interval"]),
+    ]
+    expected = []
+    for change, document, key in changes:
+        response = change()
+        assert response.status == 200, response
+        expected.append(feed_event(document, key, response.headers["ETag"]))
+    response = feed_get(live, since, 0)
+    assert response.json()["events"] == expected
+    for event in response.json()["events"]:
+        assert set(event) == {"document", "key", "etag"}  # values are not in the event
+    assert secret not in response.body.decode()
+    assert live.doc("synced.json")["identities"][1]["alias"] == "carol"
+
+
+def test_feed_event_key_is_null_for_post_patch_and_replace(live):
+    server = live.server
+    since = feed_cursor(live)
+    expected = []
+    response = live.post("/settings", {"poll_interval": 3})
+    expected.append(feed_event("settings", None, response.headers["ETag"]))
+    response = live.call("POST", "/synced", "settings=" + urllib.parse.quote(
+        json.dumps({"accounts": [item(1)]})), content_type=FEED_FORM)
+    expected.append(feed_event("synced", None, response.headers["ETag"]))
+    response = patch_call(live, "/synced", {"module_data": {"m": {}}})
+    expected.append(feed_event("synced", None, response.headers["ETag"]))
+    server.settings.replace({"poll_interval": 4})
+    expected.append(feed_event("settings", None, server.settings.etag))
+    server.settings.patch({"drop_last_update": "y"})
+    expected.append(feed_event("settings", None, server.settings.etag))
+    events = feed_events(live, since)
+    assert events == expected
+    # the client reads what it needs, with If-None-Match: T
+    assert live.get("/settings", headers={"If-None-Match": events[-1]["etag"]}).status == 304
+    assert live.get("/synced", headers={"If-None-Match": events[2]["etag"]}).status == 304
+    assert live.get("/synced", headers={"If-None-Match": events[1]["etag"]}).status == 200
+
+
+def test_feed_long_poll_is_woken_by_a_change_from_another_connection(live):
+    since = feed_cursor(live)
+    waiter = FeedWaiter(live, since, timeout=5)
+    assert not waiter.done.wait(0.3)  # no event yet: it waits
+    put = live.put("/synced", "module_data.chat", {"x": 1})
+    put_answered = time.monotonic()
+    response = waiter.result()
+    assert waiter.finished - put_answered < 2  # woken, not timed out
+    assert response.status == 200
+    assert_common_headers(response)
+    body = response.json()
+    assert body["events"] == [feed_event("synced", ["module_data", "chat"],
+                                         put.headers["ETag"])]
+    assert FEED_CURSOR.fullmatch(body["cursor"])
+    assert feed_events(live, body["cursor"]) == []
+
+
+def test_feed_long_poll_without_timeout_waits_by_default(live):
+    since = feed_cursor(live)
+    waiter = FeedWaiter(live, since, timeout=None)  # the default: 30 s
+    assert not waiter.done.wait(0.5)
+    live.server.settings.put("poll_interval", 8)  # an in-process change wakes it too
+    response = waiter.result()
+    assert response.status == 200
+    assert response.json()["events"] == [
+        feed_event("settings", ["poll_interval"], live.server.settings.etag)]
+
+
+def test_feed_long_poll_times_out_with_an_empty_list(live):
+    since = feed_cursor(live)
+    started = time.monotonic()
+    response = feed_get(live, since, 0.5)  # fractions are fine
+    elapsed = time.monotonic() - started
+    assert response.status == 200
+    assert response.json()["events"] == []
+    assert 0.4 <= elapsed < 3
+    cursor = response.json()["cursor"]
+    assert FEED_CURSOR.fullmatch(cursor)
+    put = live.put("/settings", "poll_interval", 4)
+    assert feed_events(live, cursor) == [feed_event("settings", ["poll_interval"],
+                                                    put.headers["ETag"])]
+
+
+def test_feed_timeout_zero_never_waits(live):
+    since = feed_cursor(live)
+    for _ in range(3):
+        started = time.monotonic()
+        response = feed_get(live, since, 0)
+        assert time.monotonic() - started < 1
+        assert response.status == 200 and response.json()["events"] == []
+
+
+@pytest.mark.parametrize("timeout", ["0", "0.5", "0.25", "1.5", "30", "300", "300.0"])
+def test_feed_valid_timeouts_up_to_300_are_accepted(live, timeout):
+    since = feed_cursor(live)
+    put = live.put("/settings", "poll_interval", 5)  # an event is there: no wait
+    started = time.monotonic()
+    response = feed_get(live, since, timeout)
+    assert time.monotonic() - started < 2
+    assert response.status == 200, response
+    assert response.json()["events"] == [feed_event("settings", ["poll_interval"],
+                                                    put.headers["ETag"])]
+
+
+@pytest.mark.parametrize("timeout", ["abc", "", "-1", "-0.5", "300.5", "301", "1e3", "nan",
+                                     "NaN", "inf", "-inf", "Infinity", "1e400", "0x10"])
+def test_feed_bad_timeout_is_400(live, timeout):
+    since = feed_cursor(live)
+    live.put("/settings", "poll_interval", 5)  # an event is there: still refused
+    response = feed_get(live, since, timeout)
+    assert response.status == 400, response
+    assert_common_headers(response)
+    assert "error" in response.json() and "events" not in response.json()
+
+
+@pytest.mark.parametrize("make", [
+    lambda cursor: "", lambda cursor: "!", lambda cursor: "a b", lambda cursor: "\u00e9t\u00e9",
+    lambda cursor: "x" * 500, lambda cursor: cursor + "x", lambda cursor: cursor + "0",
+    lambda cursor: cursor + "~", lambda cursor: cursor + cursor,
+], ids=["empty", "bang", "space", "non-ascii", "long", "suffix-x", "suffix-0", "suffix-tilde",
+        "doubled"])
+def test_feed_since_not_handed_out_is_410_with_the_current_cursor(live, make):
+    live.put("/settings", "poll_interval", 5)  # some history
+    current = feed_cursor(live)
+    started = time.monotonic()
+    response = feed_get(live, make(current), 5)
+    assert time.monotonic() - started < 2  # at once: a 410 never waits
+    assert response.status == 410, response
+    assert_common_headers(response)
+    body = response.json()
+    assert set(body) == {"error", "cursor"}
+    assert isinstance(body["error"], str) and body["error"]
+    assert FEED_CURSOR.fullmatch(body["cursor"])
+    # the client continues from CURRENT: nothing before it, everything after it
+    assert feed_events(live, body["cursor"]) == []
+    put = live.put("/synced", "module_data.m", {})
+    assert feed_events(live, body["cursor"]) == [feed_event("synced", ["module_data", "m"],
+                                                            put.headers["ETag"])]
+
+
+def test_feed_malformed_query_since_is_410(live):
+    for query in ("since=%zz&timeout=0", "since=%00&timeout=0", "since&timeout=0"):
+        response = live.get("/events?" + query)
+        assert response.status == 410, (query, response)
+        assert FEED_CURSOR.fullmatch(response.json()["cursor"])
+
+
+def test_feed_cursor_of_a_previous_run_on_the_same_data_dir_is_410(tmp_path):
+    live = start(tmp_path)
+    try:
+        at_start = feed_cursor(live)
+        live.put("/settings", "poll_interval", 5)
+        after_change = feed_cursor(live)
+    finally:
+        stop(live)
+    live = start(tmp_path)
+    try:
+        for old in (at_start, after_change):
+            started = time.monotonic()
+            response = feed_get(live, old, 5)
+            assert time.monotonic() - started < 2
+            assert response.status == 410, response
+            assert set(response.json()) == {"error", "cursor"}
+        live.put("/settings", "poll_interval", 6)  # the new run's history grows...
+        for old in (at_start, after_change):  # ...and old cursors still mean nothing
+            assert feed_get(live, old, 0).status == 410
+            with pytest.raises(qabel_rest.CursorGone):
+                live.server.events(since=old)
+    finally:
+        stop(live)
+
+
+def test_feed_cursor_of_another_server_is_410(tmp_path):
+    one = start(tmp_path / "one")
+    two = start(tmp_path / "two")
+    try:
+        quiet = feed_cursor(one)
+        for n in range(1, 4):  # two is ahead of one
+            two.put("/settings", "poll_interval", n)
+        ahead = feed_cursor(two)
+        assert feed_get(one, ahead, 0).status == 410  # ahead of now, for one
+        assert feed_get(two, quiet, 0).status == 410
+        assert feed_events(one, quiet) == []  # each one's own cursor still works
+        assert feed_events(two, ahead) == []
+    finally:
+        stop(one)
+        stop(two)
+
+
+def test_feed_keeps_the_last_thousand_events_and_answers_at_most_a_thousand(live):
+    settings = live.server.settings
+    oldest = feed_cursor(live)
+    settings.put("poll_interval", 1)
+    second = feed_cursor(live)
+    tags = []
+    for n in range(2, 1002):  # 1,001 events in all: the first is no longer kept
+        settings.put("poll_interval", n)
+        tags.append(settings.etag)
+    gone = feed_get(live, oldest, 5)
+    assert gone.status == 410
+    assert set(gone.json()) == {"error", "cursor"}
+    assert feed_events(live, gone.json()["cursor"]) == []  # CURRENT is after all of them
+    with pytest.raises(qabel_rest.CursorGone) as raised:
+        live.server.events(since=oldest)
+    assert FEED_CURSOR.fullmatch(raised.value.cursor)
+    answer = feed_get(live, second, 5)
+    assert answer.status == 200
+    events = answer.json()["events"]
+    assert len(events) == 1000
+    assert events == [feed_event("settings", ["poll_interval"], tag) for tag in tags]
+    assert feed_events(live, answer.json()["cursor"]) == []
+    assert live.server.events(since=second)["events"] == events
+
+
+def test_feed_change_that_keeps_the_content_or_is_refused_publishes_nothing(live):
+    live.put("/settings", "poll_interval", 6)
+    since = feed_cursor(live)
+    assert live.put("/settings", "poll_interval", 6).status == 200  # the same value again
+    assert patch_call(live, "/settings", {}).status == 200
+    assert live.post("/settings", live.get("/settings").json()).status == 200
+    live.server.settings.put("poll_interval", 6)
+    live.server.settings.patch({})
+    live.server.synced.replace(live.server.synced.get())
+    assert feed_events(live, since) == []
+    assert live.put("/settings", "poll_interval", 0).status == 400
+    assert live.put("/settings", "nope", 1).status == 405
+    assert live.put("/settings", "poll_interval", 9, headers={"If-Match": '"stale"'}).status == 412
+    assert patch_call(live, "/settings", {"poll_interval": -1}).status == 400
+    assert live.call("PUT", "/settings", b"{}", content_type="text/plain").status == 415
+    assert feed_events(live, since) == []
+    put = live.put("/settings", "poll_interval", 7)
+    assert feed_events(live, since) == [feed_event("settings", ["poll_interval"],
+                                                   put.headers["ETag"])]
+
+
+def test_feed_no_op_change_queued_behind_a_save_publishes_nothing(live, monkeypatch):
+    since = feed_cursor(live)
+    entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
+    answers = []
+
+    def put():
+        answers.append(live.put("/settings", "poll_interval", 9))
+
+    first = threading.Thread(target=put)
+    first.start()
+    assert entered.wait(TIMEOUT)
+    second = threading.Thread(target=put)  # the same value again, queued behind the save
+    second.start()
+    validated(2)
+    gate.set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert [answer.status for answer in answers] == [200, 200]
+    tag = answers[0].headers["ETag"]
+    assert answers[1].headers["ETag"] == tag
+    assert feed_events(live, since) == [feed_event("settings", ["poll_interval"], tag)]
+
+
+@pytest.mark.parametrize("name, when, error, status", SAVE_FAULTS)
+def test_feed_failed_save_publishes_nothing(live, monkeypatch, name, when, error, status):
+    called = []
+    arrived = threading.Condition()
+
+    def callback(event):
+        with arrived:
+            called.append(event)
+            arrived.notify_all()
+
+    live.server.subscribe(callback)
+    since = feed_cursor(live)
+    real = getattr(os, name)
+
+    def faulty(*args, **kw):
+        if when(*args, **kw):
+            raise error
+        return real(*args, **kw)
+
+    monkeypatch.setattr(os, name, faulty)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == status
+    assert feed_events(live, since) == []
+    put = live.put("/settings", "poll_interval", 7)
+    event = feed_event("settings", ["poll_interval"], put.headers["ETag"])
+    assert feed_events(live, since) == [event]
+    feed_wait_for(arrived, lambda: called)
+    assert called == [event]  # in order: a failed change would have come first
+
+
+@LINUX_FDS
+def test_feed_save_undone_after_the_rename_publishes_nothing(live, monkeypatch):
+    since = feed_cursor(live)
+    fail_directory_fsync(monkeypatch)
+    assert live.put("/settings", "poll_interval", 6).status == 500
+    monkeypatch.undo()
+    assert feed_events(live, since) == []
+
+
+def test_feed_event_is_published_only_once_the_change_is_on_disk(live, monkeypatch):
+    since = feed_cursor(live)
+    waiter = FeedWaiter(live, since, timeout=5)
+    entered, gate = hold_first_save(monkeypatch)
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(
+        live.put("/settings", "poll_interval", 9)))
+    writer.start()
+    assert entered.wait(TIMEOUT)  # accepted, being saved
+    assert not waiter.done.wait(0.3)
+    assert feed_events(live, since) == []  # not on disk: not published
+    gate.set()
+    response = waiter.result()
+    assert live.doc("settings.json")["poll_interval"] == 9  # on disk when it came
+    writer.join(TIMEOUT)
+    assert answers[0].status == 200
+    assert response.json()["events"] == [feed_event("settings", ["poll_interval"],
+                                                    answers[0].headers["ETag"])]
+
+
+def test_feed_concurrent_changes_are_each_published_once_in_the_order_applied(live):
+    since = feed_cursor(live)
+    answers = {}
+
+    def worker(n):
+        path = "/settings" if n % 2 else "/synced"
+        for i in range(10):
+            response = live.put(path, f"module_data.w{n}.v{i}", i)
+            assert response.status == 200
+            answers[(path[1:], n, i)] = response.headers["ETag"]
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    assert len(answers) == 80
+    events = feed_events(live, since)
+    assert len(events) == 80
+    expected = {tag: (doc, n, i) for (doc, n, i), tag in answers.items()}  # tag -> change
+    assert sorted(expected) == sorted(event["etag"] for event in events)
+    for event in events:
+        doc, n, i = expected[event["etag"]]
+        assert event == feed_event(doc, ["module_data", f"w{n}", f"v{i}"], event["etag"])
+    for n in range(8):  # each writer's changes, made one after another, in its order
+        mine = [event["key"][2] for event in events if event["key"][1] == f"w{n}"]
+        assert mine == [f"v{i}" for i in range(10)]
+    for doc in ("settings", "synced"):
+        last = [event for event in events if event["document"] == doc][-1]
+        assert last["etag"] == live.get("/" + doc).headers["ETag"]
+
+
+@pytest.mark.parametrize("name", ["settings", "synced"])
+def test_feed_waiter_learns_of_a_file_rewritten_by_another_program(live, name):
+    since = feed_cursor(live)
+    waiter = FeedWaiter(live, since, timeout=8)
+    assert not waiter.done.wait(0.2)
+    rewritten = time.monotonic()
+    feed_rewrite(live.data_dir, name, FEED_REWRITES[name])
+    response = waiter.result(within=5)
+    assert waiter.finished - rewritten < 5  # "within about a second"
+    assert response.status == 200
+    tag = live.get("/" + name).headers["ETag"]
+    assert response.json()["events"] == [feed_event(name, None, tag)]
+    served = live.get("/" + name).json()
+    assert {field: served[field] for field in FEED_REWRITES[name]} == FEED_REWRITES[name]
+
+
+def test_feed_rewrite_noticed_by_a_read_or_a_write_comes_before_the_change(live):
+    before = live.get("/settings").headers["ETag"]
+    since = feed_cursor(live)
+    feed_rewrite(live.data_dir, "synced", FEED_REWRITES["synced"])
+    read = live.get("/synced")  # the server notices the rewrite
+    assert read.json()["accounts"] == FEED_REWRITES["synced"]["accounts"]
+    feed_rewrite(live.data_dir, "settings", FEED_REWRITES["settings"])
+    put = live.put("/settings", "module_data.chat", {"b": 2})  # noticed before the write
+    assert put.status == 200
+    assert live.doc("settings.json")["module_data"] == {"sync": {"a": 1}, "chat": {"b": 2}}
+    events = feed_events(live, since)
+    assert len(events) == 3
+    assert events[0] == feed_event("synced", None, read.headers["ETag"])
+    assert events[1]["document"] == "settings" and events[1]["key"] is None
+    assert events[1]["etag"] not in (before, put.headers["ETag"])
+    assert events[2] == feed_event("settings", ["module_data", "chat"], put.headers["ETag"])
+
+
+def test_feed_rewrite_found_during_a_save_comes_before_the_change_made_on_top(
+        live, monkeypatch):
+    before = live.get("/settings").headers["ETag"]
+    since = feed_cursor(live)
+    path = os.path.join(live.data_dir, "settings.json")
+    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(
+        live.put("/settings", "module_data.chat", {"a": 1})))
+    writer.start()
+    assert reached.wait(TIMEOUT)
+    feed_rewrite(live.data_dir, "settings", FEED_REWRITES["settings"])  # meanwhile
+    gate.set()
+    writer.join(TIMEOUT)
+    monkeypatch.undo()
+    assert answers[0].status == 200
+    assert live.doc("settings.json")["module_data"] == {"sync": {"a": 1}, "chat": {"a": 1}}
+    events = feed_events(live, since)
+    assert len(events) == 2
+    assert events[0]["document"] == "settings" and events[0]["key"] is None
+    assert events[0]["etag"] not in (before, answers[0].headers["ETag"])
+    assert events[1] == feed_event("settings", ["module_data", "chat"],
+                                   answers[0].headers["ETag"])
+
+
+@pytest.mark.parametrize("headers, host, status", [
+    ({}, "127.0.0.1", 401),
+    ({"X-API-Key": "wrong"}, "127.0.0.1", 401),
+    ({"Authorization": "Basic " + KEY}, "127.0.0.1", 401),
+    ({"X-API-Key": KEY, "Authorization": "Bearer wrong"}, "127.0.0.1", 401),
+    ({"X-API-Key": KEY}, "evil.com", 403),
+    ({}, "evil.com", 403),  # Host before the key
+    ({"X-API-Key": KEY, "Origin": "http://evil.com"}, "127.0.0.1", 403),
+    ({"X-API-Key": KEY}, "localhost:9696", 200),
+    ({"Authorization": "Bearer " + KEY}, "127.0.0.1", 200),
+    ({"X-API-Key": KEY, "Origin": "http://localhost:3000"}, "127.0.0.1", 200),
+])
+def test_feed_needs_the_key_and_passes_host_and_origin_checks(live, headers, host, status):
+    since = feed_cursor(live)
+    paths = {"/events": status, feed_path("not handed out!", 0): 410 if status == 200 else status}
+    if status != 200:
+        paths[feed_path(since, 5)] = status  # refused at once, never waits
+    for path, expected in paths.items():
+        started = time.monotonic()
+        response = live.get(path, key=None, headers=headers, host=host)
+        assert time.monotonic() - started < 2
+        assert response.status == expected, (path, response)
+        assert_common_headers(response)
+        if expected == 401:
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+            assert KEY not in response.body.decode()
+        if expected in (401, 403):
+            assert "error" in response.json() and "events" not in response.json()
+
+
+def test_feed_key_is_never_taken_from_the_query_string(live):
+    for query in ("?api_key=" + KEY, "?key=" + KEY, "?X-API-Key=" + KEY):
+        assert live.get("/events" + query, key=None).status == 401
+    assert live.get("/events?x=1").status == 200
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE", "TRACE"])
+def test_feed_other_methods_405_with_allow_listing_get(live, method):
+    since = feed_cursor(live)
+    body = {"settings": {"poll_interval": 5}} if method in ("PUT", "POST", "PATCH") else None
+    response = live.call(method, "/events", body)
+    assert response.status == 405
+    assert_common_headers(response)
+    assert "error" in response.json()
+    allowed = [name.strip() for name in response.headers["Allow"].split(",")]
+    assert "GET" in allowed
+    assert set(allowed) <= {"GET", "HEAD", "OPTIONS"}
+    assert live.call(method, "/events", body, key=None).status == 401  # the key first
+    assert documents(live.data_dir) == live.initial
+    assert feed_events(live, since) == []
+
+
+def test_feed_options_answers_allow_and_head_answers_as_get(live):
+    options = live.call("OPTIONS", "/events")
+    assert options.status == 200
+    assert_common_headers(options)
+    allowed = [name.strip() for name in options.headers["Allow"].split(",")]
+    assert "GET" in allowed and set(allowed) <= {"GET", "HEAD", "OPTIONS"}
+    assert "Accept-Patch" not in options.headers
+    assert options.headers["Allow"] == live.call("DELETE", "/events").headers["Allow"]
+    assert live.call("OPTIONS", "/events", key=None).status == 401
+    conn = live.conn()
+    headers = {"X-API-Key": KEY}
+    head = conn.request("HEAD", "/events", headers=headers)
+    get = conn.request("GET", "/events", headers=headers)
+    assert head.status == 200 and head.body == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    assert head.headers["Content-Type"] == "application/json"
+    gone = conn.request("HEAD", feed_path("!", 0), headers=headers)
+    assert gone.status == 410 and gone.body == b""
+    assert conn.request("GET", "/health").status == 200  # the connection stayed in step
+    conn.close()
+    for path in ("/events/", "/event", "/events/x"):
+        assert live.get(path).status == 404
+
+
+def test_feed_long_poll_is_not_cut_by_the_request_deadline_and_keeps_alive(live_with):
+    live = live_with(request_timeout=0.5)
+    since = feed_cursor(live)
+    conn = live.conn()
+    started = time.monotonic()
+    response = conn.request("GET", feed_path(since, 1.5), headers={"X-API-Key": KEY})
+    elapsed = time.monotonic() - started
+    assert response is not None and response.status == 200
+    assert response.json()["events"] == []
+    assert 1.2 <= elapsed < 4
+    assert response.headers["Keep-Alive"] == "timeout=30"
+    assert conn.request("GET", "/health").status == 200  # same connection, reused
+    conn.close()
+
+
+def test_feed_a_hundred_waiting_requests_do_not_hold_up_other_clients(live):
+    since = feed_cursor(live)
+    request = build_request("GET", feed_path(since, 8), headers={"X-API-Key": KEY})
+    waiters = [live.conn() for _ in range(100)]
+    for conn in waiters:
+        conn.send(request)
+    other = live.conn()
+    headers = {"X-API-Key": KEY}
+    for path in ("/settings", "/synced", "/health", "/events"):
+        started = time.monotonic()
+        assert other.request("GET", path, headers=headers).status == 200
+        assert time.monotonic() - started < 2
+    assert feed_readable(waiters, 0.2) == []  # all still waiting
+    started = time.monotonic()
+    put = other.request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                        {**headers, "Content-Type": "application/json"})
+    assert put.status == 200
+    assert time.monotonic() - started < 2  # a save is not held up either
+    event = feed_event("settings", ["poll_interval"], put.headers["ETag"])
+    for conn in waiters:  # the one change wakes every one of them
+        response = conn.read()
+        assert response.status == 200
+        assert response.json()["events"] == [event]
+    assert time.monotonic() - started < 5
+    for conn in (other, *waiters):
+        conn.close()
+
+
+def test_feed_shutdown_answers_waiting_requests_at_once(tmp_path):
+    live = start(tmp_path)
+    try:
+        since = feed_cursor(live)
+        waiters = [FeedWaiter(live, since, timeout=8) for _ in range(5)]
+        time.sleep(0.3)  # let them reach the server
+        assert not any(waiter.done.is_set() for waiter in waiters)
+        started = time.monotonic()
+        live.server.shutdown()
+        for waiter in waiters:
+            response = waiter.result(within=3)
+            assert response.status == 200
+            assert response.json()["events"] == []
+            assert FEED_CURSOR.fullmatch(response.json()["cursor"])
+        assert time.monotonic() - started < 2
+    finally:
+        started = time.monotonic()
+        stop(live)
+    assert time.monotonic() - started < 2  # nothing left waiting for server_close
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGTERM delivery")
+def test_feed_sigterm_answers_waiting_requests_at_once(tmp_path):
+    proc = Process(tmp_path, "--api-key", KEY)
+    response = conn = None
+    signalled = False
+    try:
+        assert proc.port, proc.line
+        since = feed_cursor(Client(proc.port))
+        conn = Conn(proc.port)
+        conn.send(build_request("GET", feed_path(since, 8), headers={"X-API-Key": KEY}))
+        assert feed_readable([conn], 0.5) == []  # it waits
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        signalled = True
+        response = conn.read()
+        elapsed = time.monotonic() - started
+    finally:
+        if signalled:  # one SIGTERM only: a second one could hit the exiting interpreter
+            try:
+                proc.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        code, out, err = proc.finish(signal.SIGTERM)
+        if conn:
+            conn.close()
+    assert response is not None and response.status == 200
+    assert response.json()["events"] == []
+    assert elapsed < 3
+    assert code == 0
+    assert "Traceback" not in err
+
+
+def test_feed_subscribe_calls_back_every_event_in_order_once_it_is_on_disk(live):
+    server = live.server
+    seen = []
+    arrived = threading.Condition()
+
+    def callback(event):
+        document = server.settings if event["document"] == "settings" else server.synced
+        with open(os.path.join(live.data_dir, event["document"] + ".json"), "rb") as f:
+            on_disk = json.loads(f.read())
+        through_api = document.get()  # the callback may read the document
+        with arrived:
+            seen.append((event, on_disk, through_api, threading.current_thread()))
+            arrived.notify_all()
+
+    since = feed_cursor(live)
+    unsubscribe = server.subscribe(callback)
+    assert callable(unsubscribe)
+    assert live.put("/settings", "module_data.m0", {}).status == 200
+    assert live.put("/synced", "module_data.m1", {}).status == 200
+    server.settings.put("module_data.m2", {})
+    assert patch_call(live, "/synced", {"module_data": {"m3": {}}}).status == 200
+    server.settings.replace({"module_data": {"m0": {}, "m2": {}, "m4": {}}})
+    feed_wait_for(arrived, lambda: len(seen) >= 5)
+    assert [event for event, *_ in seen] == feed_events(live, since)  # same dicts, same order
+    for i, (event, on_disk, through_api, thread) in enumerate(seen):
+        assert f"m{i}" in on_disk["module_data"]  # on disk before the call
+        assert f"m{i}" in through_api["module_data"]
+    assert seen[0][3] is not threading.current_thread()  # an HTTP change: a server thread
+
+
+def test_feed_unsubscribe_stops_the_calls_and_nothing_is_replayed(live):
+    server = live.server
+    first, second = [], []
+    arrived = threading.Condition()
+
+    def recorder(into):
+        def callback(event):
+            with arrived:
+                into.append(event)
+                arrived.notify_all()
+        return callback
+
+    server.settings.put("poll_interval", 3)  # before anyone subscribed: never called back
+    unsubscribe = server.subscribe(recorder(first))
+    server.subscribe(recorder(second))
+    server.settings.put("poll_interval", 4)
+    feed_wait_for(arrived, lambda: len(first) == len(second) == 1)
+    unsubscribe()
+    server.settings.put("poll_interval", 5)
+    feed_wait_for(arrived, lambda: len(second) == 2)
+    time.sleep(0.2)  # a late call to the unsubscribed one would show now
+    assert len(first) == 1
+    assert first[0] == second[0] == feed_event("settings", ["poll_interval"], first[0]["etag"])
+    assert second[1] == feed_event("settings", ["poll_interval"], server.settings.etag)
+
+
+def test_feed_subscriber_exception_is_logged_and_changes_nothing_else(live, caplog):
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+    broken_calls, working_calls = [], []
+    arrived = threading.Condition()
+    raised = RuntimeError("callback-broke-here")
+
+    def broken(event):
+        with arrived:
+            broken_calls.append(event)
+            arrived.notify_all()
+        raise raised
+
+    def working(event):
+        with arrived:
+            working_calls.append(event)
+            arrived.notify_all()
+
+    live.server.subscribe(broken)
+    live.server.subscribe(working)
+    since = feed_cursor(live)
+    first = live.put("/settings", "poll_interval", 5)
+    assert first.status == 200  # the change succeeds
+    assert live.doc("settings.json")["poll_interval"] == 5
+    second = live.put("/synced", "module_data.m", {})
+    assert second.status == 200
+    feed_wait_for(arrived, lambda: len(broken_calls) >= 2 and len(working_calls) >= 2)
+    expected = [feed_event("settings", ["poll_interval"], first.headers["ETag"]),
+                feed_event("synced", ["module_data", "m"], second.headers["ETag"])]
+    assert broken_calls == working_calls == expected  # still subscribed, still in order
+    assert feed_events(live, since) == expected
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and not (
+            "callback-broke-here" in caplog.text
+            or any(r.exc_info and r.exc_info[1] is raised for r in caplog.records)):
+        time.sleep(0.02)
+    assert "callback-broke-here" in caplog.text or any(
+        r.exc_info and r.exc_info[1] is raised for r in caplog.records)
+    assert live.get("/settings").status == 200
+
+
+def test_feed_in_process_events_is_what_get_events_answers(live):
+    server = live.server
+    now = server.events()
+    assert set(now) == {"cursor", "events"} and now["events"] == []
+    cursor = now["cursor"]
+    assert FEED_CURSOR.fullmatch(cursor)
+    started = time.monotonic()
+    assert server.events(since=cursor)["events"] == []  # timeout=0 by default: no wait
+    assert time.monotonic() - started < 1
+    put = live.put("/settings", "poll_interval", 5)
+    http = feed_get(live, cursor, 0).json()
+    assert server.events(since=cursor) == http
+    assert http["events"] == [feed_event("settings", ["poll_interval"], put.headers["ETag"])]
+    # cursors are the same on both sides
+    assert feed_events(live, server.events()["cursor"]) == []
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(
+        server.events(since=http["cursor"], timeout=5)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # it waits, and holds up nothing:
+    server.synced.put("module_data.m", {})
+    waiter.join(TIMEOUT)
+    assert not waiter.is_alive()
+    assert result[0]["events"] == [feed_event("synced", ["module_data", "m"],
+                                              server.synced.etag)]
+    for bad in ("", "!", cursor + "x"):
+        with pytest.raises(qabel_rest.CursorGone) as gone:
+            server.events(since=bad)
+        assert isinstance(gone.value, qabel_rest.QabelRestError)
+        assert FEED_CURSOR.fullmatch(gone.value.cursor)
+        assert server.events(since=gone.value.cursor)["events"] == []
+        assert feed_events(live, gone.value.cursor) == []
+    assert issubclass(qabel_rest.CursorGone, qabel_rest.QabelRestError)
+    for timeout in (-1, 301, float("nan"), float("inf")):
+        with pytest.raises((qabel_rest.QabelRestError, ValueError, TypeError)):
+            server.events(since=result[0]["cursor"], timeout=timeout)

@@ -1203,12 +1203,12 @@ class _Feed:
                 subscribers, closed = list(self._subscribers), self._closed
                 look = self._waiters and time.monotonic() >= next_look
             for waiter in waiters:  # every answer is sent before any waiter wakes
-                try:
-                    if waiter.deliver is not None:
-                        waiter.deliver(waiter.answer)
-                        waiter.answer = None  # answered
-                except Exception:
-                    _logger().exception("unexpected error answering a request for events")
+                if waiter.deliver is not None:
+                    answer, waiter.answer = waiter.answer, None  # answered here, or never
+                    try:
+                        waiter.deliver(answer)
+                    except Exception:
+                        _logger().exception("unexpected error answering a request for events")
             for waiter in waiters:
                 waiter.done.set()
             for number, event in found:
@@ -1847,6 +1847,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self._send_json(HTTPStatus.OK, answer)
         except OSError:  # the client is gone
             self.close_connection = True
+        except Exception:
+            self.close_connection = True  # the answer may be cut: never reuse it
+            raise  # for the feed to log
 
     @staticmethod
     def _tagged(result):

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -3802,3 +3803,89 @@ def test_feed_in_process_events_is_what_get_events_answers(live):
     for timeout in (-1, 301, float("nan"), float("inf")):
         with pytest.raises((qabel_rest.QabelRestError, ValueError, TypeError)):
             server.events(since=result[0]["cursor"], timeout=timeout)
+
+
+def feed_block(server):
+    """Keep the feed's thread busy in a subscriber until the returned event is set."""
+    busy, release = threading.Event(), threading.Event()
+
+    def hold(event):
+        busy.set()
+        assert release.wait(TIMEOUT)
+    unsubscribe = server.subscribe(hold)
+    return busy, release, unsubscribe
+
+
+def test_waiter_that_falls_behind_the_events_kept_gets_410(live):
+    cursor = feed_cursor(live)
+    busy, release, unsubscribe = feed_block(live.server)
+    live.server.settings.put("poll_interval", 1)
+    assert busy.wait(TIMEOUT)  # the feed's thread is held with event 1
+    waiter = live.conn()  # waits from event 1: the events after it go unanswered...
+    waiter.send(build_request("GET", feed_path(f"{cursor[:-1]}1", 30), headers={"X-API-Key": KEY}))
+    in_process = []
+    thread = threading.Thread(target=lambda: in_process.append(
+        pytest.raises(qabel_rest.CursorGone, live.server.events, f"{cursor[:-1]}1", 30)))
+    thread.start()
+    for value in range(2, qabel_rest.EVENTS_KEPT + 3):  # ...until they are no longer kept
+        live.server.settings.put("poll_interval", value)
+    unsubscribe()
+    release.set()
+    answer = waiter.read()
+    assert answer.status == 410
+    assert answer.json()["cursor"] == feed_cursor(live)
+    thread.join(TIMEOUT)
+    assert in_process[0].value.cursor == feed_cursor(live)
+
+
+def test_subscriber_gets_only_events_published_after_it_subscribed(live):
+    busy, release, unsubscribe = feed_block(live.server)
+    live.server.settings.put("poll_interval", 1)
+    assert busy.wait(TIMEOUT)
+    live.server.settings.put("poll_interval", 2)  # published, not yet called back
+    seen = []
+    live.server.subscribe(seen.append)
+    live.server.settings.put("poll_interval", 3)
+    unsubscribe()
+    release.set()
+    tag = live.server.settings.etag
+    deadline = time.monotonic() + TIMEOUT
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == [{"document": "settings", "key": ["poll_interval"], "etag": tag}]
+
+
+def test_waiter_whose_client_is_gone_does_not_stop_the_feed(live):
+    cursor = feed_cursor(live)
+    gone = live.conn()
+    gone.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
+    other = live.conn()
+    other.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
+    time.sleep(0.2)  # both wait
+    gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    gone.close()  # a reset: answering it fails
+    time.sleep(0.1)
+    assert live.put("/settings", "poll_interval", 5).status == 200
+    assert other.read().status == 200
+    assert feed_get(live, cursor, 0).json()["events"][0]["key"] == ["poll_interval"]
+    assert live.put("/settings", "poll_interval", 6).status == 200  # the feed goes on
+
+
+def test_unexpected_error_answering_a_waiter_is_logged_and_closes_it(live, monkeypatch, caplog):
+    cursor = feed_cursor(live)
+    waiter = live.conn()
+    waiter.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
+    time.sleep(0.2)
+    real = qabel_rest.RequestHandler._send_json
+
+    def failing(self, status, payload, headers=()):
+        if threading.current_thread().name == "qabel_rest events":
+            raise RuntimeError("bug")
+        return real(self, status, payload, headers)
+    monkeypatch.setattr(qabel_rest.RequestHandler, "_send_json", failing)
+    with caplog.at_level(logging.ERROR, "qabel_rest"):
+        assert live.put("/settings", "poll_interval", 5).status == 200
+        assert waiter.closed()  # no answer, and never a half one on a reused connection
+    assert "answering a request for events" in caplog.text
+    monkeypatch.undo()
+    assert feed_get(live, cursor, 0).status == 200

@@ -36,6 +36,7 @@ import json
 import os
 import py_compile
 import re
+import selectors
 import shlex
 import shutil
 import socket
@@ -255,29 +256,48 @@ def connect(port):
 
 
 class Waiters:
-    """n connections, a thread each, that long-poll GET /events?timeout=60, re-issued with
-    the new cursor after each answer, whose events and read time go to on_answer."""
+    """n connections that long-poll GET /events?timeout=60, re-issued with the new cursor
+    after each answer, whose events and read time go to on_answer. One thread serves them
+    all (a selector), so that the client's own thread switches stay out of the figure."""
 
     def __init__(self, port, n, on_answer=lambda events, received: None):
         self.stop, self.issued, self.changed = False, 0, threading.Condition()
         cursor = json.loads(http_get(port, "/events")[1])["cursor"]
-        self.threads = [threading.Thread(target=self._run, args=(port, cursor, on_answer),
-                                         daemon=True) for _ in range(n)]
-        for thread in self.threads:
-            thread.start()
+        self.selector = selectors.DefaultSelector()
+        for _ in range(n):
+            sock = connect(port)[0]
+            self.selector.register(sock, selectors.EVENT_READ, bytearray())
+            self._issue(sock, cursor)
+        self.thread = threading.Thread(target=self._run, args=(on_answer,), daemon=True)
+        self.thread.start()
         self.wait_issued(n)
 
-    def _run(self, port, cursor, on_answer):
-        sock, reader = connect(port)
-        with sock:
-            while not self.stop:
-                send(sock, "GET", f"/events?since={cursor}&timeout=60")
-                with self.changed:
-                    self.issued += 1
-                    self.changed.notify_all()
-                feed = json.loads(answer(reader)[2])  # a failure ends the thread
-                on_answer(feed["events"], time.perf_counter())
-                cursor = feed["cursor"]
+    def _issue(self, sock, cursor):
+        send(sock, "GET", f"/events?since={cursor}&timeout=60")
+        with self.changed:
+            self.issued += 1
+            self.changed.notify_all()
+
+    def _run(self, on_answer):
+        while self.selector.get_map():
+            for key, _ in self.selector.select():
+                sock, buffer = key.fileobj, key.data
+                data = sock.recv(1 << 16)
+                buffer += data
+                head, _, body = bytes(buffer).partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if data and not (length and len(body) >= int(length.group(1))):
+                    continue  # the rest of the answer is still on its way
+                received = time.perf_counter()
+                if data:  # a failure ends the connection, and wait_issued() notices
+                    del buffer[:]
+                    feed = json.loads(body[:int(length.group(1))])
+                    on_answer(feed["events"], received)
+                if data and not self.stop:
+                    self._issue(sock, feed["cursor"])
+                else:
+                    self.selector.unregister(sock)
+                    sock.close()
 
     def wait_issued(self, count):
         with self.changed:
@@ -286,10 +306,9 @@ class Waiters:
 
     def close(self, put):
         self.stop = True
-        while any(thread.is_alive() for thread in self.threads):
+        while self.thread.is_alive():
             put()  # an event answers every waiter, which then sees stop and closes
-            for thread in self.threads:
-                thread.join(0.5 / len(self.threads))
+            self.thread.join(0.1)
 
 
 def feed_figures(port, args, load, scratch, puts=200):

@@ -1380,13 +1380,12 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
 # and takes the rest as a body; a first line that is a continuation it drops.
 _HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
                    email.errors.FirstHeaderLineIsContinuationDefect)
+_BEARER = (("WWW-Authenticate", "Bearer"),)
 
 
 class _LineReader(io.BufferedReader):
-    """The buffered input http.server reads request lines and headers from, with
-    one check: no control character inside a line (RFC 9112 2.2, RFC 9110 5.5).
-    The email parser behind http.client would take a bare CR for a line break and
-    find a header hidden in another one's value."""
+    """http.server's input, refusing a control character inside a line (RFC 9112 2.2):
+    the email parser behind http.client takes a bare CR for a line break."""
 
     def readline(self, limit=-1):
         line = super().readline(limit)
@@ -1397,175 +1396,144 @@ class _LineReader(io.BufferedReader):
 
 
 class RequestHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: HTTP/1.1 requests read by http.server, checked and answered.
-
-    parse_request() is http.server's, followed by the checks of the contract, in
-    order: framing, Host, Origin, key. Then do_<METHOD> routes the request, reads
-    the body (size and content type first, then 100 Continue) and answers. Errors
-    are raised as QabelRestError anywhere below handle_one_request() and turned into
-    a JSON answer there, once; so are http.server's own refusals (send_error).
-    """
+    """One connection. parse_request() is http.server's plus the contract's checks,
+    do_<METHOD> routes, and handle_one_request() answers every error in JSON, once."""
 
     protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length
-    # The version of a request line too malformed to say: http.server's default,
-    # HTTP/0.9, would answer it with no status line.
-    default_request_version = "HTTP/1.0"
+    default_request_version = "HTTP/1.0"  # for a garbled request line: 0.9 has no status line
     server_version = f"qabel_rest/{__version__}"  # the Server header: no Python version
     disable_nagle_algorithm = True  # no 40 ms stall on a delayed ACK between writes
-    # Buffered output: head and body of an answer go out in one send (_send flushes).
-    # Each send lets go of the GIL, and with many threads each one costs a handoff.
-    wbufsize = 1 << 16
+    wbufsize = 1 << 16  # one send per answer (_send flushes): each send is a GIL handoff
 
     def setup(self):
         super().setup()
-        self.rfile.close()  # http.server's socket file: ours checks each line
-        self.rfile = _LineReader(self.connection.makefile("rb", 0))
-        self._linger = False
+        self.rfile = _LineReader(self.rfile.detach())  # http.server's, checking each line
+        self._reset()
 
     def finish(self):
+        # Closing a socket with unread input sends a reset, which can destroy our answer
+        # (RFC 9112 9.6): a client still sending a body we refused would not see our 413.
         if self._linger:
-            self._lingering_close()
+            sock = self.connection
+            try:
+                sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + _LINGER_SECONDS
+                received = 0
+                while received < _LINGER_BYTES and time.monotonic() < deadline:
+                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        break
+                    received += len(chunk)
+            except OSError:
+                pass
         super().finish()
-
-    def _lingering_close(self):
-        """Read and drop what the client still sends, briefly, after our answer.
-
-        Closing a socket with unread input sends a reset, which can destroy the
-        answer before the client reads it (RFC 9112 section 9.6): a client still
-        sending a body we refused would see "connection reset", not our 413.
-        """
-        sock = self.connection
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + _LINGER_SECONDS
-            received = 0
-            while received < _LINGER_BYTES and time.monotonic() < deadline:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    break
-                received += len(chunk)
-        except OSError:
-            pass
 
     def version_string(self):
         return self.server_version
 
-    # -- one request: the error boundary ----------------------------------------------
+    def handle(self):
+        try:
+            if self.server._move(self.connection, _IDLE, _IDLE, self.server.idle_timeout):
+                super().handle()
+            else:  # refused for want of room, or closing: at once, not after a request
+                self._refuse()
+        except OSError:  # while answering an error or draining
+            pass
 
     def handle_one_request(self):
-        """Wait for a request (idle timeout), then let http.server read and dispatch
-        it under the request deadline; answer every error in JSON."""
-        server = self.server
+        """Wait for a request (idle timeout), then let http.server serve it (request timeout)."""
         self._reset()
         try:
-            if not self.rfile.peek(1):
-                self.close_connection = True  # the client closed the connection
-                return
-            for empty in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore an empty line
-                if self.rfile.peek(2).startswith(empty):
-                    self.rfile.read(len(empty))
-                    break
+            start = self.rfile.peek(2)
+            if start.startswith((b"\r\n", b"\n")):  # RFC 9112 2.2: ignore an empty line
+                self.rfile.readline()
         except (OSError, ValueError):
-            self.close_connection = True  # reset, or closed by the server
+            start = b""  # reset, or closed by the server
+        if not start:
+            self.close_connection = True
             return
-        refusal = server._begin_request(self.connection)
         try:
-            if refusal:
-                self._refuse(refusal)
-                return
-            super().handle_one_request()
+            if self.server._move(self.connection, _IDLE, _BUSY, self.server.request_timeout):
+                super().handle_one_request()
+            else:  # closed to make room as it came (never half served), or closing
+                self._refuse()
         except QabelRestError as exc:
             self._send_error(exc)
         except OSError:  # reset, broken pipe, or closed past its deadline: no answer
             self.close_connection = True
         except Exception:  # a bug: answer 500, keep serving others
-            server.logger.exception("unexpected error in %s", self._what())
+            self.server.logger.exception("unexpected error in %s", self._what())
             self.close_connection = True
             if not self._responded:
                 self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                             "internal error", close=True))
         finally:
-            if server._end_request(self.connection):
+            if not self.server._move(self.connection, _BUSY, _IDLE, self.server.idle_timeout):
                 self.close_connection = True
-        if self._body_pending and not self.close_connection:
-            self._drain_body()
-
-    def handle(self):
-        try:
-            refusal = self.server._refusal(self.connection)
-            if refusal:  # at once: a refused connection waits for nothing
-                self._reset()
-                self._refuse(refusal)
-            else:
-                super().handle()
-        except OSError:  # while answering an error or draining
-            self.close_connection = True
+        # A body answered without reading it: drop it (_send closed if it cannot).
+        if self._unread and not self.close_connection:
+            if len(self.rfile.read(self._unread)) < self._unread:
+                self.close_connection = True
 
     def _reset(self):
         """Forget the previous request on this connection."""
-        self.command, self.request_version, self.headers, self.fields = None, "HTTP/1.1", {}, {}
-        self._responded = self._body_pending = self._chunked = self._expect = False
-        self._length, self._allow = 0, None
+        self.command, self.request_version = None, "HTTP/1.1"
+        self._responded = self._expect = self._linger = False
+        self._chunked, self._unread = False, 0  # a body not read yet: chunked, or its length
 
-    def _refuse(self, reason):
-        """Answer 503 without reading the request (then read and drop it briefly)."""
-        self._linger = True
+    def _refuse(self):
+        """Answer 503 without reading the request: no room for it, or closing."""
+        reason = "the server is shutting down" if self.server._closing else "too many connections"
         self._send_error(_HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, reason,
                                     (("Retry-After", "1"),), close=True))
 
     def parse_request(self):
-        """http.server's parse of the request line and headers, then the checks of
-        the contract: framing, Host, Origin, and the key (RFC 9112, 9110)."""
-        words = str(self.raw_requestline, "iso-8859-1").split()  # as http.server does
+        """http.server's parse, then the contract's checks: framing, Host, Origin, key."""
+        line = str(self.raw_requestline, "iso-8859-1")
+        words = line.split()  # as http.server does
         if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
-            # HTTP/0.9: http.server would read on for headers that a two-word
-            # request never sends, and answer with no status line.
+            # http.server would wait for headers and answer with no status line
             raise _Malformed("HTTP/0.9 is not supported")
-        if self.raw_requestline.rstrip(b"\r\n").split(b" ") != [w.encode("latin-1") for w in words]:
-            # RFC 9112 3: method SP target SP version; str.split() also splits on
-            # Unicode white space such as \x85 and \xa0
+        if line.rstrip("\r\n").split(" ") != words:
+            # RFC 9112 3: method SP target SP version; split() also splits on \x85, \xa0
             raise _Malformed("malformed request line")
         if not super().parse_request():
-            return False
+            return False  # http.server has answered
         self._check_framing()
-        self._check_host()
-        self._check_origin()
+        if _host_name(self.fields["host"][0]) not in self.server.allowed_hosts:
+            raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
+        for origin in self.fields.get("origin", ()):
+            scheme, sep, rest = origin.strip(_OWS).partition("://")
+            if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
+                    or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
+                raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
         if not (self._path_only() == "/health" and self.command in ("GET", "HEAD")):
             self._check_key()
         return True
 
     def handle_expect_100(self):
-        # RFC 9110 10.1.1: the 100 goes out only once the request has passed every
-        # check (_read_body, after _check_framing saw the Expect), not while
-        # http.server parses the request.
+        # RFC 9110 10.1.1: the 100 goes out once every check has passed (_read_body)
         return True
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a bad request line, 414, 431, 501), as JSON.
-        Its message is cut before the request text it quotes, which may hold a
-        secret."""
-        status = HTTPStatus(code)
-        message = (message or status.phrase).partition(" (")[0]
-        self._send_error(_HTTPError(status, message, close=True))
+        """http.server's own refusals (a bad request line, 414, 431, 501), as JSON."""
+        # Cut before the request text it quotes, which may hold a secret.
+        message = (message or HTTPStatus(code).phrase).partition(" (")[0]
+        self._send_error(_HTTPError(code, message, close=True))
 
     def log_message(self, format, *args):
         self.server.logger.info("%s " + format, self.client_address[0], *args)
 
     def log_request(self, code="-", size="-"):
         # Never the query string (a client may misplace the key there), never a body.
-        logger = self.server.logger
-        if logger.isEnabledFor(10):  # logging.DEBUG
-            logger.debug('%s "%s" %s', self.client_address[0], self._what(),
-                         int(code) if code != "-" else code)
-
-    # -- checks, in the order of the contract --------------------------------------
+        if self.server.logger.isEnabledFor(10):  # logging.DEBUG: _what() costs a little
+            self.server.logger.debug('%s "%s" %s', self.client_address[0], self._what(),
+                                     int(code) if code != "-" else code)
 
     def _check_framing(self):
-        """RFC 9112: a well-formed header block and exactly one way to find the
-        body's end, or 400 (501 for a transfer coding we do not know)."""
-        # The header fields by lower-case name, read from http.server's parse once:
-        # each lookup in its email.message.Message walks all of them.
+        """RFC 9112: a well-formed header block and one way to find the body's end."""
+        # By lower-case name, read once: each lookup in an email.message.Message walks all.
         self.fields = fields = {}
         for name, value in self.headers.items():
             if "\n" in value:  # a folded line (obsolete, RFC 9112 5.2) keeps its CRLF
@@ -1577,92 +1545,72 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _Malformed("exactly one Host header is required")
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
             raise _Malformed("the request target must be a path")
-        tokens = {token.strip(_OWS).lower() for value in fields.get("connection", ())
-                  for token in value.split(",")}
-        if "close" in tokens:  # http.server only knows a header that is just "close"
+        # http.server only knows a Connection header that is just "close"
+        if "close" in map(str.lower, self._elements("connection")):
             self.close_connection = True
         for value in fields.get("expect", ()):
             if value.strip(_OWS).lower() != "100-continue":
                 raise _Malformed("unsupported expectation", HTTPStatus.EXPECTATION_FAILED)
             self._expect = self.request_version != "HTTP/1.0"  # 1.0 clients expect none
-        codings = fields.get("transfer-encoding")
         lengths = fields.get("content-length")
-        if codings:
+        if "transfer-encoding" in fields:
             if lengths:  # a request smuggling vector (RFC 9112 section 6.3)
                 raise _Malformed("both Transfer-Encoding and Content-Length")
             if self.request_version == "HTTP/1.0":
                 raise _Malformed("Transfer-Encoding in an HTTP/1.0 request")
-            names = [name.strip(_OWS).lower() for value in codings for name in value.split(",")]
-            if names != ["chunked"]:
+            if [name.lower() for name in self._elements("transfer-encoding")] != ["chunked"]:
                 raise _Malformed("transfer coding not supported", HTTPStatus.NOT_IMPLEMENTED)
-            self._chunked = self._body_pending = True
+            self._chunked = True
         elif lengths:
-            values = {value.strip(" \t") for value in lengths}
-            if not all(_is_digits(value) for value in values):
+            values = {value.strip(_OWS) for value in lengths}
+            if not all(map(_is_digits, values)):
                 raise _Malformed("malformed Content-Length")
-            values = {value.lstrip("0") or "0" for value in values}
+            values = {value.lstrip("0") for value in values}
             if len(values) > 1:
                 raise _Malformed("conflicting Content-Length")
-            value = values.pop()
-            self._length = int(value) if len(value) <= 18 else sys.maxsize
-            self._body_pending = self._length > 0
-
-    def _check_host(self):
-        if _host_name(self.fields["host"][0]) not in self.server.allowed_hosts:
-            raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
-
-    def _check_origin(self):
-        for origin in self.fields.get("origin", ()):
-            scheme, sep, rest = origin.strip(_OWS).partition("://")
-            if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
-                    or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
-                raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
+            value = values.pop() or "0"
+            self._unread = int(value) if len(value) <= 18 else sys.maxsize
 
     def _check_key(self):
-        """X-API-Key or Authorization: Bearer; every one presented must be right.
-        Another scheme (Basic, which requests and curl add from ~/.netrc) is not a
-        key and is ignored."""
+        """X-API-Key or Authorization: Bearer (not Basic, which curl adds from ~/.netrc)."""
         presented = list(self.fields.get("x-api-key", ()))
         for value in self.fields.get("authorization", ()):
             scheme, _, token = value.strip(_OWS).partition(" ")
             if scheme.lower() == "bearer":
                 presented.append(token)
         if not presented:
-            raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required",
-                             (("WWW-Authenticate", "Bearer"),))
-        server, valid = self.server, True
-        for token in presented:  # every one compared, each in constant time
-            valid &= server._compare_digest(token.strip(_OWS).encode("latin-1"), server._api_key)
-        if not valid:
-            raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key",
-                             (("WWW-Authenticate", "Bearer"),))
+            raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required", _BEARER)
+        server = self.server
+        valid = [server._compare_digest(token.strip(_OWS).encode("latin-1"), server._api_key)
+                 for token in presented]  # each in constant time
+        if not all(valid):  # every one presented must be right
+            raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key", _BEARER)
+
+    def _elements(self, name):
+        """The elements of a comma-separated list header, over all its lines."""
+        return [element.strip(_OWS) for value in self.fields.get(name, ())
+                for element in value.split(",")]
 
     def _content_type(self):
-        """(the body's media type in lower case, or None without a Content-Type; its
-        other parameters); 415 for a charset other than UTF-8."""
-        values = self.fields.get("content-type", ())
-        if not values:
-            return None, []
+        """(the body's media type in lower case, or None without a Content-Type;
+        whether it has parameters other than charset); 415 for a charset but UTF-8."""
+        values = self.fields.get("content-type")
+        if values is None:
+            return None, False
         media, *params = (values[0] if len(values) == 1 else "").split(";")
-        others = []
+        others = False
         for param in params:
-            name, _, value = param.partition("=")
-            if not name.strip(_OWS):  # "type/subtype;" (RFC 9110 5.6.6)
-                continue
-            if name.strip(_OWS).lower() != "charset":
-                others.append(name)
-            elif value.strip(_OWS).strip('"').lower() not in ("utf-8", "utf8"):
-                raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
+            name, _, value = (part.strip(_OWS) for part in param.partition("="))
+            if name.lower() == "charset":
+                if value.strip('"').lower() not in ("utf-8", "utf8"):
+                    raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
+            elif name:  # "type/subtype;" has an empty one (RFC 9110 5.6.6)
+                others = True
         return media.strip(_OWS).lower(), others
 
     def _if_match(self):
-        """The tags If-Match lists, None without it. Compared as they are: a weak tag
-        (W/"...") never matches (RFC 9110 13.1.1)."""
-        values = self.fields.get("if-match")
-        return None if values is None else [
-            tag.strip(_OWS) for value in values for tag in value.split(",")]
-
-    # -- routing ----------------------------------------------------------------------
+        """The tags If-Match lists (None without it), as they are: W/"..." never matches."""
+        return self._elements("if-match") if "if-match" in self.fields else None
 
     def do_GET(self):
         """Every method http.server hands us: route it by path, then by method."""
@@ -1670,10 +1618,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         allowed = _ROUTES.get(path)
         if allowed is None:
             raise _HTTPError(HTTPStatus.NOT_FOUND, "no such resource")
-        self._allow = ", ".join(allowed)
         method = "GET" if self.command == "HEAD" else self.command
         if method == "OPTIONS":
-            headers = (("Allow", self._allow),)
+            headers = (("Allow", ", ".join(allowed)),)
             if "PATCH" in allowed:
                 headers += (("Accept-Patch", _PATCH_TYPE),)
             self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, headers)
@@ -1688,8 +1635,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if method == "GET":
                 self._do_read(document)
                 return
-            # No Content-Type at all is read as JSON (RFC 9110 8.3 leaves it to us):
-            # some libraries send a JSON body without one.
+            # No Content-Type is read as JSON (RFC 9110 8.3): some libraries send none.
             media, others = self._content_type()
             if method == "PATCH" and (media != _PATCH_TYPE or others):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
@@ -1697,37 +1643,29 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if method != "PATCH" and media not in (None, _JSON_TYPE, _FORM_TYPE):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                  f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
-            body = self._read_body(self.server.max_body)
-            handler = {"PUT": self._do_put, "POST": self._do_post, "PATCH": self._do_patch}
-            handler[method](document, body, media == _FORM_TYPE)
+            getattr(self, "_do_" + method.lower())(document, self._read_body(), media == _FORM_TYPE)
 
-    # Methods HTTP defines (RFC 9110 section 9): 404 or 405 by path. Any other method
-    # has no do_ method, and http.server answers it 501 (send_error).
-    do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_GET
-    do_TRACE = do_CONNECT = do_GET
+    # The methods of RFC 9110 9 get 404 or 405 by path; http.server answers others 501.
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
 
-    # -- body --------------------------------------------------------------------------
-
-    def _read_body(self, limit):
-        self._check_size(self._length, limit)
+    def _read_body(self):
+        self._check_size(self._unread)
         if self._expect:
-            self._expect = False
             super().handle_expect_100()  # send 100 Continue now
             self.wfile.flush()
-        body = self._read_chunked(limit) if self._chunked else self.rfile.read(self._length)
-        if len(body) < self._length:
+        body = self._read_chunked() if self._chunked else self.rfile.read(self._unread)
+        if len(body) < self._unread:
             raise _Malformed("the body ended early")
-        self._body_pending = False
+        self._chunked, self._unread = False, 0
         return body
 
-    @staticmethod
-    def _check_size(size, limit):
-        if size > limit:
-            raise _Malformed(f"the body is larger than {limit} bytes",
+    def _check_size(self, size):
+        if size > self.server.max_body:
+            raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
                              HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
-    def _read_chunked(self, limit):
-        """Decode a chunked body (RFC 9112 section 7.1), at most limit bytes."""
+    def _read_chunked(self):
+        """Decode a chunked body (RFC 9112 section 7.1), at most max_body bytes."""
         body = bytearray()
         while True:
             line = self.rfile.readline(4096)
@@ -1738,7 +1676,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             size = int(size, 16)
             if size == 0:
                 break
-            self._check_size(len(body) + size, limit)
+            self._check_size(len(body) + size)
             data = self.rfile.read(size)
             if len(data) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise _Malformed("malformed chunk")
@@ -1751,34 +1689,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 break
         raise _Malformed("malformed chunked trailer")
 
-    def _drain_body(self):
-        """Read and drop a body we answered without reading, to keep the framing
-        (one _send did not close the connection for)."""
-        if len(self.rfile.read(self._length)) < self._length:
-            self.close_connection = True
-
-    # -- the documents -------------------------------------------------------------
-
     def _do_read(self, document):
         version = document.current()
-        etag = (("ETag", version.etag),)
-        for value in self.fields.get("if-none-match", ()):
-            tags = {tag.strip(_OWS).removeprefix("W/") for tag in value.split(",")}
-            if version.etag in tags or "*" in tags:
-                self._send(HTTPStatus.NOT_MODIFIED, b"", etag)
-                return
-        self._send(HTTPStatus.OK, version.body, etag)
+        tags = {tag.removeprefix("W/") for tag in self._elements("if-none-match")}
+        status = HTTPStatus.NOT_MODIFIED if version.etag in tags or "*" in tags else HTTPStatus.OK
+        self._send(status, version.body, (("ETag", version.etag),))
 
     def _do_put(self, document, body, form):
         if form:
-            fields = _parse_form(body)
-            key = fields.get("key", _MISSING)
-            if type(key) is str and key.startswith("["):
+            request = _parse_form(body)
+            if request.get("key", "").startswith("["):
                 try:
-                    key = _parse_json(key)
+                    request["key"] = _parse_json(request["key"])
                 except (_NotJSON, QabelRestError):
                     raise InvalidKey("the key is not a valid JSON list") from None
-            value, merge = fields.get("value", _MISSING), False
         else:
             try:
                 request = _parse_json(body)
@@ -1786,47 +1710,40 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 raise InvalidValue(f"the body is not JSON: {exc}") from None
             if type(request) is not dict:
                 raise InvalidValue("the body must be a JSON object")
-            key = request.get("key", _MISSING)
-            value = request.get("value", _MISSING)
-            merge = request.get("merge", False)
+        key = request.get("key", _MISSING)
+        value = request.get("value", _MISSING)
         if key is _MISSING:
             raise InvalidKey("the key is missing")
         if form and value is not _MISSING:
-            # A field the schema types as a string takes the text as given
-            # ("2026" stays a string); elsewhere the text is JSON when it parses.
+            # A string-typed field takes the text as given ("2026"); others JSON, if it parses.
             node = _node_at(document.schema, parse_key(key))
             if not (type(node) is str and node in _TEXT_LEAVES):
                 try:
                     value = _parse_json(value)
                 except _NotJSON:
                     pass  # a plain string
+        merge = False if form else request.get("merge", False)
         stored, tag = document.update(key, value, merge, self._if_match())
         self._send_json(HTTPStatus.OK, {"key": key, "value": stored}, (("ETag", tag),))
 
     def _do_post(self, document, body, form):
         try:
-            if form:
-                text = _parse_form(body).get("settings")
-                if text is None:
-                    raise InvalidKey("settings is missing")
-                settings = _parse_json(text)
-            else:
-                request = _parse_json(body)
-                if type(request) is not dict or "settings" not in request:
-                    raise InvalidKey("settings is missing")
-                settings = request["settings"]
+            request = _parse_form(body) if form else _parse_json(body)
+            if type(request) is not dict or "settings" not in request:
+                raise InvalidKey("settings is missing")
+            settings = _parse_json(request["settings"]) if form else request["settings"]
         except _NotJSON as exc:
             raise InvalidKey(f"settings is not a valid JSON document: {exc}") from None
-        self._send_json(HTTPStatus.OK, *self._tagged(document.substitute(
-            settings, self._if_match())))
+        stored, tag = document.substitute(settings, self._if_match())
+        self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_patch(self, document, body, form):
         try:
             patch = _parse_json(body)
         except _NotJSON as exc:
             raise InvalidValue(f"the merge patch is not JSON: {exc}") from None
-        self._send_json(HTTPStatus.OK, *self._tagged(document.merge_patch(
-            patch, self._if_match())))
+        stored, tag = document.merge_patch(patch, self._if_match())
+        self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_events(self):
         query = _parse_form(self.path.partition("?")[2].encode("latin-1"))
@@ -1851,27 +1768,20 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the answer may be cut: never reuse it
             raise  # for the feed to log
 
-    @staticmethod
-    def _tagged(result):
-        """(the stored document, the ETag header) of a change's (result, tag)."""
-        return result[0], (("ETag", result[1]),)
-
-    # -- answers -----------------------------------------------------------------
-
     def _send_json(self, status, payload, headers=()):
         self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):
         """The JSON answer of a QabelRestError; a 405 carries Allow."""
         if error.status >= 500:
-            self.server.logger.warning("%s: %d %s", self._what(), error.status,
-                                       error.message)
+            self.server.logger.warning("%s: %d %s", self._what(), error.status, error.message)
         headers = getattr(error, "headers", ())
         payload = {"error": error.message}
         if isinstance(error, CursorGone):
             payload["cursor"] = error.cursor
-        if error.status == HTTPStatus.METHOD_NOT_ALLOWED and self._allow:
-            headers = (*headers, ("Allow", self._allow))
+        allowed = _ROUTES.get(self._path_only())
+        if error.status == HTTPStatus.METHOD_NOT_ALLOWED and allowed:
+            headers = (*headers, ("Allow", ", ".join(allowed)))
         if error.status == HTTPStatus.UNSUPPORTED_MEDIA_TYPE and self.command == "PATCH":
             headers = (*headers, ("Accept-Patch", _PATCH_TYPE))
         if getattr(error, "close", False):
@@ -1881,10 +1791,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
-        if self._body_pending and (self._chunked or self._expect
-                                   or self._length > self.server.max_body):
-            # A body left unread that cannot be drained cheaply (a 100-continue
-            # client may never send it): the answer says the connection closes.
+        # An unread body that cannot be drained (a 100-continue client may never send it)
+        undrainable = self._expect or self._unread > self.server.max_body
+        if self._chunked or (self._unread and undrainable):
             self.close_connection = self._linger = True
         self.send_response(status)
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
@@ -1901,28 +1810,26 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if self.request_version == "HTTP/1.0":
                 self.send_header("Connection", "keep-alive")
         self.end_headers()
-        if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED and body:
+        if self.command != "HEAD" and status != HTTPStatus.NOT_MODIFIED:
             self.wfile.write(body)
         self.wfile.flush()
 
     def _what(self):
-        """The request for a log line: its method and path if we serve them, else
-        "-", never text a client may have put a secret in."""
-        path = self._path_only()
-        return f"{self.command} {path}" if path in _ROUTES and hasattr(
-            self, f"do_{self.command}") else "-"
+        """The request for a log line: method and path if we serve them, else "-"."""
+        path = self._path_only()  # never the query, where a client may put a secret
+        served = path in _ROUTES and hasattr(self, f"do_{self.command}")
+        return f"{self.command} {path}" if served else "-"
 
     def _path_only(self):
-        return (self.path or "").partition("?")[0] if self.command else ""
+        return self.path.partition("?")[0] if self.command else ""
 
 
 def _parse_form(body):
     """The fields of a form-encoded body; 400 for bad encoding or a repeated field."""
     try:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
-                                       encoding="utf-8", errors="strict",
-                                       max_num_fields=_MAX_FORM_FIELDS)
-    except (UnicodeDecodeError, ValueError):
+                                       errors="strict", max_num_fields=_MAX_FORM_FIELDS)
+    except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
     fields = {}
     for name, value in pairs:
@@ -1934,7 +1841,8 @@ def _parse_form(body):
 
 # --- Server lifecycle ---------------------------------------------------------
 
-_IDLE, _BUSY, _CLOSING, _REFUSED = range(4)  # states of a connection
+# A connection waits for a request, serves one, or is being ended by us (shut or refused).
+_IDLE, _BUSY, _CLOSING = range(3)
 
 
 def _shut(sock):
@@ -1946,17 +1854,12 @@ def _shut(sock):
 
 
 class QabelRestServer(http.server.ThreadingHTTPServer):
-    """The HTTP server with its two documents; build it with make_server().
-
-    A thread per connection. Thread-safe. `settings` and `synced` are the in-process
-    API of the documents. shutdown() may be called from any thread, before or
-    during serve_forever().
-    """
+    """The HTTP server with its two documents; build it with make_server(). Thread-safe:
+    shutdown() may be called from any thread, before or during serve_forever()."""
 
     block_on_close = False  # server_close() joins its own threads, with a bound
-    # POSIX: rebind at once after a restart (TIME_WAIT). Windows: SO_REUSEADDR would
-    # let another process bind the same port and steal requests, so it gets
-    # SO_EXCLUSIVEADDRUSE instead (server_bind).
+    # POSIX: rebind at once after a restart (TIME_WAIT). Windows: SO_REUSEADDR would let
+    # another process steal the port: it gets SO_EXCLUSIVEADDRUSE instead (server_bind).
     allow_reuse_address = os.name != "nt"
     request_queue_size = DEFAULT_MAX_CONNECTIONS  # the listen backlog
 
@@ -1977,34 +1880,29 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self.logger = _logger()
         self._api_key = None  # bytes: set by make_server, never logged or shown
         self._dir_lock = None  # the descriptor of the data dir's lock file
-        # Guards the fields below. Reentrant: shutdown() runs in a signal handler,
-        # in the serving thread, which may hold it (process_request).
+        # Guards what follows; reentrant: shutdown() may run in a signal handler holding it.
         self._state = threading.RLock()
         self._stopping = False  # shutdown() was called
         self._closing = False  # server_close() was called
-        self._serving = None  # the thread in serve_forever()
+        self._serving = None  # the thread that called serve_forever()
         self._connections = {}  # socket -> [thread, state, deadline], oldest first
         self._next_sweep = 0.0
         self._feed = _Feed(self._look)
         settings.publish = lambda key, etag: self._feed.publish("settings", key, etag)
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         super().__init__(address, handler_class)
-        bound = self.server_address[0]
-        self.allowed_hosts = frozenset(
-            {*_LOCAL_HOSTS, _normal_host(address[0]), _normal_host(bound),
-             *(_normal_host(name) for name in allowed_hosts)})
+        hosts = (*_LOCAL_HOSTS, address[0], self.server_address[0], *allowed_hosts)
+        self.allowed_hosts = frozenset(map(_normal_host, hosts))
 
     @property
     def url(self):
         host, port = self.server_address[:2]
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def events(self, since=None, timeout=0, deliver=None):
-        """What GET /events answers, as a dict: the events after the cursor since
-        (waiting up to timeout seconds for one), and the cursor after them. Raises
-        CursorGone where HTTP answers 410. With deliver, an answer that had to wait
-        goes to deliver(answer) from a thread of the server, and None is returned."""
+        """What GET /events answers, as a dict; CursorGone where it answers 410. With
+        deliver, an answer that had to wait goes to deliver(answer) from a thread of
+        the server instead, and None is returned."""
         return self._feed.events(since, timeout, deliver)
 
     def subscribe(self, callback):
@@ -2024,24 +1922,17 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         super().server_bind()
 
-    # -- serving and stopping -------------------------------------------------------
-
     def serve_forever(self, poll_interval=0.5):
         """Handle requests until shutdown(); returns at once if that came first."""
         with self._state:
             if self._stopping:
                 return
             self._serving = threading.current_thread()
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            with self._state:
-                self._serving = None
+        super().serve_forever(poll_interval)
 
     def shutdown(self):
-        """Stop serve_forever() and wait for it. From its own thread (a signal
-        handler) or before it started, return at once: socketserver's would wait
-        forever."""
+        """Stop serve_forever() and wait for it; from its own thread (a signal handler)
+        or before it started, return at once: socketserver's would wait forever."""
         with self._state:
             self._stopping = True
             serving = self._serving
@@ -2068,29 +1959,23 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 thread.join(max(0.0, deadline - time.monotonic()))
         closed = [document.close(max(0.0, deadline - time.monotonic()))
                   for document in (self.settings, self.synced)]
-        # A save still under way writes on: the data dir stays locked (until the
-        # process ends), so no other instance starts beside it.
+        # A save still under way keeps the data dir locked: no other instance beside it.
         if self._dir_lock is not None and all(closed):
             os.close(self._dir_lock)  # releases the lock
             self._dir_lock = None
 
-    # -- connections -------------------------------------------------------------------
-
     def process_request(self, request, client_address):
-        """A thread per connection, as ThreadingMixIn's. At the connection cap the
-        oldest idle connection is closed to make room (HTTP lets a server close an
-        idle one at any time); when none is idle, the new one is answered 503."""
+        """A thread per connection; at the cap, the oldest idle one makes room, or a 503."""
         thread = threading.Thread(target=self.process_request_thread,
                                   args=(request, client_address), daemon=True,
                                   name="qabel_rest connection")
         with self._state:
             state = _IDLE
             entries = self._connections
-            if sum(entry[1] <= _BUSY for entry in entries.values()) >= self.max_connections:
-                idle = next((sock for sock, entry in entries.items() if entry[1] == _IDLE),
-                            None)
+            if sum(entry[1] != _CLOSING for entry in entries.values()) >= self.max_connections:
+                idle = next((sock for sock, entry in entries.items() if entry[1] == _IDLE), None)
                 if idle is None:
-                    state = _REFUSED
+                    state = _CLOSING  # refused at once by its handler
                 else:
                     _shut(idle)
                     entries[idle][1] = _CLOSING
@@ -2102,27 +1987,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 del entries[request]
             raise
 
-    def service_actions(self):
-        """Called by serve_forever() at least every poll_interval: close connections
-        past their deadline, idle ones (idle_timeout) and requests taking too long
-        (request_timeout, which bounds a client trickling bytes or never reading).
-        The sockets stay blocking: a timeout on each of them costs a poll() per
-        read and write."""
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 0.1
-        with self._state:
-            for sock, entry in self._connections.items():
-                if entry[1] <= _BUSY and entry[2] < now:
-                    _shut(sock)
-                    entry[1] = _CLOSING
-
-    def handle_error(self, request, client_address):
-        """An error no handler answered (a connection reset during setup): logged,
-        not printed to stderr as socketserver's."""
-        self.logger.debug("error on a connection from %s", client_address[0], exc_info=True)
-
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
@@ -2130,75 +1994,70 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             with self._state:
                 self._connections.pop(request, None)
 
-    def _refusal(self, sock):
-        """Why a new connection is refused at once, if it is."""
+    def service_actions(self):
+        """Close connections idle past idle_timeout or busy past request_timeout (a client
+        trickling bytes or never reading): on a socket, a timeout costs a poll() per read."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 0.1
         with self._state:
-            return "too many connections" if self._connections[sock][1] == _REFUSED else None
+            for sock, entry in self._connections.items():
+                if entry[1] != _CLOSING and entry[2] < now:
+                    _shut(sock)
+                    entry[1] = _CLOSING
 
-    def _begin_request(self, sock):
-        """Mark a connection busy; the reason to refuse its request, if there is one
-        (closed to make room the moment its request came: never half served)."""
+    def handle_error(self, request, client_address):
+        """An error no handler answered (a reset during setup): logged, not printed."""
+        self.logger.debug("error on a connection from %s", client_address[0], exc_info=True)
+
+    def _move(self, sock, old, new, seconds):
+        """Move a connection from state old to new, its deadline seconds from now; False
+        (and no move) if it is not in state old, or the server is closing."""
         with self._state:
             entry = self._connections[sock]
-            if self._closing:
-                return "the server is shutting down"
-            if entry[1] != _IDLE:
-                return "too many connections"
-            entry[1:] = _BUSY, time.monotonic() + self.request_timeout
-            return None
+            if self._closing or entry[1] != old:
+                return False
+            entry[1:] = new, time.monotonic() + seconds
+            return True
 
     def _extend_deadline(self, sock, seconds):
         """Give a request that waits for events that much more time."""
         with self._state:
             self._connections[sock][2] += seconds
 
-    def _end_request(self, sock):
-        """Mark a connection idle; True if it must close because the server is."""
-        with self._state:
-            entry = self._connections[sock]
-            if entry[1] == _BUSY:
-                entry[1:] = _IDLE, time.monotonic() + self.idle_timeout
-            return self._closing or entry[1] != _IDLE
-
 
 def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                 max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
-    """Load both documents and the key, bind, lock the data dir, write any missing
-    document (and a new key file) ; return a QabelRestServer.
-
-    data_dir defaults to $QABEL_REST_DATA_DIR or the platform's config dir; api_key
-    to $QABEL_REST_API_KEY, the key file, or a newly generated key file. Raises
-    StartupError if the server cannot start; then no file was changed or created.
-    """
-    environ = os.environ
+    """Load both documents and the key, bind, lock the data dir, write any missing document
+    (and a new key file); return a QabelRestServer. data_dir defaults to $QABEL_REST_DATA_DIR
+    or the platform's config dir; api_key to $QABEL_REST_API_KEY, the key file, or a new one.
+    StartupError if the server cannot start: then no file was changed or created."""
     if type(max_body) is not int or max_body < 1:
         raise StartupError("max_body must be a positive integer")
-    data_dir = os.path.abspath(data_dir or default_data_dir(environ))
+    data_dir = os.path.abspath(data_dir or default_data_dir())
     key_source = "the command line"
-    if api_key is None and environ.get(_ENV_API_KEY):
-        api_key, key_source = environ[_ENV_API_KEY], "$" + _ENV_API_KEY
+    if api_key is None and os.environ.get(_ENV_API_KEY):
+        api_key, key_source = os.environ[_ENV_API_KEY], "$" + _ENV_API_KEY
     if api_key is not None:
         _check_api_key(api_key, key_source)
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
-    synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA,
-                              SYNCED_DEFAULTS)
-    # Every check that can fail without writing comes first: the documents, the key
-    # file, then the port. Only then is anything created: the data dir, the lock,
-    # missing documents, a new key file.
+    synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA, SYNCED_DEFAULTS)
+    # What can fail without writing comes first: the documents, the key file, the port.
+    # Only then is anything created: the data dir, the lock, missing documents, a key file.
     settings.load()
     synced.load()
     key_path = os.path.join(data_dir, _KEY_FILE)
     if api_key is None:
         api_key, key_source = _read_key_file(key_path), key_path
     try:
-        server = QabelRestServer(
-            (host, port), handler_class, data_dir=data_dir, settings=settings,
-            synced=synced, max_body=max_body, allowed_hosts=allowed_hosts,
-            idle_timeout=idle_timeout, request_timeout=request_timeout,
-            max_connections=max_connections)
+        server = QabelRestServer((host, port), handler_class, data_dir=data_dir,
+                                 settings=settings, synced=synced, max_body=max_body,
+                                 allowed_hosts=allowed_hosts, idle_timeout=idle_timeout,
+                                 request_timeout=request_timeout, max_connections=max_connections)
     except (OSError, OverflowError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
@@ -2227,13 +2086,6 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
 
 # --- Command line -------------------------------------------------------------
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
 def main(argv=None):
     """Run the server until SIGINT or SIGTERM; return the exit status."""
     import argparse  # here, not at the top: an embedding app never needs it
@@ -2245,18 +2097,18 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="where the documents and the key file live")
     parser.add_argument("--api-key", help="the API key (default: $QABEL_REST_API_KEY, "
                                           "else DATA_DIR/api-key, generated if missing)")
-    parser.add_argument("--max-body", type=_positive_int, default=DEFAULT_MAX_BODY,
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                         metavar="BYTES", help="largest request body (%(default)s)")
     parser.add_argument("--allowed-host", action="extend", nargs="+", default=[],
-                        metavar="NAME", help="other names clients may use in the Host "
-                                             "header (repeatable)")
+                        metavar="NAME", help="another name clients may send as Host (repeatable)")
     args = parser.parse_args(argv)
+    if args.max_body < 1:
+        parser.error("--max-body must be a positive number of bytes")
     import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s qabel_rest %(levelname)s %(message)s")
     if hasattr(signal, "SIGXFSZ"):
-        # Over a file size limit a write then fails with EFBIG (answered 507)
-        # instead of the signal killing the server.
+        # Over a file size limit a write fails with EFBIG (answered 507): no kill.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         server = make_server(args.data_dir, args.api_key, args.host, args.port,
@@ -2264,13 +2116,9 @@ def main(argv=None):
     except StartupError as exc:
         print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
         return 1
-
-    def stop(signum, frame):
-        server.shutdown()  # from the serving thread: returns at once
-
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), stop)
+        if hasattr(signal, name):  # shutdown() returns at once in the serving thread
+            signal.signal(getattr(signal, name), lambda signum, frame: server.shutdown())
     where = (f"API key file {server.key_source}" if os.path.isabs(server.key_source)
              else f"API key from {server.key_source}")
     print(f"qabel_rest listening on {server.url} ({where})", flush=True)

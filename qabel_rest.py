@@ -112,15 +112,19 @@ def _is_count(value):
 
 
 # leaf name -> (what it must be, for error messages; its check)
+_COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX}
 _LEAVES = MappingProxyType({
-    "id": ("an integer >= 0", _is_count),
-    "time": ("an integer >= 0 (seconds since the epoch)", _is_count),
-    "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0),
-    "str": ("a string", lambda v: type(v) is str),
-    "bool": ("true or false", lambda v: type(v) is bool),
-    "url": ("an absolute http or https URL", _is_url),
-    "name": ("a non-empty string", lambda v: type(v) is str and v != ""),
-    "key": ("a string", lambda v: type(v) is str),
+    "id": ("an integer >= 0", _is_count, _COUNT),
+    "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
+    "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0,
+                 {"type": "number", "exclusiveMinimum": 0}),
+    "str": ("a string", lambda v: type(v) is str, {"type": "string"}),
+    "bool": ("true or false", lambda v: type(v) is bool, {"type": "boolean"}),
+    "url": ("an absolute http or https URL", _is_url,
+            {"type": "string", "format": "uri", "description": "an absolute http(s) URL"}),
+    "name": ("a non-empty string", lambda v: type(v) is str and v != "",
+             {"type": "string", "minLength": 1}),
+    "key": ("a string", lambda v: type(v) is str, {"type": "string"}),
 })
 # Leaves typed as strings: a form value for one is its text as given, never JSON.
 _TEXT_LEAVES = frozenset({"str", "url", "name", "key"})
@@ -387,7 +391,7 @@ def _check(value, node, path):
     elif not (kind is bool or value is None):
         raise InvalidValue(f"{format_key(path)}: not a JSON value")
     if type(node) is str:
-        what, check = _LEAVES.get(node, ("", None))
+        what, check, _ = _LEAVES.get(node, ("", None, None))
         if check is not None and not check(value):
             raise InvalidValue(f"{format_key(path)}: must be {what}")
     elif type(node) is _List:
@@ -1359,6 +1363,137 @@ def _normal_host(name):
     return name
 
 
+# --- API description ----------------------------------------------------------
+
+def _json_schema(node, served=False):
+    """The JSON Schema (2020-12, as in OpenAPI 3.1) of a schema node; served: with every
+    field of an object required, as GET serves a document."""
+    if node == "any":
+        return {"description": f"any JSON value; integers of 64 bits, at most {MAX_DEPTH} deep"}
+    if type(node) is str:
+        return dict(_LEAVES[node][2])
+    if type(node) is _List:
+        schema = {"type": "array", "items": _json_schema(node.item)}
+        if type(node.item) is _Obj and "id" in node.item.fields:
+            schema["description"] = "no two items have the same id"
+        return schema
+    if type(node) is _Map:
+        return {"type": "object", "additionalProperties": _json_schema(node.value)}
+    return {"type": "object", "additionalProperties": False,
+            "properties": {name: _json_schema(child) for name, child in node.fields.items()},
+            "required": sorted(node.fields if served else node.required)}
+
+
+def _openapi(url):
+    """The OpenAPI 3.1 description of the API, as GET /openapi.json serves it."""
+    def ref(kind, name):
+        return {"$ref": f"#/components/{kind}/{name}"}
+
+    def answer(description, schema=None, *headers):
+        response = {"description": description}
+        if headers:
+            response["headers"] = {name: ref("headers", name) for name in headers}
+        if schema is not None:
+            response["content"] = {_JSON_TYPE: {"schema": schema}}
+        return response
+
+    error = ref("schemas", "Error")
+    refusals = {"403": answer("a Host or Origin not allowed", error),
+                "503": answer("a document invalid on disk, too many connections (with "
+                              "Retry-After) or shutting down", error, "Retry-After")}
+    keyed = {"401": answer("no API key, or a wrong one", error, "WWW-Authenticate"),
+             **refusals}
+    change = {"400": answer("a value, document or body that is not valid", error),
+              "405": answer("a key that is not valid, or settings that are not JSON "
+                            "(the Qabel spec), or another method", error, "Allow"),
+              "409": answer("another program kept rewriting the file", error),
+              "412": answer("If-Match names no current tag", error),
+              "413": answer("a body over the limit", error),
+              "415": answer("another content type", error, "Accept-Patch"),
+              "500": answer("saving failed", error), "507": answer("the disk is full", error),
+              **keyed}
+    if_match = {"name": "If-Match", "in": "header", "schema": {"type": "string"},
+                "description": "tags or *: change only the version named (else 412)"}
+    paths = {"/health": {"get": {"security": [], "responses": {
+        "200": answer("the server is up", {"type": "object"}), **refusals}}},
+             "/openapi.json": {"get": {"security": [], "responses": {
+        "200": answer("this description", {"type": "object"}), **refusals}}},
+             "/events": {"get": {"parameters": [
+        {"name": "since", "in": "query", "schema": {"type": "string"},
+         "description": "a cursor of this run; without it, the answer is at once"},
+        {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0,
+                                                          "maximum": MAX_WAIT},
+         "description": f"seconds to wait for an event (30; at most {MAX_WAIT})"}],
+        "responses": {"200": answer("the events after since, and the cursor after them",
+                                    ref("schemas", "Events")),
+                      "400": answer("a timeout that is not valid", error),
+                      "410": answer("a cursor this run did not hand out, or too old",
+                                    ref("schemas", "CursorGone")), **keyed}}}}
+    for path, name, schema in (("/settings", "LocalSettings", LOCAL_SCHEMA),
+                               ("/synced", "SyncedSettings", SYNCED_SCHEMA)):
+        document = ref("schemas", name)
+        put = {"type": "object", "required": ["key", "value"], "properties": {
+            "key": {"type": ["string", "array"], "description": "a dotted key, or its "
+                    "segments", "minLength": 1, "minItems": 1,
+                    "items": {"type": ["string", "integer"]}},
+            "value": {}, "merge": {"type": "boolean"}}}
+        form = {"type": "object", "additionalProperties": {"type": "string"},
+                "required": ["key", "value"]}
+        paths[path] = {
+            "get": {"parameters": [{"name": "If-None-Match", "in": "header",
+                                    "schema": {"type": "string"}}],
+                    "responses": {"200": answer("the document", document, "ETag"),
+                                  "304": {"description": "If-None-Match names the tag",
+                                          "headers": {"ETag": ref("headers", "ETag")}},
+                                  **keyed}},
+            "put": {"parameters": [if_match], "requestBody": {"required": True, "content": {
+                _JSON_TYPE: {"schema": put}, _FORM_TYPE: {"schema": form}}},
+                    "responses": {"200": answer("the value as stored", put, "ETag"), **change}},
+            "post": {"parameters": [if_match], "requestBody": {"required": True, "content": {
+                _JSON_TYPE: {"schema": {"type": "object", "required": ["settings"],
+                                        "properties": {"settings": _json_schema(schema)}}},
+                _FORM_TYPE: {"schema": {**form, "required": ["settings"]}}}},
+                     "responses": {"200": answer("the stored document", document, "ETag"),
+                                   **change}},
+            "patch": {"parameters": [if_match], "requestBody": {"required": True, "content": {
+                _PATCH_TYPE: {"schema": {"type": "object", "additionalProperties": False,
+                                         "properties": dict.fromkeys(schema.fields, {})}}}},
+                      "responses": {"200": answer("the stored document", document, "ETag"),
+                                    **change}}}
+    for operations in paths.values():
+        operations["head"] = {**operations["get"], "responses": {
+            status: {key: value for key, value in response.items() if key != "content"}
+            for status, response in operations["get"]["responses"].items()}}
+        operations["options"] = {"responses": {"200": answer("the methods", None, "Allow"),
+                                               **keyed}}
+    text = {"type": "string"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "qabel_rest", "version": __version__,
+                 "description": "The local REST server of the Qabel desktop client."},
+        "servers": [{"url": url}],
+        "security": [{"apiKey": []}, {"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                                "bearer": {"type": "http", "scheme": "bearer"}},
+            "headers": {name: {"schema": text} for name in (
+                "ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After")},
+            "schemas": {
+                "LocalSettings": _json_schema(LOCAL_SCHEMA, served=True),
+                "SyncedSettings": _json_schema(SYNCED_SCHEMA, served=True),
+                "Error": {"type": "object", "required": ["error"],
+                          "properties": {"error": text}},
+                "CursorGone": {"type": "object", "required": ["error", "cursor"],
+                               "properties": {"error": text, "cursor": text}},
+                "Events": {"type": "object", "required": ["cursor", "events"], "properties": {
+                    "cursor": text, "events": {"type": "array", "items": {
+                        "type": "object", "required": ["document", "key", "etag"],
+                        "properties": {"document": {"enum": ["settings", "synced"]},
+                                       "key": {"type": ["array", "null"], "items": text},
+                                       "etag": text}}}}}}}}
+
+
 # --- HTTP handler -------------------------------------------------------------
 
 _ROUTES = MappingProxyType({
@@ -1366,12 +1501,14 @@ _ROUTES = MappingProxyType({
     "/synced": ("GET", "PUT", "POST", "PATCH"),
     "/events": ("GET",),
     "/health": ("GET",),
+    "/openapi.json": ("GET",),
 })
+_OPEN = ("/health", "/openapi.json")  # the paths GET needs no key for
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _MAX_FORM_FIELDS = 16
-_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{0,9})?|\.[0-9]{1,9}")  # a timeout= value
+_SECONDS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
@@ -1508,7 +1645,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
                     or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
                 raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
-        if not (self._path_only() == "/health" and self.command in ("GET", "HEAD")):
+        if not (self._path_only() in _OPEN and self.command in ("GET", "HEAD")):
             self._check_key()
         return True
 
@@ -1519,6 +1656,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a bad request line, 414, 431, 501), as JSON."""
         # Cut before the request text it quotes, which may hold a secret.
+        if code == HTTPStatus.NOT_IMPLEMENTED:  # a method with no do_ method: 404 or 405
+            return self.do_GET()  # by path, as any other (a 5xx would blame the server)
         message = (message or HTTPStatus(code).phrase).partition(" (")[0]
         self._send_error(_HTTPError(code, message, close=True))
 
@@ -1630,6 +1769,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, {"status": "ok"})
         elif path == "/events":
             self._do_events()
+        elif path == "/openapi.json":
+            self._send_json(HTTPStatus.OK, _openapi(self.server.url))
         else:
             document = self.server.settings if path == "/settings" else self.server.synced
             if method == "GET":
@@ -2027,6 +2168,17 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             self._connections[sock][2] += seconds
 
 
+def _find_api_key(api_key, data_dir):
+    """(the key, where it came from): api_key, else $QABEL_REST_API_KEY, else the key
+    file in data_dir (None if there is none); StartupError for a key not usable."""
+    if api_key is not None:
+        return _check_api_key(api_key, "the command line"), "the command line"
+    if os.environ.get(_ENV_API_KEY):
+        return _check_api_key(os.environ[_ENV_API_KEY], "$" + _ENV_API_KEY), "$" + _ENV_API_KEY
+    path = os.path.join(data_dir, _KEY_FILE)
+    return _read_key_file(path), path
+
+
 def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
@@ -2038,11 +2190,6 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     if type(max_body) is not int or max_body < 1:
         raise StartupError("max_body must be a positive integer")
     data_dir = os.path.abspath(data_dir or default_data_dir())
-    key_source = "the command line"
-    if api_key is None and os.environ.get(_ENV_API_KEY):
-        api_key, key_source = os.environ[_ENV_API_KEY], "$" + _ENV_API_KEY
-    if api_key is not None:
-        _check_api_key(api_key, key_source)
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
     synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA, SYNCED_DEFAULTS)
@@ -2050,9 +2197,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     # Only then is anything created: the data dir, the lock, missing documents, a key file.
     settings.load()
     synced.load()
-    key_path = os.path.join(data_dir, _KEY_FILE)
-    if api_key is None:
-        api_key, key_source = _read_key_file(key_path), key_path
+    api_key, key_source = _find_api_key(api_key, data_dir)
     try:
         server = QabelRestServer((host, port), handler_class, data_dir=data_dir,
                                  settings=settings, synced=synced, max_body=max_body,
@@ -2070,7 +2215,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             document.load()  # again, now that no other instance can be writing
             document.create_if_missing()
         if api_key is None:
-            api_key = _create_key_file(key_path)
+            api_key = _create_key_file(key_source)
         server._api_key = api_key.encode("ascii")
         server.key_source = key_source
     except BaseException:
@@ -2086,8 +2231,121 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
 
 # --- Command line -------------------------------------------------------------
 
+_CLIENT_COMMANDS = {  # command -> its arguments; a ? makes one optional
+    "get": "doc key?", "set": "doc key value", "patch": "doc file", "export": "doc file?",
+    "import": "doc file", "watch": ""}
+
+
+class _Failed(Exception):
+    """A client command failed: the one line it prints (never the key)."""
+
+
+def _client(argv):
+    """Run a client command (get, set, patch, export, import, watch); the exit status."""
+    import argparse
+    import http.client
+    parser = argparse.ArgumentParser(prog="qabel_rest", description="A client of a running "
+                                     "qabel_rest server (without a command: the server).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, arguments in _CLIENT_COMMANDS.items():
+        command = commands.add_parser(name)
+        command.add_argument("--url", default=os.environ.get("QABEL_REST_URL")
+                             or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
+        command.add_argument("--api-key", help="default: $QABEL_REST_API_KEY, else the "
+                                               "key file in the data dir")
+        command.add_argument("--data-dir", help="the server's, for its key file")
+        for argument in arguments.split():
+            choices = ("settings", "synced") if argument == "doc" else None
+            command.add_argument(argument.rstrip("?"), choices=choices,
+                                 nargs="?" if argument.endswith("?") else None)
+        if name == "set":
+            command.add_argument("--merge", action="store_true")
+    args = parser.parse_args(argv)
+    url = urllib.parse.urlsplit(args.url)
+    if url.scheme != "http" or not url.hostname:
+        parser.error("--url must be an http:// URL")
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
+
+    def call(method, path, body=None, media=_JSON_TYPE, allow=()):
+        headers = {"X-API-Key": key, "Content-Type": media}
+        try:
+            connection.request(method, path, None if body is None else _dump_document(body),
+                               headers)
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise _Failed(f"cannot reach {args.url}: {exc}") from None
+        if response.status != 200 and response.status not in allow:
+            raise _Failed(f"{response.status} {answer.get('error', response.reason)}")
+        return response.status, answer
+
+    def read(name):
+        try:
+            if name == "-":
+                return _parse_json(sys.stdin.buffer.read())
+            with open(name, "rb") as file:
+                return _parse_json(file.read())
+        except (OSError, _NotJSON) as exc:
+            raise _Failed(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
+
+    def write(name, value):
+        text = json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+        if name in (None, "-"):
+            sys.stdout.buffer.write(text)
+            sys.stdout.flush()
+            return
+        with open(name, "wb") as file:
+            file.write(text)
+
+    try:
+        data_dir = os.path.abspath(args.data_dir or default_data_dir())
+        key = _find_api_key(args.api_key, data_dir)[0]
+        if key is None:
+            raise _Failed(f"no API key: give --api-key, set ${_ENV_API_KEY}, or name the "
+                          f"server's data dir with --data-dir (not {data_dir})")
+        path = f"/{getattr(args, 'doc', '')}"
+        if args.command in ("get", "export"):
+            document = call("GET", path)[1]
+            key_path = getattr(args, "key", None)
+            write(getattr(args, "file", None), document if key_path is None else
+                  _lookup(document, parse_key(key_path)))
+        elif args.command == "set":
+            try:
+                value = _parse_json(args.value)
+            except (_NotJSON, QabelRestError):
+                value = args.value  # a plain string
+            call("PUT", path, {"key": args.key, "value": value, "merge": args.merge})
+        elif args.command == "patch":
+            call("PATCH", path, read(args.file), _PATCH_TYPE)
+        elif args.command == "import":
+            call("POST", path, {"settings": read(args.file)})
+        else:  # watch, until SIGINT (also when started with SIGINT ignored, as by `&`)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            cursor = call("GET", "/events")[1]["cursor"]
+            while True:
+                query = urllib.parse.urlencode({"since": cursor, "timeout": 60})
+                status, answer = call("GET", f"/events?{query}", allow=(410,))
+                if status == 410:
+                    print("qabel_rest: events were missed; going on from now",
+                          file=sys.stderr, flush=True)
+                for event in answer.get("events", ()):
+                    print(json.dumps(event, ensure_ascii=False), flush=True)
+                cursor = answer["cursor"]
+    except (_Failed, QabelRestError) as exc:
+        print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # watch ends on SIGINT
+        return 0
+    return 0
+
+
 def main(argv=None):
-    """Run the server until SIGINT or SIGTERM; return the exit status."""
+    """Run the server until SIGINT or SIGTERM, or a client command; the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in _CLIENT_COMMANDS:
+        return _client(argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
     import argparse  # here, not at the top: an embedding app never needs it
     parser = argparse.ArgumentParser(
         prog="qabel_rest", description="The local REST server of the Qabel desktop client.")

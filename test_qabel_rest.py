@@ -478,10 +478,15 @@ def test_options_answers_allow_without_cors(live):
     assert live.call("OPTIONS", "/settings", key=None).status == 401
 
 
-def test_unknown_method_501_as_json(live):
+def test_method_http_does_not_define_is_405_or_404_by_path(live):
     response = live.call("BREW", "/settings")
-    assert response.status == 501
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
     assert "error" in response.json()
+    assert live.call("QUERY", "/events").headers["Allow"] == "GET"
+    assert live.call("BREW", "/nowhere").status == 404
+    assert live.call("BREW", "/settings", key=None).status == 401
+    assert live.call("BREW", "/health", key=None).status == 401
 
 
 # ---------------------------------------------------------------------------

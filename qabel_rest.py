@@ -17,6 +17,7 @@ ever sent, and errors and logs never contain the key or a settings value.
 """
 
 import collections
+import contextlib
 import copy
 import email.errors
 import errno
@@ -33,7 +34,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import namedtuple
 from http import HTTPStatus
 from types import MappingProxyType
 
@@ -67,17 +67,19 @@ DEFAULT_PORT = 9696  # the port of the Qabel spec
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a synced document with many identities fits
 DEFAULT_IDLE_TIMEOUT = 30.0  # seconds a keep-alive connection may wait for a request
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for one whole request, first byte to last
-# Pooling clients (Node's fetch, aiohttp) hold two sockets per request in flight.
-DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_MAX_CONNECTIONS = 512  # pooling clients (Node's fetch, aiohttp) hold 2 sockets per request
 SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
 MAX_DEPTH = 64  # how deep a value may nest: far below Python's recursion limit
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _MAX_INT_TEXT = 20  # digits and sign of a 64-bit integer: int() never sees more
+_MISSING = object()  # a value not given, unlike None (JSON null)
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
+# A Host header value (RFC 9110 7.2): a name or a bracketed IPv6 literal, then :port
+_HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]+)?")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -87,12 +89,11 @@ _SYNCED_FILE = "synced.json"
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
 
-# The schema of the Qabel "Client Configuration". A node is a leaf name (of _LEAVES),
-# "any" (any JSON value), an _Obj (declared fields only), a _List (items with an
-# "id" have unique ids) or a _Map (any names, each value of one kind).
-_Obj = namedtuple("_Obj", "fields required")
-_List = namedtuple("_List", "item")
-_Map = namedtuple("_Map", "value")
+# The Qabel "Client Configuration" schema. A node is a leaf name (of _LEAVES), "any" (any JSON),
+# an _Obj (declared fields only), a _List (unique item ids) or a _Map (any names, one kind of item).
+_Obj = collections.namedtuple("_Obj", "fields required")
+_List = collections.namedtuple("_List", "item")
+_Map = collections.namedtuple("_Map", "item")
 
 
 def _is_url(value):
@@ -111,8 +112,8 @@ def _is_count(value):
     return type(value) is int and 0 <= value <= _INT64_MAX
 
 
-# leaf name -> (what it must be, for error messages; its check)
 _COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX}
+# leaf name -> (what it must be, for errors; its check; its JSON Schema, for /openapi.json)
 _LEAVES = MappingProxyType({
     "id": ("an integer >= 0", _is_count, _COUNT),
     "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
@@ -132,8 +133,7 @@ _TEXT_LEAVES = frozenset({"str", "url", "name", "key"})
 
 def _item(**fields):
     """An item of a synced list: id (required, unique), time stamps, and fields."""
-    declared = {"id": "id", "updated": "time", "created": "time", "deleted": "time"}
-    declared.update(fields)
+    declared = {"id": "id", "updated": "time", "created": "time", "deleted": "time", **fields}
     return _Obj(MappingProxyType(declared), frozenset({"id"}))
 
 
@@ -162,8 +162,7 @@ SYNCED_SCHEMA = _Obj(MappingProxyType({
     "module_data": _MODULE_DATA,
 }), frozenset())
 
-# The documents of a fresh data dir (text: nobody can change them); a stored
-# document missing a top-level field gets it from here.
+# The documents of a fresh data dir (text: immutable); a stored one gets missing fields here.
 LOCAL_DEFAULTS = '{"poll_interval": 30, "drop_last_update": "", "module_data": {}}'
 SYNCED_DEFAULTS = ('{"accounts": [], "drop_servers": [], "storage_servers": [],'
                    ' "storage_volumes": [], "identities": [], "module_data": {}}')
@@ -277,8 +276,7 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_
 
 
 def _parse_json(data):
-    """Strict JSON from UTF-8 bytes or text: _NotJSON if it is not JSON at all,
-    InvalidValue for JSON no document may hold (duplicate keys, too large, too deep)."""
+    """Strict JSON of UTF-8 bytes or text; _NotJSON, or InvalidValue if no document may hold it."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -299,24 +297,17 @@ def _dump_document(document):  # the bytes of a JSON value, as served and stored
 
 
 def parse_key(key):
-    """The segments of a dotted key (`\\.` a dot, `\\\\` a backslash) or of a list;
-    InvalidKey, also for one deeper than a document may nest."""
-    if type(key) is str:
-        if key == "":
-            raise InvalidKey("the key is empty")
-        segments = key.split(".") if "\\" not in key else _split_escaped(key)
-    elif type(key) in (list, tuple):
-        if not key:
-            raise InvalidKey("the key is empty")
-        segments = []
-        for segment in key:
-            if type(segment) is int and segment >= 0:
-                segment = str(segment)
-            elif type(segment) is not str:
-                raise InvalidKey("key segments must be strings")
-            segments.append(segment)
-    else:
+    """The segments of a dotted key (`\\.` a dot, `\\\\` a backslash) or a list; else InvalidKey."""
+    if type(key) not in (str, list, tuple):
         raise InvalidKey("the key must be a string or a list of strings")
+    if not key:
+        raise InvalidKey("the key is empty")
+    if type(key) is str:
+        segments = key.split(".") if "\\" not in key else _split_escaped(key)
+    elif all(type(s) is str or type(s) is int and s >= 0 for s in key):
+        segments = [str(segment) for segment in key]
+    else:
+        raise InvalidKey("key segments must be strings")
     if len(segments) > MAX_DEPTH:
         raise InvalidKey(f"the key is deeper than {MAX_DEPTH} levels")
     for segment in segments:
@@ -328,20 +319,16 @@ def parse_key(key):
 
 
 def _split_escaped(text):
-    segments, current = [], []
-    chars = iter(text)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, None)
-            if escaped not in (".", "\\"):
-                raise InvalidKey("the key has a backslash not followed by . or \\")
-            current.append(escaped)
-        elif char == ".":
-            segments.append("".join(current))
-            current = []
+    segments = [""]
+    for token in re.findall(r"\\.?|\.|[^\\.]+", text):  # an escape, a dot, or text
+        if token == ".":
+            segments.append("")
+        elif token[0] != "\\":
+            segments[-1] += token
+        elif token in ("\\.", "\\\\"):
+            segments[-1] += token[1]
         else:
-            current.append(char)
-    segments.append("".join(current))
+            raise InvalidKey("the key has a backslash not followed by . or \\")
     return segments
 
 
@@ -351,8 +338,7 @@ def format_key(segments):
 
 
 def _list_index(items, segment, path):
-    """The index of an existing item named by segment, else InvalidKey; never int()
-    of a long text (CPython refuses over 4,300 digits)."""
+    """The index of the item segment names, else InvalidKey (int() refuses over 4,300 digits)."""
     if (_is_digits(segment) and (segment == "0" or segment[0] != "0")
             and len(segment) <= len(str(len(items))) and int(segment) < len(items)):
         return int(segment)
@@ -379,16 +365,13 @@ def _check(value, node, path):
                                f"{MAX_DEPTH} levels")
         if node == "any":
             node = _ANY_OBJECT if kind is dict else _ANY_LIST
-    elif kind is str:
-        if not _is_text(value):
-            raise InvalidValue(f"{format_key(path)}: a string is not valid Unicode")
-    elif kind is int:
-        if not _INT64_MIN <= value <= _INT64_MAX:
-            raise InvalidValue(f"{format_key(path)}: an integer is out of the 64-bit range")
-    elif kind is float:
-        if not math.isfinite(value):
-            raise InvalidValue(f"{format_key(path)}: NaN and Infinity are not JSON")
-    elif not (kind is bool or value is None):
+    elif kind is str and not _is_text(value):
+        raise InvalidValue(f"{format_key(path)}: a string is not valid Unicode")
+    elif kind is int and not _INT64_MIN <= value <= _INT64_MAX:
+        raise InvalidValue(f"{format_key(path)}: an integer is out of the 64-bit range")
+    elif kind is float and not math.isfinite(value):
+        raise InvalidValue(f"{format_key(path)}: NaN and Infinity are not JSON")
+    elif kind not in (str, int, float, bool, type(None)):
         raise InvalidValue(f"{format_key(path)}: not a JSON value")
     if type(node) is str:
         what, check, _ = _LEAVES.get(node, ("", None, None))
@@ -409,7 +392,7 @@ def _check(value, node, path):
                 raise InvalidValue(f"{format_key(path)}: object keys must be strings")
             if fields is not None and name not in fields:
                 raise InvalidValue(f"{format_key(path + (name,))}: unknown field")
-            _check(item, node.value if fields is None else fields[name], path + (name,))
+            _check(item, node.item if fields is None else fields[name], path + (name,))
         for name in sorted(node.required - value.keys()) if fields is not None else ():
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
 
@@ -437,10 +420,8 @@ def _child_node(node, segment, path):
         if field is None:
             raise InvalidKey(f"{format_key(path)}: unknown field")
         return field
-    if type(node) is _List:
+    if type(node) in (_List, _Map):
         return node.item
-    if type(node) is _Map:
-        return node.value
     if node == "any":
         return "any"
     raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
@@ -451,17 +432,6 @@ def _node_at(node, path):
     for depth, segment in enumerate(path):
         node = _child_node(node, segment, path[:depth + 1])
     return node
-
-
-def _deep_merge(base, patch):
-    """A new object: patch's fields over base's, objects merged recursively."""
-    result = dict(base)
-    for name, value in patch.items():
-        old = result.get(name)
-        if type(old) is dict and type(value) is dict:
-            value = _deep_merge(old, value)
-        result[name] = value
-    return result
 
 
 def _same(a, b):
@@ -477,83 +447,59 @@ def _same(a, b):
     return a == b
 
 
-def _merge_patch(target, patch):
-    """RFC 7396: members replace, null removes, objects merge, the rest replaces."""
+def _merge_patch(target, patch, null_removes=True):
+    """RFC 7396: members replace, null removes, objects merge, the rest replaces. With
+    null_removes false, null is a value like any other: the deep merge of a PUT."""
     if type(patch) is not dict:
         return patch
     result = dict(target) if type(target) is dict else {}
     for name, value in patch.items():
-        if value is None:
+        if value is None and null_removes:
             result.pop(name, None)
         else:
-            result[name] = _merge_patch(result.get(name), value)
+            result[name] = _merge_patch(result.get(name), value, null_removes)
     return result
 
 
-_MISSING = object()
-
-
 def _assign(node_value, node, path, depth, value, merge):
-    """(a copy of node_value with value set at path[depth:], the stored value).
-    Containers on the path are copied, the rest shared; only the new value (and the
-    ids of its list) is validated: the rest of the document is valid already."""
+    """(a copy of node_value with value set at path[depth:], the stored value, the event's
+    key: an append "-" as the index it got). Only containers on the path are copied and
+    only the new value (and the ids of its list) validated: the rest is valid and shared."""
     segment = path[depth]
     here = path[:depth + 1]
     last = depth == len(path) - 1
+    child = _child_node(node, segment, here)
     if type(node_value) is dict:
-        child = _child_node(node, segment, here)
         result = dict(node_value)
-        old = node_value.get(segment, _MISSING)
-        if last:
-            result[segment] = stored = _new_value(old, value, merge, child, here)
-        else:
-            if old is _MISSING:  # a missing container on the way is created
-                if type(child) is str and child != "any":
-                    raise InvalidKey(f"{format_key(here)}: cannot go below a {child} value")
-                old = [] if type(child) is _List else {}
-            result[segment], stored = _assign(old, child, path, depth + 1, value, merge)
-        return result, stored
-    if type(node_value) is list:
-        item_node = node.item if type(node) is _List else "any"
-        if segment == "-" and last:
-            index = len(node_value)
-        else:
-            index = _list_index(node_value, segment, here)
+        slot, old = segment, node_value.get(segment, _MISSING)
+    elif type(node_value) is list:
         result = list(node_value)
-        if index == len(result):
+        if segment == "-" and last:  # an append
+            slot, old = len(result), _MISSING
             result.append(None)
-        if last:
-            old = node_value[index] if index < len(node_value) else _MISSING
-            result[index] = stored = _new_value(old, value, merge, item_node, here)
         else:
-            result[index], stored = _assign(node_value[index], item_node, path,
-                                            depth + 1, value, merge)
-        if type(node) is _List:
-            _check_ids(result, node, path[:depth], only=index)
-        return result, stored
-    raise InvalidKey(f"{format_key(path[:depth])}: cannot go below a scalar value")
+            slot = _list_index(node_value, segment, here)
+            old = node_value[slot]
+    else:
+        raise InvalidKey(f"{format_key(path[:depth])}: cannot go below a scalar value")
+    if last:
+        if value is _MISSING:
+            raise InvalidValue("the value is missing")
+        if merge:
+            value = _merge_patch(old, value, null_removes=False)
+        validate(value, child, here)
+        result[slot] = stored = value
+        key = [*path[:depth], str(slot)]
+    else:
+        if old is _MISSING:  # a missing container on the way is created
+            old = [] if type(child) is _List else {}
+        result[slot], stored, key = _assign(old, child, path, depth + 1, value, merge)
+    if type(node) is _List:
+        _check_ids(result, node, path[:depth], only=slot)
+    return result, stored, key
 
 
-def _new_value(old, value, merge, node, path):
-    if value is _MISSING:
-        raise InvalidValue("the value is missing")
-    if merge and type(old) is dict and type(value) is dict:
-        value = _deep_merge(old, value)
-    validate(value, node, path)
-    return value
-
-
-def _event_key(document, path):
-    """A changed key as its event names it: an append (-) as the index it got."""
-    if path[-1] == "-":
-        items = _lookup(document, path[:-1])
-        if type(items) is list:
-            return [*path[:-1], str(len(items) - 1)]
-    return list(path)
-
-
-def _lookup(document, path):
-    value = document
+def _lookup(value, path):
     for depth, segment in enumerate(path):
         if type(value) is list:
             value = value[_list_index(value, segment, path[:depth + 1])]
@@ -569,6 +515,7 @@ def _lookup(document, path):
 _REPLACE_ATTEMPTS = 6  # Windows: a virus scanner may hold the file for a moment;
 _REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
 _REBASE_ATTEMPTS = 3  # a file rewritten under us this often in one save: 409
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # 507
 # O_EXCL: never reuse or follow an existing name. Windows: binary, not inherited.
 _TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
                | getattr(os, "O_NOINHERIT", 0))
@@ -576,32 +523,17 @@ _TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 def _replace_file(source, target):
     """os.replace, retried on PermissionError: a Windows sharing violation clears."""
-    for attempt in range(_REPLACE_ATTEMPTS):
-        try:
+    for attempt in range(_REPLACE_ATTEMPTS - 1):
+        with contextlib.suppress(PermissionError):
             return os.replace(source, target)
-        except PermissionError:
-            if attempt == _REPLACE_ATTEMPTS - 1:
-                raise
-            time.sleep(_REPLACE_BACKOFF * 2 ** attempt)
-
-
-def _fsync_file(fd):
-    # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does.
-    if fcntl is not None and hasattr(fcntl, "F_FULLFSYNC"):  # pragma: no cover - macOS
-        try:
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-            return
-        except OSError:
-            pass
-    os.fsync(fd)
+        time.sleep(_REPLACE_BACKOFF * 2 ** attempt)
+    os.replace(source, target)  # the last attempt: its error is raised
 
 
 def _open_dir(directory):
     """A descriptor to fsync directory with, or None where that is not possible:
     Windows cannot open a directory as a file, and NTFS journals renames itself."""
-    if os.name != "posix":  # pragma: no cover - Windows
-        return None
-    return os.open(directory, os.O_RDONLY)
+    return os.open(directory, os.O_RDONLY) if os.name == "posix" else None
 
 
 def _signature(st):  # what changes when another program rewrites a file
@@ -609,11 +541,10 @@ def _signature(st):  # what changes when another program rewrites a file
 
 
 def atomic_write(path, data, dir_fd=None, check=None):
-    """Write data to path atomically and durably, mode 0600: a temp file written,
-    fsynced and renamed over path, then the directory (dir_fd, if given) fsynced.
-    check() runs right before the rename; what it raises abandons the write. Returns
-    the signature of the file written (from its descriptor, not path). On failure
-    the temp file is removed, path untouched (unless the directory fsync failed)."""
+    """Write data to path atomically and durably, mode 0600: temp file, fsync, rename,
+    fsync of the directory (dir_fd if given). What check() raises just before the rename
+    abandons the write. Returns the new file's signature (from its descriptor). On failure
+    the temp file is removed and path untouched (unless the directory fsync failed)."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
@@ -621,7 +552,10 @@ def atomic_write(path, data, dir_fd=None, check=None):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        _fsync_file(fd)
+        try:  # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+        except (AttributeError, OSError):  # not macOS (Windows: no fcntl), or not on this FS
+            os.fsync(fd)
         if check is not None:
             check()
         if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
@@ -630,10 +564,8 @@ def atomic_write(path, data, dir_fd=None, check=None):
         _replace_file(temp, path)
         signature = _signature(os.fstat(fd) if fd is not None else os.stat(path))
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
         raise
     finally:
         if fd is not None:
@@ -668,10 +600,8 @@ def _read_file(path):
         return _signature(os.fstat(fd)), file.read()
 
 
-# One version of a document, never changed: the parsed value, its bytes as served,
-# its tag, the file it came from or went to (raw None: no file), and error: why the
-# file cannot be used (then document is None).
-_Version = namedtuple("_Version", "document body etag signature raw error")
+# An immutable version; body: bytes as served, raw: the file's (None: no file), error: why unusable
+_Version = collections.namedtuple("_Version", "document body etag signature raw error")
 
 
 class _Rewritten(Exception):
@@ -679,41 +609,33 @@ class _Rewritten(Exception):
 
 
 class _Change:
-    """A change waiting for its save: how to make it, what it gives back, how it ended."""
+    """A change waiting for its save: apply(document) -> (new document, result, event key)
+    never changes its argument; if_match is a tag, "*", a list of them (If-Match), or None."""
 
     __slots__ = ("apply", "if_match", "result", "key", "tag", "changed", "error", "done")
 
-    def __init__(self, apply, if_match=None):
-        # document -> (new document, result, the key of its event); never changes
-        # its argument
+    def __init__(self, apply, if_match):
+        if isinstance(if_match, str):
+            if_match = (if_match,)
+        if if_match is not None and (type(if_match) not in (list, tuple)
+                                     or not all(isinstance(t, str) for t in if_match)):
+            raise InvalidValue("if_match must be a tag or a list of tags")
         self.apply = apply
-        self.if_match = if_match  # the tags of its precondition, or None
-        self.result = self.key = None
-        self.tag = None  # the document's tag after it
+        self.if_match = None if if_match is None else tuple(if_match)
+        self.result = self.key = self.tag = None  # tag: the document's after this change
         self.changed = False  # whether it changed the content: then it is an event
         self.error = None  # the QabelRestError it failed with
         self.done = False  # saved or failed: its writer may return
 
     def matches(self, tag):
-        """Whether the precondition holds when the document's tag is tag."""
         return self.if_match is None or "*" in self.if_match or tag in self.if_match
-
-
-def _tags(if_match):
-    """The tags of an if_match argument: a tag, "*", or a list of them (If-Match)."""
-    if if_match is None or isinstance(if_match, str):
-        return None if if_match is None else (if_match,)
-    if type(if_match) not in (list, tuple) or not all(isinstance(t, str) for t in if_match):
-        raise InvalidValue("if_match must be a tag or a list of tags")
-    return tuple(if_match)
 
 
 class SettingsDocument:
     """One settings document: its file, schema, and current version. Thread-safe.
 
-    Group commit: a change is validated and queued; the first writer to find no save
-    running writes the newest document for every queued change, with one fsync, and
-    each returns once that is durable. Readers see what is on disk and never wait."""
+    Group commit: changes are validated and queued; a writer finding no save running writes them
+    all (the newest document) with one fsync; each returns once durable. Readers never wait."""
 
     def __init__(self, path, schema, defaults):
         self.path = path
@@ -722,21 +644,16 @@ class SettingsDocument:
         self._defaults = defaults
         self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
         self._tags = itertools.count(1)  # next() is atomic: no lock needed
-        # _lock guards the fields below, not held while the writer with _saving set
-        # writes the file.
+        # _lock guards what follows; the writer that set _saving writes the file without it.
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save ends
         self._disk = None  # _Version on disk: what readers get
         self._head = None  # the newest accepted document, saved or not yet...
         self._head_tag = None  # ...and its tag: what If-Match compares with
         self._queue = []  # _Change objects accepted and not yet in a save
-        self._saving = False
-        self._closed = False
+        self._saving = self._closed = False
         self._dir_fd = None  # the data dir, open for fsync once the first save needs it
-        # Called with (key, tag) for each change on disk, under _lock: the server's feed
-        self.publish = lambda key, etag: None
-
-    # -- the in-process API -----------------------------------------------------
+        self.publish = lambda key, etag: None  # the server's feed: each change on disk, under _lock
 
     def get(self, key=None):
         """A copy of the whole document, or of the value at key."""
@@ -780,8 +697,7 @@ class SettingsDocument:
                 _check(value, node, path)
 
         def apply(document):
-            document, stored = _assign(document, self.schema, path, 0, value, merge)
-            return document, stored, _event_key(document, path)
+            return _assign(document, self.schema, path, 0, value, merge)
         return self._change(apply, if_match, check_value)
 
     def substitute(self, document, if_match=None):
@@ -801,8 +717,7 @@ class SettingsDocument:
         return self._change(apply, if_match)
 
     def current(self):
-        """The version on disk (shared: never change it), re-read if another program
-        changed the file."""
+        """The version on disk (shared: never change it), re-read if the file changed."""
         version = self._disk
         if _file_signature(self.path) != version.signature:
             with self._lock:
@@ -810,21 +725,18 @@ class SettingsDocument:
                 version = self._disk
         return self._usable(version)
 
-    # -- lifecycle ----------------------------------------------------------------
-
     def load(self):
         """Read the file (again: only if it changed); StartupError if it is unusable."""
         with self._lock:
-            self._refresh(force=self._disk is None)
-            error = self._disk.error
-        if error:
-            raise StartupError(f"{self.name}: {error} ({self.path})")
+            self._refresh()
+            if self._disk.error:
+                raise StartupError(f"{self.name}: {self._disk.error} ({self.path})")
 
     def create_if_missing(self):
         """At startup: write the default document if there is no file."""
         with self._lock:
             version = self._disk
-            if version.raw is not None or version.error:
+            if version.raw is not None:  # a file, or one that cannot be read
                 return
             try:
                 signature = atomic_write(self.path, version.body)
@@ -834,30 +746,26 @@ class SettingsDocument:
             self._disk = version._replace(signature=signature, raw=version.body)
 
     def close(self, timeout=SHUTDOWN_GRACE):
-        """Refuse later changes; wait at most timeout for a save under way to end,
-        and return whether none is."""
+        """Refuse later changes; return whether no save is under way within timeout seconds."""
         with self._lock:
             self._closed = True
-            if not self._saved.wait_for(lambda: not self._saving, timeout):
-                return False
-            if self._dir_fd is not None:
+            idle = self._saved.wait_for(lambda: not self._saving, timeout)
+            if idle and self._dir_fd is not None:
                 os.close(self._dir_fd)
                 self._dir_fd = None
-            return True
-
-    # -- changes --------------------------------------------------------------------
+            return idle
 
     def _usable(self, version):
         if version.error:
             raise DocumentUnavailable(f"{self.name} on disk is not valid: {version.error}")
         return version
 
-    def _refresh(self, force=False):
+    def _refresh(self):
         """Take another program's rewrite of the file as current, unless a change of
         ours is queued or saving (the file is ours to write then). Holds _lock."""
         if self._queue or self._saving:
             return
-        if force or _file_signature(self.path) != self._disk.signature:
+        if self._disk is None or _file_signature(self.path) != self._disk.signature:
             old, self._disk = self._disk, self._read_version(self._disk)
             if self._disk.error is None:
                 self._head, self._head_tag = self._disk.document, self._disk.etag
@@ -865,20 +773,18 @@ class SettingsDocument:
                     self.publish(None, self._disk.etag)
 
     def _change(self, apply, if_match=None, check_alone=None):
-        """Apply a change to the newest document; once saved, return (what apply
-        gives back, the tag after it). A change that changes nothing keeps the tag.
-        Where if_match fails, what check_alone() raises comes first."""
+        """Apply a change to the newest document; once saved, return (what apply gives back,
+        the new tag, the same if nothing changed); check_alone() comes before If-Match."""
         with self._lock:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
             self._refresh()
             self._usable(self._disk)
-            change = _Change(apply, _tags(if_match))
+            change = _Change(apply, if_match)
             if not change.matches(self._head_tag):
                 if check_alone is not None:
                     check_alone()
-                raise PreconditionFailed(f"{self.name} has changed: If-Match does not "
-                                         "name its tag")
+                raise PreconditionFailed(f"{self.name} has changed: If-Match does not name its tag")
             document, change.result, change.key = apply(self._head)
             if _same(document, self._head):
                 if not self._queue and not self._saving:
@@ -901,8 +807,7 @@ class SettingsDocument:
         return change.result, change.tag
 
     def _save_queue(self):
-        """Save the newest document with every queued change. Holds _lock but for
-        the write."""
+        """Save the newest document with every queued change; holds _lock but for the write."""
         batch, self._queue = self._queue, []
         document, tag, base = self._head, self._head_tag, self._disk
         self._saving = True
@@ -920,9 +825,8 @@ class SettingsDocument:
             self._saved.notify_all()
 
     def _end(self, batch, disk, rebased, error):
-        """Settle a batch whose save left disk on disk, and publish its changes. On
-        error it and every change queued behind it fail; if it was re-applied to
-        another program's version (rebased), so are the queued changes. Holds _lock."""
+        """Settle a batch whose save left disk on disk and publish its changes; on error the
+        queued changes fail too, after a rebase they are re-applied to it. Holds _lock."""
         if rebased is not None and rebased.error is None and rebased.etag != self._disk.etag:
             self.publish(None, rebased.etag)
         self._disk = disk
@@ -959,17 +863,23 @@ class SettingsDocument:
         return document, tag
 
     def _write(self, document, tag, base, batch):
-        """Write document (base with batch), or, if another program rewrote the file
-        since base, batch again on that version. Returns (the version on disk, the
-        other program's version it was re-applied to or None, the error or None)."""
+        """Write document (base with batch), re-applying batch if another program rewrote the
+        file. Returns (the version on disk, the other program's version or None, error)."""
+        def check_unchanged():  # by content: stat misses a rewrite within one clock tick
+            try:
+                current = _read_file(self.path)[1]
+            except OSError:
+                current = ()  # never equal: re-reading says why
+            if current != base.raw:
+                raise _Rewritten
+
         rebased = None
         for _ in range(_REBASE_ATTEMPTS):
             body = _dump_document(document)
             try:
                 if self._dir_fd is None:
                     self._dir_fd = _open_dir(os.path.dirname(self.path))
-                signature = atomic_write(self.path, body, self._dir_fd,
-                                         lambda: self._check_unchanged(base))
+                signature = atomic_write(self.path, body, self._dir_fd, check_unchanged)
                 return _Version(document, body, tag, signature, body, None), rebased, None
             except _Rewritten:
                 base = rebased = self._read_version(base)
@@ -977,34 +887,20 @@ class SettingsDocument:
                 self._put_back(base, body)
                 if not isinstance(exc, OSError):
                     raise  # a bug, or an interrupt: _save_queue fails the batch
-                full = exc.errno in (errno.ENOSPC, errno.EFBIG,
-                                     getattr(errno, "EDQUOT", errno.ENOSPC))
                 _logger().error("could not save %s: %s", self.path, exc.strerror)
                 return base, rebased, SaveError(
                     f"could not save {self.name}: {exc.strerror or 'error'}",
-                    HTTPStatus.INSUFFICIENT_STORAGE if full else None)
+                    HTTPStatus.INSUFFICIENT_STORAGE if exc.errno in _DISK_FULL else None)
             if base.error:
                 return base, rebased, DocumentUnavailable(
                     f"{self.name} on disk is not valid: {base.error}")
             document, tag = self._reapply(batch, base.document)
             if all(change.error for change in batch):
                 return base, rebased, None  # nothing left to write
-        return base, rebased, DocumentChanged(
-            f"{self.name} keeps being changed by another program")
-
-    def _check_unchanged(self, base):
-        """Raise _Rewritten unless the file still holds base (content, not stat: an
-        in-place rewrite within one clock tick keeps size and mtime)."""
-        try:
-            current = _read_file(self.path)[1]
-        except OSError:
-            current = ()  # never equal: re-reading says why
-        if current != base.raw:
-            raise _Rewritten
+        return base, rebased, DocumentChanged(f"{self.name} keeps being changed by another program")
 
     def _put_back(self, base, body):
-        """After a failed save, put base back if the file holds body all the same
-        (the directory fsync failed after the rename): a failed change is not kept."""
+        """Undo a failed save whose rename happened (the directory fsync failed): put base back."""
         try:
             if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
@@ -1014,13 +910,8 @@ class SettingsDocument:
         except OSError as exc:
             _logger().error("could not restore %s: %s", self.path, exc.strerror)
 
-    # -- versions -----------------------------------------------------------------
-
     def _new_tag(self):
         return f'"{self._etag_prefix}-{next(self._tags)}"'
-
-    def _new_version(self, document, body, signature, raw):
-        return _Version(document, body, self._new_tag(), signature, raw, None)
 
     def _read_version(self, known):
         """The file's version: known (with the new signature) if the content is the same."""
@@ -1031,24 +922,22 @@ class SettingsDocument:
                             f"cannot read: {exc.strerror}")
         if known is not None and raw == known.raw and known.error is None:
             return known._replace(signature=signature)
-        if raw is None:
-            document = json.loads(self._defaults)
-            return self._new_version(document, _dump_document(document), None, None)
-        try:
-            if not raw.strip():
-                raise _NotJSON("the file is empty")
-            document = _parse_json(raw)
-            validate(document, self.schema)
-        except (_NotJSON, QabelRestError) as exc:
-            return _Version(None, None, None, signature, raw, str(exc))
+        if raw is None:  # no file: the default document
+            document = {}
+        else:
+            try:
+                if not raw.strip():
+                    raise _NotJSON("the file is empty")
+                document = _parse_json(raw)
+                validate(document, self.schema)
+            except (_NotJSON, QabelRestError) as exc:
+                return _Version(None, None, None, signature, raw, str(exc))
         document = self._complete(document)
-        return self._new_version(document, _dump_document(document), signature, raw)
+        return _Version(document, _dump_document(document), self._new_tag(), signature, raw, None)
 
     def _complete(self, document):
         """The document with every missing top-level field at its default."""
-        defaults = json.loads(self._defaults)
-        defaults.update(document)
-        return defaults
+        return {**json.loads(self._defaults), **document}
 
 
 # --- Change feed -------------------------------------------------------------
@@ -1081,7 +970,7 @@ class _Waiter:
     def __init__(self, number, deliver):
         self.number = number
         self.deliver = deliver  # None, or a function the answer goes to
-        self.answer = None  # the answer, or the CursorGone it gets
+        self.answer = None  # the answer, the CursorGone it gets, or what deliver returned
         self.done = threading.Event()
 
 
@@ -1089,9 +978,9 @@ class _Feed:
     """Every change to either document as an event, in order, the newest ones kept.
     Event n (from 1) has the cursor "<run>-<n>"; a cursor names the events after it.
 
-    One thread of the feed answers every waiting request as soon as there is an event,
-    calls the subscribers, and looks at the files while requests wait: a hundred
-    waiting threads woken at once would each wait for the others to get the GIL."""
+    One thread of the feed answers the waiting requests (a hundred threads woken at once
+    would each wait for the GIL) and looks at the files while they wait; another calls
+    the subscribers, so that a slow one holds up no request."""
 
     def __init__(self, look):
         self._look = look  # looks at the files, publishing another program's rewrite
@@ -1102,24 +991,27 @@ class _Feed:
         self._closed = False
         self._waiters = set()
         self._subscribers = []  # [the last event before it subscribed, callback]
-        self._thread = None  # the feed's thread, started when first needed
+        self._pending = collections.deque()  # (number, event) for the subscribers: all kept
+        self._threads = {}  # the feed's threads by their function, started when needed
 
     def publish(self, document, key, etag):
         with self._changed:
             self._events.append((document, key, etag))
             self._last += 1
-            self._changed.notify()
+            if self._subscribers:
+                self._pending.append((self._last, (document, key, etag)))
+            self._changed.notify_all()
 
     def close(self):
         """Answer every waiting request now, and every later one at once."""
         with self._changed:
             self._closed = True
-            self._changed.notify()
+            self._changed.notify_all()
 
     def events(self, since=None, timeout=0, deliver=None):
-        """{"cursor", "events"} after since, waiting up to timeout seconds for one.
-        With deliver, an answer that waited goes to deliver(answer) from the feed's
-        thread instead, and None is returned."""
+        """{"cursor", "events"} after since, waiting up to timeout seconds for one. With
+        deliver, an answer that waited goes to deliver(answer), called from the feed's
+        thread, and what that returns is returned."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         with self._changed:
@@ -1129,8 +1021,8 @@ class _Feed:
                 return answer
             waiter = _Waiter(number, deliver)
             self._waiters.add(waiter)
-            self._start()
-            self._changed.notify()  # the feed's thread starts looking at the files
+            self._start(self._serve)
+            self._changed.notify_all()  # the feed's thread starts looking at the files
         if not waiter.done.wait(timeout):
             with self._changed:
                 if waiter in self._waiters:  # else the feed's thread is answering it
@@ -1142,12 +1034,12 @@ class _Feed:
         return waiter.answer
 
     def subscribe(self, callback):
-        """Call callback(event) for each later event, in order, from the feed's
-        thread; return a function that unsubscribes."""
+        """Call callback(event) for each later event, in order, from a thread of the
+        feed; return a function that unsubscribes (a call under way may still end)."""
         with self._changed:
             entry = [self._last, callback]
             self._subscribers.append(entry)
-            self._start()
+            self._start(self._dispatch)
 
         def unsubscribe():
             with self._changed:
@@ -1171,62 +1063,66 @@ class _Feed:
                           f"{self._run}-{self._last}")
 
     def _answer(self, number):
-        """The answer to a request for the events after number. Holds _changed."""
+        """The answer for the events after number; a CursorGone if some are no longer
+        kept (a waiter fell behind). Holds _changed."""
         start = number - (self._last - len(self._events))
-        if start < 0:  # a waiter fell behind by more than the events kept
-            raise self._gone()
+        if start < 0:
+            return self._gone()
         found = list(itertools.islice(self._events, start, start + EVENTS_KEPT))
         return {"cursor": f"{self._run}-{number + len(found)}",
                 "events": [_event(*event) for event in found]}
 
-    def _start(self):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, daemon=True,
-                                            name="qabel_rest events")
-            self._thread.start()
+    def _start(self, target):
+        if target.__name__ not in self._threads:
+            thread = threading.Thread(target=target, daemon=True, name="qabel_rest events")
+            self._threads[target.__name__] = thread
+            thread.start()
 
     def _serve(self):
-        """The feed's thread, until close: answer the waiting requests when there are
-        events, call the subscribers, and look at the files while requests wait."""
-        done, next_look = self._last, 0.0
+        """Until close: answer the waiters that have events (all of them on close), and
+        look at the files while any wait."""
+        next_look = 0.0
         while True:
             with self._changed:
-                if self._last == done and not self._closed:
+                ready = [w for w in self._waiters if w.number < self._last or self._closed]
+                if not ready:
                     self._changed.wait(_POLL_INTERVAL if self._waiters else None)
-                waiters, found = [], []
-                if self._last > done or self._closed:
-                    waiters, self._waiters = self._waiters, set()
-                    for waiter in waiters:
-                        try:
-                            waiter.answer = self._answer(waiter.number)
-                        except CursorGone as exc:
-                            waiter.answer = exc
-                    first = self._last - len(self._events) + 1
-                    found = list(enumerate(self._events, first))[max(0, done + 1 - first):]
-                    done = self._last
-                subscribers, closed = list(self._subscribers), self._closed
+                    ready = [w for w in self._waiters if w.number < self._last or self._closed]
+                self._waiters.difference_update(ready)
+                for waiter in ready:
+                    waiter.answer = self._answer(waiter.number)
+                closed = self._closed
                 look = self._waiters and time.monotonic() >= next_look
-            for waiter in waiters:  # every answer is sent before any waiter wakes
+            for waiter in ready:  # every answer is sent before any waiter wakes
                 if waiter.deliver is not None:
-                    answer, waiter.answer = waiter.answer, None  # answered here, or never
                     try:
-                        waiter.deliver(answer)
+                        waiter.answer = waiter.deliver(waiter.answer)
                     except Exception:
+                        waiter.answer = b""  # its connection closes unanswered
                         _logger().exception("unexpected error answering a request for events")
-            for waiter in waiters:
+            for waiter in ready:
                 waiter.done.set()
-            for number, event in found:
-                for since, callback in subscribers:
-                    if number > since:
-                        try:
-                            callback(_event(*event))
-                        except Exception:
-                            _logger().exception("a subscriber of the change feed failed")
             if closed:
                 return
             if look:
                 next_look = time.monotonic() + _POLL_INTERVAL
                 self._look()  # without the lock: a rewrite found publishes
+
+    def _dispatch(self):
+        """Until close: call the subscribers for each event, in order."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return  # closed
+                number, event = self._pending.popleft()
+                subscribers = list(self._subscribers)
+            for since, callback in subscribers:
+                if number > since:
+                    try:
+                        callback(_event(*event))
+                    except Exception:
+                        _logger().exception("a subscriber of the change feed failed")
 
 
 # --- Data directory: location, lock, API key ----------------------------------
@@ -1250,8 +1146,7 @@ def default_data_dir(environ=None, platform=None):
 
 
 def _prepare_data_dir(path):
-    """Create the data dir if needed, and check that files can be created in it:
-    saves write temp files there, though the documents may exist already."""
+    """Create the data dir if needed; check that saves can create their temp files in it."""
     try:
         if not os.path.isdir(path):
             os.makedirs(path, mode=_DIR_MODE)
@@ -1267,15 +1162,12 @@ def _prepare_data_dir(path):
 
 
 def _lock_data_dir(directory):
-    """One server per data dir: take an exclusive lock that the OS releases when the
-    process dies, and write our pid into the lock file; return its descriptor, whose
-    closing releases the lock. The file stays: removing it would let a third process
-    lock a different inode."""
+    """One server per data dir: lock the lock file (the OS unlocks it if we die), write our pid,
+    return the fd (closing it unlocks). It stays: else a third process could lock another inode."""
     try:
         fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT, _FILE_MODE)
     except OSError as exc:
-        raise StartupError(f"the data dir is not writable: {exc.strerror} "
-                           f"({directory})") from None
+        raise StartupError(f"the data dir is not writable: {exc.strerror} ({directory})") from None
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1297,14 +1189,11 @@ def _lock_data_dir(directory):
 
 def _remove_stale_temp_files(directory):
     """Temp files of a process killed mid-write: never renamed, so never current."""
-    prefixes = tuple(f".{name}." for name in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE,
-                                              _LOCK_FILE))
+    prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
     for entry in os.listdir(directory):
         if entry.startswith(prefixes) and entry.endswith(".tmp"):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, entry))
-            except OSError:
-                pass
 
 
 def _check_api_key(key, source):
@@ -1318,13 +1207,10 @@ def _check_api_key(key, source):
 def _read_key_file(path):
     """The key in the key file, None if there is none; StartupError if unusable."""
     try:
-        with open(path, "rb") as file:
-            text = file.read().decode("ascii", "replace").strip()
-    except (FileNotFoundError, NotADirectoryError):  # no file, or no data dir yet
-        return None
+        raw = _read_file(path)[1]
     except OSError as exc:
         raise StartupError(f"cannot read the key file: {exc.strerror} ({path})") from None
-    return _check_api_key(text, path)
+    return None if raw is None else _check_api_key(raw.decode("ascii", "replace").strip(), path)
 
 
 def _create_key_file(path):
@@ -1341,26 +1227,14 @@ def _create_key_file(path):
 
 def _host_name(value):
     """The lower-case host of a Host header value (port dropped); None if malformed."""
-    value = value.strip(_OWS).lower()
-    if value.startswith("["):  # an IPv6 literal: [::1]:9696
-        end = value.find("]") + 1
-        if end == 0:
-            return None
-        host, rest = value[:end], value[end:]
-    else:
-        host, colon, port = value.partition(":")
-        rest = colon + port
-    if rest and not (rest.startswith(":") and _is_digits(rest[1:])):
-        return None
-    return host or None
+    match = _HOST.fullmatch(value.strip(_OWS).lower())
+    return (match[1] or None) if match else None
 
 
 def _normal_host(name):
     """A host name as it appears in a Host header: lower case, IPv6 in brackets."""
     name = name.strip(_OWS).lower()
-    if ":" in name and not name.startswith("["):
-        return f"[{name}]"
-    return name
+    return f"[{name}]" if ":" in name and not name.startswith("[") else name
 
 
 # --- API description ----------------------------------------------------------
@@ -1378,7 +1252,7 @@ def _json_schema(node, served=False):
             schema["description"] = "no two items have the same id"
         return schema
     if type(node) is _Map:
-        return {"type": "object", "additionalProperties": _json_schema(node.value)}
+        return {"type": "object", "additionalProperties": _json_schema(node.item)}
     return {"type": "object", "additionalProperties": False,
             "properties": {name: _json_schema(child) for name, child in node.fields.items()},
             "required": sorted(node.fields if served else node.required)}
@@ -1887,27 +1761,43 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_events(self):
-        query = _parse_form(self.path.partition("?")[2].encode("latin-1"))
+        query = dict(urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace"))
         timeout = query.get("timeout", "30")
         if not (_SECONDS.fullmatch(timeout) and float(timeout) <= MAX_WAIT):
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         self.server._extend_deadline(self.connection, float(timeout))
         answer = self.server.events(query.get("since"), float(timeout), self._deliver)
-        if answer is not None:  # else it was delivered
+        if self.server._stopping:  # else a keep-alive client would poll a closed feed
+            self.close_connection = True
+        if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
+            self.wfile.write(answer)
+            self.wfile.flush()
+        else:
             self._send_json(HTTPStatus.OK, answer)
 
     def _deliver(self, answer):
-        """The answer to a request that waited for events, from the feed's thread."""
+        """Answer a request that waited for events, from the feed's thread: send what the
+        socket takes at once (a client not reading holds up no one); return the rest."""
+        wfile, self.wfile = self.wfile, io.BytesIO()
         try:
             if isinstance(answer, CursorGone):
                 self._send_error(answer)
             else:
                 self._send_json(HTTPStatus.OK, answer)
+            data = self.wfile.getvalue()
+            self.connection.setblocking(False)
+            return data[self.connection.send(data):]
+        except BlockingIOError:
+            return data
         except OSError:  # the client is gone
             self.close_connection = True
-        except Exception:
-            self.close_connection = True  # the answer may be cut: never reuse it
-            raise  # for the feed to log
+            return b""
+        except Exception:  # a bug, for the feed to log: the answer may be cut
+            self.close_connection = True
+            raise
+        finally:
+            self.wfile = wfile
+            self.connection.setblocking(True)
 
     def _send_json(self, status, payload, headers=()):
         self._send(status, _dump_document(payload), headers)

@@ -3821,21 +3821,45 @@ def feed_block(server):
     return busy, release, unsubscribe
 
 
-def test_waiter_that_falls_behind_the_events_kept_gets_410(live):
+def hold_deliveries(monkeypatch):
+    """Hold the feed's thread inside the next answer it sends to a waiting request."""
+    busy, release = threading.Event(), threading.Event()
+    real = qabel_rest.RequestHandler._deliver
+
+    def deliver(self, answer):
+        if not busy.is_set():
+            busy.set()
+            assert release.wait(TIMEOUT)
+        return real(self, answer)
+    monkeypatch.setattr(qabel_rest.RequestHandler, "_deliver", deliver)
+    return busy, release
+
+
+def feed_wait(client, since, timeout=30):
+    """A connection with a long-poll sent on it."""
+    conn = client.conn()
+    conn.send(build_request("GET", feed_path(since, timeout), headers={"X-API-Key": KEY}))
+    return conn
+
+
+def test_waiter_that_falls_behind_the_events_kept_gets_410(live, monkeypatch):
     cursor = feed_cursor(live)
-    busy, release, unsubscribe = feed_block(live.server)
+    busy, release = hold_deliveries(monkeypatch)
+    first = feed_wait(live, cursor)  # its answer holds the feed's thread...
+    time.sleep(0.2)
     live.server.settings.put("poll_interval", 1)
-    assert busy.wait(TIMEOUT)  # the feed's thread is held with event 1
-    waiter = live.conn()  # waits from event 1: the events after it go unanswered...
-    waiter.send(build_request("GET", feed_path(f"{cursor[:-1]}1", 30), headers={"X-API-Key": KEY}))
+    assert busy.wait(TIMEOUT)
+    after_one = f"{cursor[:-1]}1"
+    waiter = feed_wait(live, after_one)  # ...while these wait from event 1...
     in_process = []
     thread = threading.Thread(target=lambda: in_process.append(
-        pytest.raises(qabel_rest.CursorGone, live.server.events, f"{cursor[:-1]}1", 30)))
+        pytest.raises(qabel_rest.CursorGone, live.server.events, after_one, 30)))
     thread.start()
-    for value in range(2, qabel_rest.EVENTS_KEPT + 3):  # ...until they are no longer kept
+    time.sleep(0.2)
+    for value in range(2, qabel_rest.EVENTS_KEPT + 3):  # ...until its events are not kept
         live.server.settings.put("poll_interval", value)
-    unsubscribe()
     release.set()
+    assert first.read().status == 200
     answer = waiter.read()
     assert answer.status == 410
     assert answer.json()["cursor"] == feed_cursor(live)
@@ -3894,3 +3918,78 @@ def test_unexpected_error_answering_a_waiter_is_logged_and_closes_it(live, monke
     assert "answering a request for events" in caplog.text
     monkeypatch.undo()
     assert feed_get(live, cursor, 0).status == 200
+
+
+def test_waiter_that_does_not_read_holds_up_no_other(live):
+    cursor = feed_cursor(live)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting
+    stuck.connect(("127.0.0.1", live.port))
+    stuck.sendall(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
+    other = live.conn()
+    other.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
+    time.sleep(0.2)  # both wait
+    long_name = "k" * 4000  # an answer of 1,000 such events is megabytes: more than a socket takes
+    for value in range(qabel_rest.EVENTS_KEPT):
+        live.server.settings.put(["module_data", "m", long_name], value)
+    answer = other.read()  # while the stuck client reads nothing
+    assert answer.status == 200 and len(answer.json()["events"]) >= 1
+    assert feed_get(live, cursor, 0).status == 200  # the feed goes on
+    stuck.settimeout(TIMEOUT)  # and the stuck client, once it reads, gets its whole answer
+    got = read_response(stuck.makefile("rb"))
+    assert got.status == 200 and got.json()["events"][0]["key"] == ["module_data", "m", long_name]
+    stuck.close()
+
+
+def test_waiter_that_is_up_to_date_keeps_waiting_while_others_are_answered(live, monkeypatch):
+    cursor = feed_cursor(live)
+    busy, release = hold_deliveries(monkeypatch)
+    first = feed_wait(live, cursor)
+    time.sleep(0.2)
+    live.server.settings.put("poll_interval", 1)  # the feed's thread is held answering it
+    assert busy.wait(TIMEOUT)
+    live.server.settings.put("poll_interval", 2)  # event 2 waits for the feed's thread
+    up_to_date = feed_get(live, cursor, 0).json()["cursor"]
+    current = feed_wait(live, up_to_date, 1.5)
+    time.sleep(0.2)
+    started = time.monotonic()
+    release.set()
+    assert first.read().json()["events"][0]["key"] == ["poll_interval"]
+    answer = current.read()
+    assert answer.json() == {"cursor": up_to_date, "events": []}
+    assert time.monotonic() - started > 1.0  # it waited for its own timeout
+
+
+def test_after_shutdown_a_long_poll_answer_closes_its_connection(tmp_path):
+    running = start(tmp_path)
+    cursor = feed_cursor(running)
+    conn = running.conn()
+    assert conn.request("GET", "/health").status == 200  # accepted and served
+    running.server.shutdown()
+    answer = conn.request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY})
+    assert answer.status == 200 and answer.headers["Connection"] == "close"
+    assert conn.closed()
+    running.server.server_close()
+
+
+def test_since_that_is_not_utf_8_is_410(live):
+    response = live.get("/events?since=%FF&timeout=0")
+    assert response.status == 410
+    assert response.json()["cursor"] == feed_cursor(live)
+
+
+def test_subscriber_that_falls_far_behind_loses_no_event(live):
+    seen = []
+    busy, release, unsubscribe = feed_block(live.server)
+    live.server.subscribe(seen.append)
+    live.server.settings.put("poll_interval", 1)
+    assert busy.wait(TIMEOUT)
+    for value in range(2, qabel_rest.EVENTS_KEPT + 100):
+        live.server.settings.put("poll_interval", value)
+    release.set()
+    deadline = time.monotonic() + TIMEOUT
+    while len(seen) < qabel_rest.EVENTS_KEPT + 99 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(seen) == qabel_rest.EVENTS_KEPT + 99
+    assert seen[-1]["etag"] == live.server.settings.etag
+    unsubscribe()

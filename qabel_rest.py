@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -71,6 +72,7 @@ DEFAULT_MAX_CONNECTIONS = 512  # pooling clients (Node's fetch, aiohttp) hold 2 
 SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
 MAX_DEPTH = 64  # how deep a value may nest: far below Python's recursion limit
+MAX_KEY_LENGTH = 4096  # characters of a key (a path, not data: events hold it)
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _MAX_INT_TEXT = 20  # digits and sign of a 64-bit integer: int() never sees more
@@ -118,7 +120,8 @@ _LEAVES = MappingProxyType({
     "id": ("an integer >= 0", _is_count, _COUNT),
     "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
     "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0,
-                 {"type": "number", "exclusiveMinimum": 0}),
+                 {"type": "number", "exclusiveMinimum": 0,
+                  "description": "an integer within 64 bits, or a finite fraction"}),
     "str": ("a string", lambda v: type(v) is str, {"type": "string"}),
     "bool": ("true or false", lambda v: type(v) is bool, {"type": "boolean"}),
     "url": ("an absolute http or https URL", _is_url,
@@ -304,12 +307,14 @@ def parse_key(key):
         raise InvalidKey("the key is empty")
     if type(key) is str:
         segments = key.split(".") if "\\" not in key else _split_escaped(key)
-    elif all(type(s) is str or type(s) is int and s >= 0 for s in key):
+    elif all(type(s) is str or type(s) is int and 0 <= s <= _INT64_MAX for s in key):
         segments = [str(segment) for segment in key]
     else:
         raise InvalidKey("key segments must be strings")
     if len(segments) > MAX_DEPTH:
         raise InvalidKey(f"the key is deeper than {MAX_DEPTH} levels")
+    if sum(map(len, segments)) > MAX_KEY_LENGTH:
+        raise InvalidKey(f"the key is longer than {MAX_KEY_LENGTH} characters")
     for segment in segments:
         if segment == "":
             raise InvalidKey("the key has an empty segment")
@@ -592,12 +597,15 @@ def _file_signature(path):
 
 def _read_file(path):
     """(signature, content) of a file, (None, None) if it is missing; OSError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:  # O_NONBLOCK (POSIX): a FIFO in the file's place must not block the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
         return None, None
     with open(fd, "rb") as file:
-        return _signature(os.fstat(fd)), file.read()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return _signature(st), file.read()
 
 
 # An immutable version; body: bytes as served, raw: the file's (None: no file), error: why unusable
@@ -945,6 +953,7 @@ class SettingsDocument:
 EVENTS_KEPT = 1000  # the newest events the feed keeps, and the most one answer holds
 MAX_WAIT = 300  # seconds a request may wait for events
 _POLL_INTERVAL = 0.5  # seconds between looks at the files while requests wait
+_GONE_CHECK = 2.0  # seconds between looks whether a waiting request's client left
 
 
 class CursorGone(QabelRestError):
@@ -1008,10 +1017,10 @@ class _Feed:
             self._closed = True
             self._changed.notify_all()
 
-    def events(self, since=None, timeout=0, deliver=None):
+    def events(self, since=None, timeout=0, deliver=None, gone=None):
         """{"cursor", "events"} after since, waiting up to timeout seconds for one. With
         deliver, an answer that waited goes to deliver(answer), called from the feed's
-        thread, and what that returns is returned."""
+        thread, and what that returns is returned; gone() says if the client left."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         with self._changed:
@@ -1023,12 +1032,15 @@ class _Feed:
             self._waiters.add(waiter)
             self._start(self._serve)
             self._changed.notify_all()  # the feed's thread starts looking at the files
-        if not waiter.done.wait(timeout):
-            with self._changed:
-                if waiter in self._waiters:  # else the feed's thread is answering it
+        deadline = time.monotonic() + timeout
+        while not waiter.done.wait(max(0.0, min(_GONE_CHECK, deadline - time.monotonic()))):
+            with self._changed:  # the feed's thread does not take the waiter meanwhile
+                if waiter not in self._waiters:  # it is answering it
+                    break
+                if time.monotonic() >= deadline or gone is not None and gone():
                     self._waiters.remove(waiter)
                     return answer
-            waiter.done.wait()
+        waiter.done.wait()
         if isinstance(waiter.answer, CursorGone):
             raise waiter.answer
         return waiter.answer
@@ -1338,7 +1350,8 @@ def _openapi(url):
         operations["head"] = {**operations["get"], "responses": {
             status: {key: value for key, value in response.items() if key != "content"}
             for status, response in operations["get"]["responses"].items()}}
-        operations["options"] = {"responses": {"200": answer("the methods", None, "Allow"),
+        headers = ("Allow", "Accept-Patch") if "patch" in operations else ("Allow",)
+        operations["options"] = {"responses": {"200": answer("the methods", None, *headers),
                                                **keyed}}
     text = {"type": "string"}
     return {
@@ -1766,7 +1779,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if not (_SECONDS.fullmatch(timeout) and float(timeout) <= MAX_WAIT):
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         self.server._extend_deadline(self.connection, float(timeout))
-        answer = self.server.events(query.get("since"), float(timeout), self._deliver)
+        answer = self.server._feed.events(query.get("since"), float(timeout), self._deliver,
+                                          self._gone)
         if self.server._stopping:  # else a keep-alive client would poll a closed feed
             self.close_connection = True
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
@@ -1774,6 +1788,19 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         else:
             self._send_json(HTTPStatus.OK, answer)
+
+    def _gone(self):
+        """Whether the client closed the connection while its request waits for events:
+        then it holds a thread and a connection for nothing. Never blocks."""
+        try:
+            self.connection.setblocking(False)
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            self.connection.setblocking(True)
 
     def _deliver(self, answer):
         """Answer a request that waited for events, from the feed's thread: send what the
@@ -1930,11 +1957,9 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def events(self, since=None, timeout=0, deliver=None):
-        """What GET /events answers, as a dict; CursorGone where it answers 410. With
-        deliver, an answer that had to wait goes to deliver(answer) from a thread of
-        the server instead, and None is returned."""
-        return self._feed.events(since, timeout, deliver)
+    def events(self, since=None, timeout=0):
+        """What GET /events answers, as a dict; CursorGone where it answers 410."""
+        return self._feed.events(since, timeout)
 
     def subscribe(self, callback):
         """Call callback(event) for every later event, in order, from a thread of the
@@ -2178,14 +2203,14 @@ def _client(argv):
         except (OSError, _NotJSON) as exc:
             raise _Failed(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
 
-    def write(name, value):
-        text = json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
-        if name in (None, "-"):
+    def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
+        text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
+        if name not in (None, "-"):
+            with open(name, "wb") as file:
+                file.write(text)
+        else:
             sys.stdout.buffer.write(text)
-            sys.stdout.flush()
-            return
-        with open(name, "wb") as file:
-            file.write(text)
+            sys.stdout.buffer.flush()
 
     try:
         data_dir = os.path.abspath(args.data_dir or default_data_dir())
@@ -2219,7 +2244,7 @@ def _client(argv):
                     print("qabel_rest: events were missed; going on from now",
                           file=sys.stderr, flush=True)
                 for event in answer.get("events", ()):
-                    print(json.dumps(event, ensure_ascii=False), flush=True)
+                    write(None, event, None)
                 cursor = answer["cursor"]
     except (_Failed, QabelRestError) as exc:
         print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)

@@ -3993,3 +3993,1119 @@ def test_subscriber_that_falls_far_behind_loses_no_event(live):
     assert len(seen) == qabel_rest.EVENTS_KEPT + 99
     assert seen[-1]["etag"] == live.server.settings.etag
     unsubscribe()
+
+
+def test_waiting_request_whose_client_left_frees_its_connection(live_with):
+    running = live_with(max_connections=2)
+    cursor = feed_cursor(running)
+    waiters = [feed_wait(running, cursor, 60) for _ in range(2)]
+    time.sleep(0.2)
+    assert running.get("/health").status == 503  # both connections wait on the feed
+    for conn in waiters:
+        conn.close()
+    started = time.monotonic()
+    while running.get("/health").status == 503 and time.monotonic() - started < TIMEOUT:
+        time.sleep(0.1)
+    assert running.get("/health").status == 200  # long before the 60 s timeout
+    assert time.monotonic() - started < TIMEOUT
+
+
+def test_key_longer_than_the_limit_is_405(live):
+    too_long = "module_data.m." + "k" * qabel_rest.MAX_KEY_LENGTH
+    response = live.put("/settings", too_long, 1)
+    assert response.status == 405
+    assert "longer than" in response.json()["error"]
+    with pytest.raises(qabel_rest.InvalidKey):
+        live.server.settings.put(["module_data", "m", 10 ** 5000], 1)  # no int-to-text error
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX: a FIFO")
+def test_document_replaced_by_a_fifo_is_503_and_never_blocks(live):
+    path = os.path.join(live.data_dir, "settings.json")
+    os.unlink(path)
+    os.mkfifo(path)
+    response = live.get("/settings")
+    assert response.status == 503
+    assert "not a regular file" in response.json()["error"]
+    assert live.get("/synced").status == 200
+
+# ---------------------------------------------------------------------------
+# --- Command-line client (SPEC section 9): always the real process
+# ---------------------------------------------------------------------------
+
+import queue  # noqa: E402 (this part of the suite reads a watching process's lines)
+
+CLI_SECRET = "cli-secret-key-for-leak-checks-0123456789"  # distinctive: searched for in output
+CLI_KEY_RULE = "must be printable ASCII without spaces, and not empty"  # _check_api_key's words
+
+
+def cli_url(client):
+    return f"http://127.0.0.1:{client.port}"
+
+
+def cli_on(client, *args, key=KEY):
+    """run_cli against a server, with --url and --api-key after the command's arguments."""
+    return run_cli(*args, "--url", cli_url(client), "--api-key", key)
+
+
+def cli_exec(*args, env=None, stdin=None):
+    """The real process with stdin (bytes or text) and the environment the test chooses:
+    os.environ without qabel_rest's variables (they never leak in), then env."""
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("QABEL_REST_")}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, MODULE, *args], capture_output=True,
+                          input=stdin.encode() if isinstance(stdin, str) else stdin,
+                          timeout=TIMEOUT * 3, env=environment)
+
+
+def cli_line(result, code=1):
+    """The one stderr line of a failed command (stdout empty); its text after the prefix."""
+    out, err = result.stdout, result.stderr
+    if isinstance(out, bytes):
+        out, err = out.decode(), err.decode()
+    assert result.returncode == code, (result.returncode, out, err)
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("qabel_rest: "), err
+    return err[len("qabel_rest: "):-1]
+
+
+def cli_quiet(result):
+    """A command that succeeded and printed nothing at all."""
+    assert (result.returncode, result.stdout, result.stderr) in ((0, "", ""), (0, b"", b"")), \
+        result
+
+
+def cli_usage_error(result):
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert "usage:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cli_get_prints_the_document_as_indented_utf8_json(live):
+    value = {"sound": "päng ✓", "to": "Ärger 日本"}
+    assert live.put("/settings", "module_data.chat", value).status == 200
+    result = cli_on(live, "get", "settings")
+    assert result.returncode == 0 and result.stderr == ""
+    assert json.loads(result.stdout) == live.get("/settings").json()
+    assert "päng ✓" in result.stdout and "日本" in result.stdout  # as themselves...
+    assert "\\u" not in result.stdout  # ...never escaped
+    lines = result.stdout.splitlines()
+    assert len(lines) > 3 and any(line[:1].isspace() for line in lines)  # indented
+    assert result.stdout.endswith("\n")
+    # UTF-8 whatever the console's encoding would be: the bytes, not the locale's text
+    raw = cli_exec("get", "settings", "--url", cli_url(live), "--api-key", KEY,
+                   env={"PYTHONIOENCODING": "latin-1"})
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout.decode("utf-8") == result.stdout
+
+
+def test_cli_get_prints_the_value_at_a_key(live):
+    assert live.post("/synced", full_synced()).status == 200
+    assert live.put("/synced", "module_data.чат", {"звук": "✓"}).status == 200
+    for key, expected in [("identities.0.alias", "alice"),
+                          ("identities.0.keys", IDENTITY["keys"]),
+                          ("accounts.0.id", 1),
+                          ("drop_servers.0.active", True),
+                          ("module_data.de\\.qabel\\.chat.sound", "ping"),
+                          ("module_data.de\\.qabel\\.chat.list.1", 2),
+                          ("module_data", dict(full_synced()["module_data"],
+                                               чат={"звук": "✓"})),
+                          ("module_data.чат.звук", "✓")]:
+        result = cli_on(live, "get", "synced", key)
+        assert (result.returncode, result.stderr) == (0, ""), (key, result)
+        assert json.loads(result.stdout) == expected, key
+        assert result.stdout.endswith("\n")
+
+
+def test_cli_get_of_a_missing_key_is_exit_1_with_one_line(live):
+    for key in ("module_data.nope", "identities.0", "poll_interval.x", "a..b"):
+        message = cli_line(cli_on(live, "get", "settings", key))
+        assert message, key
+    assert "module_data.nope" in cli_line(cli_on(live, "get", "settings", "module_data.nope"))
+
+
+def test_cli_set_reads_value_as_json_else_as_a_string(live):
+    cases = [  # VALUE as typed -> what is stored (JSON when it parses, else the text)
+        ("poll_interval", "15", 15),
+        ("poll_interval", "0.5", 0.5),
+        ("drop_last_update", "hello", "hello"),  # not JSON: the plain string
+        ("drop_last_update", "Sun, 22 Nov 2026 14:00:00 GMT", "Sun, 22 Nov 2026 14:00:00 GMT"),
+        ("drop_last_update", '"2026"', "2026"),
+        ("drop_last_update", "", ""),
+        ("module_data.m.year", "2026", 2026),
+        ("module_data.m.flag", "true", True),
+        ("module_data.m.none", "null", None),
+        ("module_data.m.word", "tru", "tru"),
+        ("module_data.m.obj", '{"a": [1, "ü"]}', {"a": [1, "ü"]}),
+    ]
+    for key, text, stored in cases:
+        cli_quiet(cli_on(live, "set", "settings", key, text))
+        assert live.server.settings.get(key) == stored, (key, text)
+        on_disk = live.doc("settings.json")
+        for segment in key.split("."):
+            on_disk = on_disk[segment]
+        assert on_disk == stored and type(on_disk) is type(stored)
+    # 2026 parses as JSON: a number, which the server refuses for a string field
+    expected = live.put("/settings", "drop_last_update", 2026).json()["error"]
+    before = documents(live.data_dir)
+    assert cli_line(cli_on(live, "set", "settings", "drop_last_update", "2026")) == \
+        f"400 {expected}"
+    assert documents(live.data_dir) == before
+
+
+def test_cli_set_appends_and_merges(live):
+    cli_quiet(cli_on(live, "set", "synced", "drop_servers.-",
+                     '{"id": 5, "url": "https://d.de/", "active": true}'))
+    cli_quiet(cli_on(live, "set", "synced", "drop_servers.0.auth", "tok"))
+    assert live.doc("synced.json")["drop_servers"] == [
+        {"id": 5, "url": "https://d.de/", "active": True, "auth": "tok"}]
+    cli_quiet(cli_on(live, "set", "synced", "module_data.de\\.qabel\\.chat",
+                     '{"a": 1, "deep": {"x": 1}}'))
+    cli_quiet(cli_on(live, "set", "synced", "module_data.de\\.qabel\\.chat",
+                     '{"b": 2, "deep": {"y": 2}}', "--merge"))
+    assert live.doc("synced.json")["module_data"]["de.qabel.chat"] == \
+        {"a": 1, "b": 2, "deep": {"x": 1, "y": 2}}
+    cli_quiet(cli_on(live, "set", "synced", "module_data.de\\.qabel\\.chat", '{"c": 3}'))
+    assert live.doc("synced.json")["module_data"]["de.qabel.chat"] == {"c": 3}  # replaced
+
+
+def test_cli_patch_from_a_file_and_from_stdin(live, tmp_path):
+    assert live.put("/settings", "drop_last_update", "yesterday").status == 200
+    patch = tmp_path / "patch.json"
+    patch.write_text(json.dumps({"poll_interval": 9, "drop_last_update": None,
+                                 "module_data": {"m": {"a": "ü", "b": [1]}}}),
+                     encoding="utf-8")
+    cli_quiet(cli_on(live, "patch", "settings", str(patch)))
+    assert live.doc("settings.json") == {"poll_interval": 9, "drop_last_update": "",
+                                         "module_data": {"m": {"a": "ü", "b": [1]}}}
+    result = cli_exec("patch", "settings", "-", "--url", cli_url(live), "--api-key", KEY,
+                      stdin='{"module_data": {"m": {"a": null, "c": true}}}')
+    cli_quiet(result)
+    assert live.doc("settings.json")["module_data"] == {"m": {"b": [1], "c": True}}
+    assert live.doc("settings.json")["poll_interval"] == 9  # the rest stays
+
+
+def test_cli_export_to_a_file_and_to_stdout(live, tmp_path):
+    assert live.post("/synced", full_synced()).status == 200
+    assert live.put("/synced", "identities.0.alias", "Ælice ✓").status == 200
+    served = live.get("/synced").json()
+    target = tmp_path / "out" / "synced-export.json"
+    target.parent.mkdir()
+    result = cli_on(live, "export", "synced", str(target))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert json.loads(target.read_bytes().decode("utf-8")) == served
+    assert "Ælice ✓" in target.read_bytes().decode("utf-8")
+    for args in (("export", "synced"), ("export", "synced", "-")):
+        result = cli_on(live, *args)
+        assert (result.returncode, result.stderr) == (0, ""), result
+        assert json.loads(result.stdout) == served
+
+
+def test_cli_export_then_import_from_stdin_gives_the_same_document(live, tmp_path):
+    assert live.post("/synced", full_synced()).status == 200
+    assert live.put("/synced", "module_data.x", {"ü": "✓", "n": [1.5, None]}).status == 200
+    original = live.get("/synced").json()
+    exported = cli_exec("export", "synced", "--url", cli_url(live), "--api-key", KEY)
+    assert exported.returncode == 0 and exported.stderr == b""
+    assert live.post("/synced", {"accounts": [item(9)]}).status == 200  # something else
+    assert live.get("/synced").json() != original
+    result = cli_exec("import", "synced", "-", "--url", cli_url(live), "--api-key", KEY,
+                      stdin=exported.stdout)
+    cli_quiet(result)
+    assert live.get("/synced").json() == original
+    assert live.doc("synced.json") == original
+    # and through a file
+    saved = tmp_path / "settings-export.json"
+    cli_quiet(cli_on(live, "set", "settings", "poll_interval", "44"))
+    assert cli_on(live, "export", "settings", str(saved)).returncode == 0
+    cli_quiet(cli_on(live, "set", "settings", "poll_interval", "45"))
+    cli_quiet(cli_on(live, "import", "settings", str(saved)))
+    assert live.doc("settings.json")["poll_interval"] == 44
+    saved.write_text('{"poll_interval": 12}')  # import replaces: what it leaves out is default
+    cli_quiet(cli_on(live, "set", "settings", "drop_last_update", "today"))
+    cli_quiet(cli_on(live, "import", "settings", str(saved)))
+    assert live.doc("settings.json") == {"poll_interval": 12, "drop_last_update": "",
+                                         "module_data": {}}
+
+
+def test_cli_refusal_is_exit_1_with_the_status_and_the_servers_message(live, tmp_path):
+    before = documents(live.data_dir)
+    bad_value = live.put("/settings", "poll_interval", "x").json()["error"]
+    assert cli_line(cli_on(live, "set", "settings", "poll_interval", "x")) == f"400 {bad_value}"
+    bad_key = live.put("/settings", "nope", 1).json()["error"]
+    assert cli_line(cli_on(live, "set", "settings", "nope", "1")) == f"405 {bad_key}"
+    wrong = live.get("/settings", key="wrong").json()["error"]
+    for args in (("get", "settings"), ("set", "settings", "poll_interval", "5"),
+                 ("export", "synced")):
+        assert cli_line(cli_on(live, *args, key="wrong")) == f"401 {wrong}"
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text('{"accounts": [{"id": -1}]}')
+    not_valid = live.post("/synced", {"accounts": [{"id": -1}]}).json()["error"]
+    assert cli_line(cli_on(live, "import", "synced", str(invalid))) == f"400 {not_valid}"
+    invalid.write_text('{"poll_interval": 0}')
+    refused = live.call("PATCH", "/settings", '{"poll_interval": 0}',
+                        content_type="application/merge-patch+json").json()["error"]
+    assert cli_line(cli_on(live, "patch", "settings", str(invalid))) == f"400 {refused}"
+    invalid.write_text("[1, 2]")  # JSON, but no merge patch: the server's 400
+    assert cli_line(cli_on(live, "patch", "settings", str(invalid))).startswith("400 ")
+    assert documents(live.data_dir) == before
+
+
+def test_cli_server_that_cannot_be_reached_is_exit_1_naming_the_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # bound a moment ago, closed: nothing listens
+    patch = tmp_path / "p.json"
+    patch.write_text("{}")
+    (tmp_path / "api-key").write_text(KEY + "\n")  # every command takes --data-dir too
+    for args in (("get", "settings"), ("get", "synced", "accounts"),
+                 ("set", "settings", "poll_interval", "5"), ("patch", "settings", str(patch)),
+                 ("export", "synced"), ("export", "synced", str(tmp_path / "x.json")),
+                 ("import", "synced", str(patch)), ("watch",)):
+        message = cli_line(run_cli(*args, "--url", url, "--data-dir", str(tmp_path)))
+        assert url in message, (args, message)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_file_missing_or_not_json_for_patch_and_import_is_exit_1(live, tmp_path):
+    before = documents(live.data_dir)
+    missing = tmp_path / "missing.json"
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"poll_interval": 5,')
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"drop_last_update": "\xe9"}'.encode("latin-1"))  # not UTF-8
+    for command in ("patch", "import"):
+        for path in (missing, broken, latin1):
+            message = cli_line(cli_on(live, command, "settings", str(path)))
+            assert str(path) in message, message
+        result = cli_exec(command, "settings", "-", "--url", cli_url(live), "--api-key", KEY,
+                          stdin="not json")
+        assert cli_line(result)
+        result = cli_exec(command, "settings", "-", "--url", cli_url(live), "--api-key", KEY,
+                          stdin="")
+        assert cli_line(result)
+    assert documents(live.data_dir) == before
+
+
+def test_cli_usage_errors_exit_2(live):
+    before = documents(live.data_dir)
+    for args in (("get", "setings"), ("set", "Settings", "poll_interval", "5"),
+                 ("get",), ("set", "settings", "poll_interval"), ("patch", "settings"),
+                 ("import", "synced"), ("get", "settings", "--bogus"),
+                 ("set", "settings", "poll_interval", "5", "--merge=yes"),
+                 ("export", "settings", "a.json", "b.json")):
+        cli_usage_error(cli_on(live, *args))
+    cli_usage_error(run_cli("get", "settings", "--url", "not a url", "--api-key", KEY))
+    cli_usage_error(run_cli("get", "settings", "--url", "ftp://127.0.0.1/", "--api-key", KEY))
+    cli_usage_error(run_cli("watch", "--url", cli_url(live), "--api-key", KEY, "extra"))
+    assert documents(live.data_dir) == before
+
+
+def test_cli_key_sources_in_the_servers_order(tmp_path, live_with, monkeypatch):
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    live = live_with(api_key=None)  # a generated key in tmp_path/api-key
+    generated = (tmp_path / "api-key").read_text().strip()
+    url = cli_url(live)
+    other = "another-valid-key"
+
+    def outcome(*args, env=None):
+        result = cli_exec("get", "settings", "poll_interval", "--url", url, *args, env=env)
+        return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+    ok = (0, "30\n", "")
+    assert outcome("--data-dir", str(tmp_path)) == ok  # the key file
+    assert outcome(env={"QABEL_REST_DATA_DIR": str(tmp_path)}) == ok  # the server's data dir
+    assert outcome(env={"QABEL_REST_API_KEY": generated}) == ok
+    assert outcome("--api-key", generated) == ok
+    # --api-key before $QABEL_REST_API_KEY before the key file
+    assert outcome("--api-key", generated, "--data-dir", str(tmp_path),
+                   env={"QABEL_REST_API_KEY": other}) == ok
+    wrong = live.get("/settings", key=other).json()["error"]
+    refused = (1, "", f"qabel_rest: 401 {wrong}\n")
+    assert outcome("--api-key", other, env={"QABEL_REST_API_KEY": generated}) == refused
+    assert outcome("--data-dir", str(tmp_path), env={"QABEL_REST_API_KEY": other}) == refused
+    # an empty $QABEL_REST_API_KEY is none, as for the server: the key file is used
+    assert outcome("--data-dir", str(tmp_path), env={"QABEL_REST_API_KEY": ""}) == ok
+    # no key anywhere: exit 1, one line about the key (not the URL)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = cli_line(cli_exec("get", "settings", "--url", url, "--data-dir", str(empty)))
+    assert "key" in message and url not in message
+    assert os.listdir(empty) == []  # the client never writes a key file
+
+
+def test_cli_unusable_key_is_refused_before_sending_with_the_servers_words(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would say so
+    keyed = tmp_path / "keyed"
+    keyed.mkdir()
+    (keyed / "api-key").write_text("has space\n")
+    cases = [  # (client arguments, environment, the server's start with that key)
+        (["--api-key", "has space"], {}, {"api_key": "has space"}),
+        (["--api-key", ""], {}, {"api_key": ""}),
+        (["--api-key", "k\xe9y"], {}, {"api_key": "k\xe9y"}),
+        (["--api-key", "tab\tkey"], {}, {"api_key": "tab\tkey"}),
+        ([], {"QABEL_REST_API_KEY": "env key"}, {"env": "env key"}),
+        (["--data-dir", str(keyed)], {}, {"data_dir": str(keyed)}),
+    ]
+    for args, env, start_with in cases:
+        monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+        if "env" in start_with:
+            monkeypatch.setenv("QABEL_REST_API_KEY", start_with["env"])
+        with pytest.raises(qabel_rest.StartupError) as startup:
+            qabel_rest.make_server(data_dir=start_with.get("data_dir", str(tmp_path / "d")),
+                                   api_key=start_with.get("api_key"), port=0)
+        assert CLI_KEY_RULE in str(startup.value)
+        result = cli_exec("get", "settings", "--url", url, *args, env=env)
+        assert cli_line(result) == str(startup.value), args
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    assert not (tmp_path / "d").exists()
+    assert os.listdir(keyed) == ["api-key"]
+    # the real server's start prints the same line
+    server = Process(tmp_path / "s", "--api-key", "has space")
+    code, out, err = server.finish()
+    assert (code, out, server.line) == (1, "", "")
+    assert err == cli_exec("set", "settings", "poll_interval", "1", "--url", url,
+                           "--api-key", "has space").stderr.decode()
+
+
+def test_cli_key_never_appears_in_output(live, tmp_path):
+    live_secret = start(tmp_path / "secret", api_key=CLI_SECRET)
+    try:
+        url = cli_url(live_secret)
+        closed = f"http://127.0.0.1:{free_port()}"
+        patch = tmp_path / "p.json"
+        patch.write_text('{"poll_interval": -1}')
+        runs = [
+            run_cli("get", "settings", "--url", url, "--api-key", CLI_SECRET),
+            run_cli("export", "synced", "--url", url, "--api-key", CLI_SECRET),
+            run_cli("set", "settings", "poll_interval", CLI_SECRET, "--url", url,
+                    "--api-key", CLI_SECRET),
+            run_cli("set", "settings", "nope." + CLI_SECRET[:4], "1", "--url", url,
+                    "--api-key", CLI_SECRET),
+            run_cli("patch", "settings", str(patch), "--url", url, "--api-key", CLI_SECRET),
+            run_cli("patch", "settings", str(tmp_path / "none"), "--url", url,
+                    "--api-key", CLI_SECRET),
+            run_cli("get", "settings", "--url", closed, "--api-key", CLI_SECRET),
+            run_cli("watch", "--url", closed, "--api-key", CLI_SECRET),
+            run_cli("get", "setings", "--url", url, "--api-key", CLI_SECRET),
+            run_cli("get", "settings", "--url", url, "--api-key", CLI_SECRET + " x"),
+            run_cli("get", "settings", "--url", url, "--api-key", CLI_SECRET[:-1]),  # wrong
+            run_cli("get", "settings", "--url", cli_url(live), "--api-key", CLI_SECRET),
+            run_cli("get", "settings", "--url", url, "--data-dir", str(tmp_path / "secret")),
+            cli_exec("get", "settings", "--url", url, env={"QABEL_REST_API_KEY": CLI_SECRET}),
+            cli_exec("get", "settings", "--url", url, "--data-dir", str(tmp_path),
+                     env={"QABEL_REST_API_KEY": CLI_SECRET + "\u00e9"}),
+        ]
+        (tmp_path / "secret" / "api-key").write_text(CLI_SECRET + "\n")
+        runs.append(run_cli("get", "settings", "--url", url, "--data-dir",
+                            str(tmp_path / "secret")))
+    finally:
+        stop(live_secret)
+    assert [run.returncode for run in runs] == [0, 0, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 0, 1, 0]
+    for run in runs:
+        output = run.stdout + run.stderr
+        output = output.decode() if isinstance(output, bytes) else output
+        assert CLI_SECRET not in output and CLI_SECRET[:-1] not in output, output
+        assert KEY not in output
+
+
+def test_cli_url_from_the_environment(live):
+    env = dict(os.environ, QABEL_REST_URL=cli_url(live))
+    result = run_cli("get", "settings", "poll_interval", "--api-key", KEY, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "30\n", "")
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = dict(os.environ, QABEL_REST_URL=closed)
+    assert closed in cli_line(run_cli("get", "settings", "--api-key", KEY, env=env))
+    result = run_cli("get", "settings", "poll_interval", "--url", cli_url(live),
+                     "--api-key", KEY, env=env)  # --url first
+    assert (result.returncode, result.stdout) == (0, "30\n")
+    with socket.socket() as sock:  # without either: http://127.0.0.1:9696
+        try:
+            sock.bind(("127.0.0.1", qabel_rest.DEFAULT_PORT))
+        except OSError:
+            return  # a server runs there: what it answers is not this test's to know
+    env = {name: value for name, value in os.environ.items() if name != "QABEL_REST_URL"}
+    assert "http://127.0.0.1:9696" in cli_line(run_cli("get", "settings", "--api-key", KEY,
+                                                       env=env))
+
+
+# --- watch ---------------------------------------------------------------------
+
+class WatchProcess:
+    """python qabel_rest.py watch ..., its stdout and stderr read line by line."""
+
+    def __init__(self, *args, env=None):
+        environment = {name: value for name, value in os.environ.items()
+                       if not name.startswith("QABEL_REST_")}
+        environment.update(env or {})
+        # SIGINT as a terminal would deliver it, even where the test runner ignores it
+        restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if POSIX else None
+        self.proc = subprocess.Popen([sys.executable, MODULE, "watch", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=environment,
+                                     preexec_fn=restore)
+        self.lines = {"out": queue.Queue(), "err": queue.Queue()}
+        self.ended = set()  # the streams whose EOF line() has returned
+        self.readers = [threading.Thread(target=self._read, args=(stream, self.lines[name]),
+                                         daemon=True)
+                        for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr))]
+        for reader in self.readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines):
+        for line in iter(stream.readline, b""):
+            lines.put(line)
+        lines.put(None)  # EOF
+
+    def line(self, name="out", within=TIMEOUT):
+        """The next line (bytes), or None at EOF; fails after within seconds."""
+        if name in self.ended:
+            return None
+        try:
+            line = self.lines[name].get(timeout=within)
+        except queue.Empty:
+            raise AssertionError(f"no line on {name} within {within} s") from None
+        if line is None:
+            self.ended.add(name)
+        return line
+
+    def finish(self, sig=None):
+        """Send sig (if still running), wait (bounded); (exit status, rest of stdout,
+        rest of stderr) as lists of bytes lines."""
+        if sig is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+            raise AssertionError("watch did not end") from None
+        finally:
+            for reader in self.readers:
+                reader.join(TIMEOUT)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        rest = {}
+        for name, lines in self.lines.items():
+            rest[name] = []  # the readers have ended: what is left, up to EOF
+            while not lines.empty():
+                line = lines.get_nowait()
+                if line is not None:
+                    rest[name].append(line)
+        return self.proc.returncode, rest["out"], rest["err"]
+
+
+def watch_ready(server):
+    """An event set once a GET /events without since has been answered (a watch's first
+    request: every change after it is in what the watch asks for next), and the cursors
+    those answers handed out."""
+    ready, cursors = threading.Event(), []
+    real = server._feed.events
+
+    def events(since=None, timeout=0, deliver=None, gone=None):
+        answer = real(since, timeout, deliver, gone)
+        if since is None:
+            cursors.append(answer["cursor"])
+            ready.set()
+        return answer
+    server._feed.events = events  # the handler asks its server's feed: this one only
+    return ready, cursors
+
+
+def watch_start(client, *args, env=None):
+    ready, cursors = watch_ready(client.server)
+    watcher = WatchProcess("--url", cli_url(client), "--api-key", KEY, *args, env=env)
+    if not ready.wait(TIMEOUT):
+        code, out, err = watcher.finish(signal.SIGKILL if POSIX else None)
+        raise AssertionError(f"watch never asked for the cursor: {code} {out} {err}")
+    return watcher, cursors
+
+
+def watch_waiting(server, count=1):
+    """Wait until count requests wait on the change feed (the feed's own waiter set:
+    no request has a public sign of it)."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(server._feed._waiters) < count:
+        assert time.monotonic() < deadline, "nobody waits on the feed"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery to a child process")
+def test_watch_prints_one_json_line_per_event_of_both_documents(live):
+    watcher, cursors = watch_start(live)
+    try:
+        assert live.put("/settings", "poll_interval", 5).status == 200
+        assert live.post("/synced", full_synced()).status == 200
+        assert live.put("/synced", "identities.-", item(4, alias="bob")).status == 200
+        assert live.call("PATCH", "/settings", {"drop_last_update": "x"},
+                         content_type="application/merge-patch+json").status == 200
+        assert live.post("/settings", {"poll_interval": 6}).status == 200
+        expected = feed_events(live, cursors[0])
+        assert [(e["document"], e["key"]) for e in expected] == [
+            ("settings", ["poll_interval"]), ("synced", None), ("synced", ["identities", "1"]),
+            ("settings", None), ("settings", None)]
+        lines = [watcher.line() for _ in expected]
+    finally:
+        code, rest, err = watcher.finish(signal.SIGINT)
+    assert [json.loads(line) for line in lines] == expected
+    for line in lines:  # one line each: a JSON object and a newline
+        assert line.endswith(b"\n") and line.count(b"\n") == 1 and line.startswith(b"{")
+    assert (code, rest, err) == (0, [], [])
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery to a child process")
+def test_watch_stops_on_sigint_with_exit_0(live):
+    watcher, _ = watch_start(live)
+    watch_waiting(live.server)
+    started = time.monotonic()
+    code, out, err = watcher.finish(signal.SIGINT)
+    assert time.monotonic() - started < 5  # at once, not at the end of its long poll
+    assert (code, out, err) == (0, [], [])
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery to a child process")
+def test_watch_resumes_after_a_410_from_the_new_cursor_and_says_so(live, monkeypatch):
+    busy, release = hold_deliveries(monkeypatch)
+    first = feed_wait(live, feed_cursor(live))
+    time.sleep(0.2)
+    live.server.settings.put("poll_interval", 1)
+    assert busy.wait(TIMEOUT)  # the feed's thread is held answering the first waiter
+    watcher, cursors = watch_start(live)
+    try:
+        watch_waiting(live.server)  # the watch waits for the events after event 1...
+        for value in range(2, qabel_rest.EVENTS_KEPT + 3):  # ...until they are not kept
+            live.server.settings.put("poll_interval", value)
+        release.set()
+        assert first.read().status == 200
+        note = watcher.line("err")  # the 410 was answered, and the watch said so
+        assert note is not None and note.startswith(b"qabel_rest: ") and note.endswith(b"\n")
+        assert note.count(b"\n") == 1
+        watch_waiting(live.server)  # it goes on: waiting again, from the current cursor
+        assert live.put("/synced", "module_data.m", {"after": True}).status == 200
+        line = watcher.line()
+    finally:
+        release.set()  # never leave the feed's thread held
+        code, rest, err = watcher.finish(signal.SIGINT)
+    tag = live.get("/synced").headers["ETag"]
+    assert json.loads(line) == feed_event("synced", ["module_data", "m"], tag)
+    assert (code, rest, err) == (0, [], [])  # none of the missed events, one note only
+
+
+def test_watch_exits_1_with_one_line_when_the_server_goes_away(tmp_path):
+    server = start(tmp_path)
+    try:
+        watcher, _ = watch_start(server)
+        watch_waiting(server.server)
+    finally:
+        stop(server)
+    code, out, err = watcher.finish()  # no signal: it ends by itself
+    assert code == 1 and out == []
+    assert len(err) == 1 and err[0].startswith(b"qabel_rest: ") and err[0].endswith(b"\n"), err
+    message = err[0].decode()
+    assert cli_url(server) in message or re.match(r"qabel_rest: 503 ", message), message
+    assert KEY not in message
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery to a child process")
+def test_watch_line_survives_a_console_that_is_not_utf8(live):
+    # A module name is any text, so a key may not fit the console's encoding (Windows
+    # pipes are cp1252): the line must still come out, as JSON, and watch go on.
+    watcher, cursors = watch_start(live, env={"PYTHONIOENCODING": "latin-1"})
+    try:
+        assert live.put("/settings", "module_data.чат.звук", "✓").status == 200
+        assert live.put("/settings", "poll_interval", 8).status == 200
+        lines = [watcher.line() for _ in range(2)]
+    finally:
+        code, rest, err = watcher.finish(signal.SIGINT)
+    assert None not in lines, (code, b"".join(err).decode())  # it died: its traceback
+    assert [json.loads(line) for line in lines] == feed_events(live, cursors[0])
+    assert (code, rest, err) == (0, [], [])
+
+
+# --- serve: the server, as without a command ---------------------------------
+
+def test_serve_command_starts_the_server_exactly_like_no_command(tmp_path):
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("QABEL_REST_")}
+    lines = {}
+    for name, command in (("serve", ["serve"]), ("none", [])):
+        data_dir = tmp_path / name
+        proc = subprocess.Popen([sys.executable, MODULE, *command, "--port", "0",
+                                 "--data-dir", str(data_dir)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=environment)
+        try:
+            got = []
+            reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()))
+            reader.start()
+            reader.join(TIMEOUT)
+            line = got[0].decode() if got else ""
+            match = re.fullmatch(r"qabel_rest listening on http://127\.0\.0\.1:(\d+) "
+                                 r"\(API key file (.+)\)\n", line)
+            assert match, line
+            assert match.group(2) == os.path.join(str(data_dir), "api-key")
+            key = (data_dir / "api-key").read_text().strip()
+            assert key not in line
+            client = Client(int(match.group(1)))
+            assert client.get("/health", key=None).status == 200
+            assert client.put("/settings", "poll_interval", 3, key=key).status == 200
+            assert client.get("/settings", key="wrong").status == 401
+            lines[name] = line.replace(str(data_dir), "DIR").replace(match.group(1), "PORT")
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                out, err = proc.communicate(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        assert key.encode() not in out + err
+        assert json.loads((data_dir / "settings.json").read_text())["poll_interval"] == 3
+    assert lines["serve"] == lines["none"]
+    # a startup failure: the same one line and exit 1 with or without the command
+    taken = qabel_rest.make_server(data_dir=str(tmp_path / "held"), api_key=KEY, port=0)
+    try:
+        failures = [subprocess.run([sys.executable, MODULE, *command, "--port", "0",
+                                    "--data-dir", str(tmp_path / "held"), "--api-key", KEY],
+                                   capture_output=True, text=True, timeout=TIMEOUT * 3,
+                                   env=environment)
+                    for command in (["serve"], [])]
+    finally:
+        taken.server_close()
+    assert failures[0].returncode == failures[1].returncode == 1
+    assert failures[0].stderr == failures[1].stderr
+    assert failures[0].stderr.count("\n") == 1 and "Traceback" not in failures[0].stderr
+    assert failures[0].stdout == failures[1].stdout == ""
+
+
+# ---------------------------------------------------------------------------
+# --- API description (SPEC section 10): GET /openapi.json
+# ---------------------------------------------------------------------------
+
+OA_KEYWORDS = {"type", "enum", "minimum", "maximum", "exclusiveMinimum", "minLength",
+               "minItems", "properties", "required", "additionalProperties", "items"}
+OA_ANNOTATIONS = {"description", "format", "title"}  # say nothing a value must be
+OA_METHODS = {"get", "head", "put", "post", "patch", "delete", "options", "trace"}
+OA_OPEN = {("/health", "get"), ("/health", "head"), ("/openapi.json", "get"),
+           ("/openapi.json", "head")}
+OA_INT64_MAX = (1 << 63) - 1
+
+
+def oa_is(value, kind):
+    """JSON Schema's types over what json.loads gives: a bool is no number, 1.0 no integer."""
+    return {"null": value is None, "boolean": type(value) is bool,
+            "integer": type(value) is int, "number": type(value) in (int, float),
+            "string": type(value) is str, "array": type(value) is list,
+            "object": type(value) is dict}[kind]
+
+
+def oa_errors(value, schema, path="$"):
+    """Where value breaks schema (JSON Schema 2020-12, only the keywords the API
+    description uses; any other one fails the test rather than being skipped)."""
+    if schema is True or schema == {}:
+        return []
+    if schema is False:
+        return [f"{path}: not allowed"]
+    unknown = set(schema) - OA_KEYWORDS - OA_ANNOTATIONS
+    assert not unknown, f"{path}: keywords this checker does not know: {unknown}"
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if not any(oa_is(value, kind) for kind in kinds):
+            return [f"{path}: not {'/'.join(kinds)}"]
+    errors = []
+    if "enum" in schema and not any(type(value) is type(option) and value == option
+                                    for option in schema["enum"]):
+        errors.append(f"{path}: not one of {schema['enum']}")
+    if oa_is(value, "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            errors.append(f"{path}: below minimum")
+        if "maximum" in schema and value > schema["maximum"]:
+            errors.append(f"{path}: above maximum")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            errors.append(f"{path}: not above exclusiveMinimum")
+    if oa_is(value, "string") and len(value) < schema.get("minLength", 0):
+        errors.append(f"{path}: shorter than minLength")
+    if oa_is(value, "array"):
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path}: fewer than minItems")
+        if "items" in schema:
+            for index, element in enumerate(value):
+                errors += oa_errors(element, schema["items"], f"{path}[{index}]")
+    if oa_is(value, "object"):
+        errors += [f"{path}: {name} is required" for name in schema.get("required", ())
+                   if name not in value]
+        properties = schema.get("properties", {})
+        for name, member in value.items():
+            if name in properties:
+                errors += oa_errors(member, properties[name], f"{path}.{name}")
+            elif "additionalProperties" in schema:
+                errors += oa_errors(member, schema["additionalProperties"], f"{path}.{name}")
+    return errors
+
+
+def oa_at(schema, key):
+    """The schema that applies at a dotted key (plain segments) of a document."""
+    for segment in key.split(".") if key else ():
+        if schema.get("type") == "array" or "items" in schema:
+            schema = schema["items"]
+        elif segment in schema.get("properties", {}):
+            schema = schema["properties"][segment]
+        else:
+            schema = schema["additionalProperties"]
+            assert isinstance(schema, dict), f"no schema at {key}"
+    return schema
+
+
+def oa_document(live):
+    response = live.get("/openapi.json", key=None)
+    assert response.status == 200, response
+    return response.json()
+
+
+def oa_resolve(api, node):
+    """node, with a $ref into the same document followed."""
+    while isinstance(node, dict) and "$ref" in node:
+        assert node["$ref"].startswith("#/"), node
+        target = api
+        for part in node["$ref"][2:].split("/"):
+            target = target[part.replace("~1", "/").replace("~0", "~")]
+        node = target
+    return node
+
+
+def oa_operations(api):
+    for path, operations in api["paths"].items():
+        for method, operation in operations.items():
+            if method in OA_METHODS:
+                yield path, method, operation
+
+
+def oa_response_headers(api, operation, status):
+    response = oa_resolve(api, operation["responses"][str(status)])
+    return {name.lower() for name in response.get("headers", {})}
+
+
+def oa_complete(which, key, value):
+    """A complete document (the defaults, or full_synced()) with value at key."""
+    document = json.loads(qabel_rest.LOCAL_DEFAULTS if which == "settings"
+                          else json.dumps(full_synced()))  # a copy: IDENTITY is shared
+    *parents, last = key.split(".")
+    node = document
+    for segment in parents:
+        node = node[int(segment)] if isinstance(node, list) else node.setdefault(segment, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return document
+
+
+def oa_lone_surrogate(value):
+    if isinstance(value, str):
+        return not qabel_rest._is_text(value)
+    if isinstance(value, dict):
+        return any(map(oa_lone_surrogate, value)) or any(map(oa_lone_surrogate, value.values()))
+    if isinstance(value, list):
+        return any(map(oa_lone_surrogate, value))
+    return False
+
+
+# Invalid cases whose rule JSON Schema cannot say: (document, key, value as JSON) -> (a
+# pattern the description must match, the key of the place it must be said). A URL rule
+# on a string, ids unique in a list, the 64-bit limit of an integer in module_data (any
+# JSON) or in a NUM (an integer or a float: 2**63 and 9.2e18 are one JSON Schema number).
+OA_URL = r"(?i)\burl\b"
+OA_CANNOT_SAY = {
+    **{("synced", key, json.dumps(value)): (OA_URL, key)
+       for which, key, value, valid in SCHEMA_CASES
+       if key.endswith(".url") and isinstance(value, str) and not valid},
+    ("synced", "identities.0.drops", '["d.de"]'): (OA_URL, "identities.0.drops.0"),
+    ("synced", "identities", json.dumps([item(1, alias="a"), item(1, alias="b")])):
+        (r"(?is)(?=.*\bids?\b)(?=.*(unique|same|duplicate|distinct))", "identities"),
+    ("settings", "module_data.m", json.dumps({"big": BIG})): (r"64", "module_data.m.big"),
+    ("settings", "poll_interval", json.dumps(BIG)): (r"64", "poll_interval"),
+}
+
+
+def test_openapi_json_needs_no_key_and_passes_the_host_and_origin_checks(live):
+    response = live.get("/openapi.json", key=None)
+    assert response.status == 200
+    assert_common_headers(response)
+    assert response.headers["Keep-Alive"] == "timeout=30"
+    assert response.json()["openapi"].startswith("3.1.")
+    head = live.call("HEAD", "/openapi.json", key=None)
+    assert head.status == 200 and head.body == b""
+    assert head.headers["Content-Length"] == response.headers["Content-Length"]
+    assert live.get("/openapi.json").status == 200  # a client that always sends its key
+    assert live.get("/openapi.json", key=None,
+                    headers={"Origin": "http://localhost:3000"}).status == 200
+    for method in ("GET", "HEAD"):
+        refused = live.call(method, "/openapi.json", key=None, host="evil.example")
+        assert refused.status == 403
+        refused = live.call(method, "/openapi.json", key=None,
+                            headers={"Origin": "http://evil.example"})
+        assert refused.status == 403
+    assert live.get("/openapi.json", key=None, host="evil.example").json()["error"]
+    assert_common_headers(live.get("/openapi.json", key=None, host="evil.example"))
+    # every other method needs the key, OPTIONS included
+    options = live.call("OPTIONS", "/openapi.json", key=None)
+    assert options.status == 401 and options.headers["WWW-Authenticate"] == "Bearer"
+    options = live.call("OPTIONS", "/openapi.json")
+    assert options.status == 200 and options.headers["Allow"] == "GET"
+    assert live.call("PUT", "/openapi.json", {}, key=None).status == 401
+    refused = live.call("PUT", "/openapi.json", {})
+    assert refused.status == 405 and refused.headers["Allow"] == "GET"
+
+
+def test_openapi_is_3_1_with_every_path_and_method_the_server_serves(live):
+    api = oa_document(live)
+    assert re.fullmatch(r"3\.1\.\d+", api["openapi"])
+    assert api["info"]["title"] and api["info"]["version"]
+    assert set(api["paths"]) == {"/settings", "/synced", "/events", "/health", "/openapi.json"}
+    for path, operations in api["paths"].items():
+        allow = live.call("OPTIONS", path).headers["Allow"]  # what the server serves
+        served = {method.strip().lower() for method in allow.split(",")} | {"head", "options"}
+        assert set(operations) & OA_METHODS == served, path
+        for method, operation in operations.items():
+            if method in OA_METHODS:
+                assert operation["responses"], (path, method)
+    assert {method for method in api["paths"]["/settings"] if method in OA_METHODS} == \
+        {"get", "head", "put", "post", "patch", "options"}
+    assert {method for method in api["paths"]["/events"] if method in OA_METHODS} == \
+        {"get", "head", "options"}
+
+
+def test_openapi_every_keyed_operation_declares_401_and_every_one_403(live):
+    api = oa_document(live)
+    schemes = api["components"]["securitySchemes"]
+    assert len(list(oa_operations(api))) == 2 * 6 + 3 * 3
+    for path, method, operation in oa_operations(api):
+        security = operation.get("security", api.get("security", []))
+        assert "403" in operation["responses"], (path, method)
+        if method != "options":  # what the server answers without a key
+            response = live.call(method.upper(), path, key=None,
+                                 body=b"{}" if method in ("put", "post", "patch") else None)
+        else:
+            response = live.call("OPTIONS", path, key=None)
+        if (path, method) in OA_OPEN:
+            assert security == [] and response.status == 200, (path, method)
+        else:
+            assert response.status == 401, (path, method)
+            assert "401" in operation["responses"], (path, method)
+            assert "www-authenticate" in oa_response_headers(api, operation, 401)
+            named = [name for requirement in security for name in requirement]
+            assert security and all(len(requirement) == 1 for requirement in security)
+            assert set(named) == set(schemes), (path, method)  # either scheme will do
+
+
+def test_openapi_security_schemes_are_the_api_key_header_and_bearer(live):
+    schemes = list(oa_document(live)["components"]["securitySchemes"].values())
+    assert len(schemes) == 2
+    assert {"type": "apiKey", "in": "header", "name": "X-API-Key"} in \
+        [{k: v for k, v in s.items() if k != "description"} for s in schemes]
+    assert [s for s in schemes if s["type"] == "http" and s["scheme"].lower() == "bearer"]
+
+
+def test_openapi_declares_the_headers_and_query_parameters(live):
+    api = oa_document(live)
+
+    def parameters(operation):
+        return {(p["in"], p["name"].lower()) for p in
+                (oa_resolve(api, p) for p in operation.get("parameters", ()))}
+
+    for path in ("/settings", "/synced"):
+        operations = api["paths"][path]
+        for method in ("get", "head"):
+            assert ("header", "if-none-match") in parameters(operations[method])
+            assert "etag" in oa_response_headers(api, operations[method], 200)
+            assert "etag" in oa_response_headers(api, operations[method], 304)
+        for method in ("put", "post", "patch"):
+            assert ("header", "if-match") in parameters(operations[method]), (path, method)
+            assert "etag" in oa_response_headers(api, operations[method], 200)
+            assert "412" in operations[method]["responses"]
+    for method in ("get", "head"):
+        assert {("query", "since"), ("query", "timeout")} <= \
+            parameters(api["paths"]["/events"][method])
+        assert {"200", "400", "410"} <= set(api["paths"]["/events"][method]["responses"])
+    for name in ("ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After"):
+        assert oa_resolve(api, api["components"]["headers"][name])["schema"]["type"] == "string"
+
+
+def test_openapi_request_bodies_json_and_form_and_merge_patch(live):
+    api = oa_document(live)
+    for path in ("/settings", "/synced"):
+        operations = api["paths"][path]
+        for method in ("put", "post"):
+            content = oa_resolve(api, operations[method]["requestBody"])["content"]
+            assert set(content) == {"application/json", "application/x-www-form-urlencoded"}
+            assert "415" in operations[method]["responses"]
+        content = oa_resolve(api, operations["patch"]["requestBody"])["content"]
+        assert set(content) == {"application/merge-patch+json"}
+        assert "accept-patch" in oa_response_headers(api, operations["patch"], 415)
+        content = oa_resolve(api, operations["put"]["requestBody"])["content"]
+        put = oa_resolve(api, content["application/json"]["schema"])
+        assert oa_errors({"key": "module_data.m", "value": {"a": 1}, "merge": True}, put) == []
+        assert oa_errors({"key": ["module_data", "de.qabel.chat"], "value": 1}, put) == []
+        assert oa_errors({"key": "poll_interval"}, put)  # value is required
+        form = oa_resolve(api, content["application/x-www-form-urlencoded"]["schema"])
+        assert oa_errors({"key": "poll_interval", "value": "5"}, form) == []
+        assert oa_errors({"key": "poll_interval"}, form)
+        post = oa_resolve(api, operations["post"]["requestBody"])["content"]
+        assert oa_errors({}, oa_resolve(api, post["application/json"]["schema"]))
+        assert oa_errors({"settings": "{}"}, oa_resolve(
+            api, post["application/x-www-form-urlencoded"]["schema"])) == []
+    # a POST may leave out top-level fields (they get their defaults): its schema agrees
+    post = oa_resolve(api, api["paths"]["/synced"]["post"]["requestBody"])["content"]
+    assert oa_errors({"settings": {"accounts": [item(1)]}},
+                     oa_resolve(api, post["application/json"]["schema"])) == []
+    assert live.post("/synced", {"accounts": [item(1)]}).status == 200
+
+
+def test_openapi_declares_every_status_and_header_the_server_answers(live, tmp_path):
+    api = oa_document(live)
+    tag = live.get("/settings").headers["ETag"]
+    merge = "application/merge-patch+json"
+    cursor = feed_cursor(live)
+    requests = [  # (method, path, call's arguments): what the server answers is declared
+        ("GET", "/settings", {}), ("GET", "/synced", {"headers": {"If-None-Match": tag}}),
+        ("GET", "/settings", {"headers": {"If-None-Match": tag}}),
+        ("HEAD", "/settings", {"headers": {"If-None-Match": tag}}),
+        ("HEAD", "/synced", {}), ("GET", "/settings", {"key": None}),
+        ("GET", "/settings", {"host": "evil.example"}),
+        ("PUT", "/settings", {"body": {"key": "poll_interval", "value": "x"}}),
+        ("PUT", "/settings", {"body": {"key": "nope", "value": 1}}),
+        ("PUT", "/settings", {"body": {"key": "poll_interval", "value": 2},
+                              "headers": {"If-Match": '"stale"'}}),
+        ("PUT", "/settings", {"body": "x", "content_type": "text/plain"}),
+        ("PUT", "/synced", {"body": {"key": "module_data.m", "value": 1}}),
+        ("POST", "/synced", {"body": {"settings": {"accounts": 1}}}),
+        ("POST", "/synced", {"body": "{", "content_type": "application/json"}),
+        ("POST", "/settings", {"body": {"settings": {"poll_interval": 3}}}),
+        ("PATCH", "/settings", {"body": {"poll_interval": 4}, "content_type": merge}),
+        ("PATCH", "/settings", {"body": {"poll_interval": 0}, "content_type": merge}),
+        ("PATCH", "/settings", {"body": {}, "content_type": "application/json"}),
+        ("PATCH", "/synced", {"body": {}, "content_type": merge,
+                              "headers": {"If-Match": '"stale"'}}),
+        ("OPTIONS", "/settings", {}), ("OPTIONS", "/synced", {}), ("OPTIONS", "/events", {}),
+        ("OPTIONS", "/health", {}), ("OPTIONS", "/health", {"key": None}),
+        ("GET", "/events", {}), ("GET", feed_path(cursor, 0), {}),
+        ("GET", feed_path(cursor, -1), {}), ("GET", feed_path("nope", 0), {}),
+        ("HEAD", "/events", {}), ("GET", "/events", {"key": "wrong"}),
+        ("GET", "/health", {"key": None}), ("HEAD", "/health", {"key": None}),
+        ("GET", "/health", {"key": None, "headers": {"Origin": "http://evil.example"}}),
+        ("GET", "/openapi.json", {"key": None}),
+    ]
+    contract = {"etag", "allow", "accept-patch", "www-authenticate", "retry-after"}
+    seen = set()
+
+    def declared(method, target, response):
+        """The answer's status, and the headers of the contract it carries, are declared."""
+        operation = api["paths"][target.partition("?")[0]][method.lower()]
+        status = str(response.status)
+        seen.add(status)
+        assert status in operation["responses"], (method, target, status)
+        carried = {name.lower() for name in response.headers} & contract
+        assert carried <= oa_response_headers(api, operation, status), \
+            (method, target, status, carried)
+
+    for method, target, arguments in requests:
+        declared(method, target, live.call(method, target, **arguments))
+    # 413 (a body over the limit: answered without reading it)
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", headers={
+        "X-API-Key": KEY, "Content-Type": "application/json", "Content-Length": "2000000"}))
+    too_big = conn.read()
+    conn.close()
+    # 503: no room for another connection (its first one waits for events)
+    small = start(tmp_path / "small", max_connections=1)
+    try:
+        busy = small.conn()
+        busy.send(build_request("GET", feed_path(small.server.events()["cursor"], 30),
+                                headers={"X-API-Key": KEY}))
+        watch_waiting(small.server)
+        refused = small.call("GET", "/settings")
+        busy.close()
+    finally:
+        stop(small)
+    assert (too_big.status, refused.status) == (413, 503)
+    declared("PUT", "/settings", too_big)
+    declared("GET", "/settings", refused)
+    assert {"200", "304", "400", "401", "403", "405", "410", "412", "413", "415", "503"} <= seen
+
+
+def test_openapi_components_schemas_are_the_two_documents_as_get_serves_them(live):
+    api = oa_document(live)
+    schemas = api["components"]["schemas"]
+    local, synced = schemas["LocalSettings"], schemas["SyncedSettings"]
+    for path, name in (("/settings", "LocalSettings"), ("/synced", "SyncedSettings")):
+        for method in ("get", "post", "patch"):
+            content = oa_resolve(api, api["paths"][path][method]["responses"]["200"])["content"]
+            assert content["application/json"]["schema"] == \
+                {"$ref": f"#/components/schemas/{name}"}, (path, method)
+    # what GET serves validates, with every top-level field present and required
+    served = [(local, live.get("/settings").json()), (synced, live.get("/synced").json())]
+    assert live.post("/synced", full_synced()).status == 200
+    with open(os.path.join(HERE, "settings.example.json"), "rb") as f:
+        assert live.post("/settings", json.loads(f.read())).status == 200
+    served += [(local, live.get("/settings").json()), (synced, live.get("/synced").json())]
+    for schema, document in served:
+        assert oa_errors(document, schema) == []
+        assert sorted(schema["required"]) == sorted(schema["properties"]) == sorted(document)
+        assert schema["additionalProperties"] is False
+        for name in document:
+            assert oa_errors({k: v for k, v in document.items() if k != name}, schema)
+        assert oa_errors(dict(document, extra=1), schema)
+    # the shape the validator's schema gives: ids required, 64-bit ranges, closed objects
+    for name in ("accounts", "drop_servers", "storage_servers", "storage_volumes",
+                 "identities"):
+        items = synced["properties"][name]["items"]
+        assert "id" in items["required"] and items["additionalProperties"] is False, name
+        for field in ("id", "updated", "created", "deleted"):
+            assert items["properties"][field]["type"] == "integer"
+            assert items["properties"][field]["minimum"] == 0
+            assert items["properties"][field]["maximum"] == OA_INT64_MAX
+    keys = synced["properties"]["identities"]["items"]["properties"]["keys"]
+    assert keys["additionalProperties"] is False and sorted(keys["properties"]) == sorted(
+        ["private_primary_key", "public_primary_key", "private_enc_key", "public_enc_key",
+         "private_sign_key", "public_sign_key"])
+
+
+def test_openapi_json_schema_agrees_with_the_validator_on_every_schema_case(live):
+    api = oa_document(live)
+    schemas = {"settings": api["components"]["schemas"]["LocalSettings"],
+               "synced": api["components"]["schemas"]["SyncedSettings"]}
+    validators = {"settings": qabel_rest.LOCAL_SCHEMA, "synced": qabel_rest.SYNCED_SCHEMA}
+    wrong, walked = [], 0
+    for which, key, value, valid in SCHEMA_CASES:
+        if not _encodable(value):
+            continue
+        walked += 1
+        document = oa_complete(which, key, value)
+        try:  # the case holds for the whole document too (else this test built it wrong)
+            qabel_rest.validate(document, validators[which])
+            assert valid, (which, key, value)
+        except qabel_rest.InvalidValue:
+            assert not valid, (which, key, value)
+        errors = oa_errors(document, schemas[which])
+        case = f"{which} {key} = {json.dumps(value)}"
+        cannot_say = OA_CANNOT_SAY.get((which, key, json.dumps(value)))
+        if valid:
+            if errors:
+                wrong.append(f"{case}: valid, but the schema refuses it: {errors}")
+        elif oa_lone_surrogate(value):  # a rule of JSON text (SPEC 5 "nowhere"), not a schema's
+            if errors:
+                wrong.append(f"{case}: the schema refuses it for another reason: {errors}")
+        elif cannot_say is None:
+            if not errors:
+                wrong.append(f"{case}: refused by the server, accepted by the schema")
+        elif not errors:  # accepted: the rule must be in a description at its place
+            pattern, place = cannot_say
+            description = oa_at(schemas[which], place).get("description", "")
+            if not re.search(pattern, description):
+                wrong.append(f"{case}: accepted by the schema, and the description at "
+                             f"{place} ({description!r}) does not say the rule")
+    assert walked >= 60
+    assert wrong == [], "\n".join(wrong)

@@ -1396,7 +1396,6 @@ _FORM_TYPE = "application/x-www-form-urlencoded"
 _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _MAX_FORM_FIELDS = 16
 _SECONDS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
-_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")  # of a chunk size
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
@@ -1504,7 +1503,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Forget the previous request on this connection."""
         self.command, self.request_version = None, "HTTP/1.1"
         self._responded = self._expect = self._linger = False
-        self._chunked, self._unread = False, 0  # a body not read yet: chunked, or its length
+        self._unread = 0  # the length of a body not read yet
 
     def _refuse(self):
         """Answer 503 without reading the request: no room for it, or closing."""
@@ -1586,7 +1585,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 raise _Malformed("Transfer-Encoding in an HTTP/1.0 request")
             if [name.lower() for name in self._elements("transfer-encoding")] != ["chunked"]:
                 raise _Malformed("transfer coding not supported", HTTPStatus.NOT_IMPLEMENTED)
-            self._chunked = True
+            # A settings body has a known length: a chunked one is refused, as RFC 9112 6.3
+            # allows, and never parsed (a body parser of our own is a smuggling risk).
+            raise _Malformed("send the body with a Content-Length", HTTPStatus.LENGTH_REQUIRED)
         elif lengths:
             values = {value.strip(_OWS) for value in lengths}
             if not all(map(_is_digits, values)):
@@ -1677,45 +1678,17 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
 
     def _read_body(self):
-        self._check_size(self._unread)
+        if self._unread > self.server.max_body:
+            raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
+                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         if self._expect:
             super().handle_expect_100()  # send 100 Continue now
             self.wfile.flush()
-        body = self._read_chunked() if self._chunked else self.rfile.read(self._unread)
+        body = self.rfile.read(self._unread)
         if len(body) < self._unread:
             raise _Malformed("the body ended early")
-        self._chunked, self._unread = False, 0
+        self._unread = 0
         return body
-
-    def _check_size(self, size):
-        if size > self.server.max_body:
-            raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
-                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-
-    def _read_chunked(self):
-        """Decode a chunked body (RFC 9112 section 7.1), at most max_body bytes."""
-        body = bytearray()
-        while True:
-            line = self.rfile.readline(4096)
-            size = line.split(b";", 1)[0].strip(b" \t\r\n")
-            if not (line.endswith(b"\n") and 0 < len(size) <= 16
-                    and _HEX_DIGITS.issuperset(size)):
-                raise _Malformed("malformed chunk size")
-            size = int(size, 16)
-            if size == 0:
-                break
-            self._check_size(len(body) + size)
-            data = self.rfile.read(size)
-            if len(data) < size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise _Malformed("malformed chunk")
-            body += data
-        for _ in range(64):  # trailer fields, ignored
-            line = self.rfile.readline(4096)
-            if line in (b"\r\n", b"\n"):
-                return bytes(body)
-            if not line.endswith(b"\n"):
-                break
-        raise _Malformed("malformed chunked trailer")
 
     def _do_read(self, document):
         version = document.current()
@@ -1851,7 +1824,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._responded = True
         # An unread body that cannot be drained (a 100-continue client may never send it)
         undrainable = self._expect or self._unread > self.server.max_body
-        if self._chunked or (self._unread and undrainable):
+        if self._unread and undrainable:
             self.close_connection = self._linger = True
         self.send_response(status)
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe

@@ -842,8 +842,7 @@ class SettingsDocument:
             batch, self._queue = batch + self._queue, []
             self._head, self._head_tag = disk.document, disk.etag
         elif rebased is not None:
-            self._head, tag = self._reapply(self._queue, disk.document)
-            self._head_tag = tag or disk.etag
+            self._head, self._head_tag = self._reapply(self._queue, disk.document, disk.etag)
             for change in self._queue:
                 change.done = change.error is not None
             self._queue = [change for change in self._queue if not change.done]
@@ -853,21 +852,23 @@ class SettingsDocument:
             if change.error is None and change.changed:
                 self.publish(change.key, change.tag)
 
-    def _reapply(self, changes, document):
-        """Apply changes again to another document, each with a new tag; those no
-        longer valid fail alone. Returns (document, the last tag)."""
-        tag = None
+    def _reapply(self, changes, document, tag):
+        """Apply changes again to another document and its tag, each that changes it with a
+        new tag; those no longer valid fail alone. Returns (document, tag) after them."""
         for change in changes:
             if not change.matches(None):  # its If-Match named the version replaced
                 change.error = PreconditionFailed(f"{self.name} was changed by another "
                                                   "program: If-Match does not name its tag")
             if change.error is None:
                 try:
-                    document, change.result, change.key = change.apply(document)
-                    tag = change.tag = self._new_tag()
-                    change.changed = True
+                    new, change.result, change.key = change.apply(document)
                 except QabelRestError as exc:
                     change.error = exc
+                    continue
+                change.changed = not _same(new, document)
+                if change.changed:
+                    document, tag = new, self._new_tag()
+                change.tag = tag
         return document, tag
 
     def _write(self, document, tag, base, batch):
@@ -902,8 +903,8 @@ class SettingsDocument:
             if base.error:
                 return base, rebased, DocumentUnavailable(
                     f"{self.name} on disk is not valid: {base.error}")
-            document, tag = self._reapply(batch, base.document)
-            if all(change.error for change in batch):
+            document, tag = self._reapply(batch, base.document, base.etag)
+            if not any(change.changed and not change.error for change in batch):
                 return base, rebased, None  # nothing left to write
         return base, rebased, DocumentChanged(f"{self.name} keeps being changed by another program")
 

@@ -1135,6 +1135,26 @@ def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkey
     assert stored["module_data"] == {"sync": {}, "chat": {"a": 1}}
 
 
+def test_change_the_rewritten_file_already_holds_keeps_its_tag_and_is_no_event(live, monkeypatch):
+    live.put("/settings", "poll_interval", 5)
+    path = os.path.join(live.data_dir, "settings.json")
+    cursor = feed_cursor(live)
+    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    result = []
+    writer = threading.Thread(target=lambda: result.append(
+        live.server.settings.update("poll_interval", 60)))
+    writer.start()
+    assert reached.wait(TIMEOUT)
+    with open(path, "w") as f:  # another program already wrote what the change sets
+        json.dump({"poll_interval": 60}, f)
+    gate.set()
+    writer.join(TIMEOUT)
+    events = feed_events(live, cursor)
+    assert [e["key"] for e in events] == [None]  # the rewrite; the change is none
+    assert result[0] == (60, events[0]["etag"])  # the change keeps the rewrite's tag
+    assert live.get("/settings").headers["ETag"] == events[0]["etag"]
+
+
 def test_file_rewritten_invalid_gives_503_and_is_never_overwritten(live):
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")

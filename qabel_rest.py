@@ -453,8 +453,7 @@ def _same(a, b):
 
 
 def _merge_patch(target, patch, null_removes=True):
-    """RFC 7396: members replace, null removes, objects merge, the rest replaces. With
-    null_removes false, null is a value like any other: the deep merge of a PUT."""
+    """RFC 7396 merge patch; with null_removes false, null is a value: the deep merge of a PUT."""
     if type(patch) is not dict:
         return patch
     result = dict(target) if type(target) is dict else {}
@@ -703,10 +702,8 @@ class SettingsDocument:
         def check_value():
             if not merge and value is not _MISSING:
                 _check(value, node, path)
-
-        def apply(document):
-            return _assign(document, self.schema, path, 0, value, merge)
-        return self._change(apply, if_match, check_value)
+        return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),
+                            if_match, check_value)
 
     def substitute(self, document, if_match=None):
         validate(document, self.schema)
@@ -769,8 +766,7 @@ class SettingsDocument:
         return version
 
     def _refresh(self):
-        """Take another program's rewrite of the file as current, unless a change of
-        ours is queued or saving (the file is ours to write then). Holds _lock."""
+        """Take in another program's rewrite, unless the file is ours to write now. Holds _lock."""
         if self._queue or self._saving:
             return
         if self._disk is None or _file_signature(self.path) != self._disk.signature:
@@ -1002,7 +998,7 @@ class _Feed:
         self._waiters = set()
         self._subscribers = []  # [the last event before it subscribed, callback]
         self._pending = collections.deque()  # (number, event) for the subscribers: all kept
-        self._threads = {}  # the feed's threads by their function, started when needed
+        self._threads = set()  # the names of the feed's threads started (when needed)
 
     def publish(self, document, key, etag):
         with self._changed:
@@ -1087,20 +1083,17 @@ class _Feed:
 
     def _start(self, target):
         if target.__name__ not in self._threads:
-            thread = threading.Thread(target=target, daemon=True, name="qabel_rest events")
-            self._threads[target.__name__] = thread
-            thread.start()
+            self._threads.add(target.__name__)
+            threading.Thread(target=target, daemon=True, name="qabel_rest events").start()
 
     def _serve(self):
-        """Until close: answer the waiters that have events (all of them on close), and
-        look at the files while any wait."""
+        """Until close: answer waiters with events (all on close), watching files while any wait."""
         next_look = 0.0
         while True:
             with self._changed:
-                ready = [w for w in self._waiters if w.number < self._last or self._closed]
-                if not ready:
+                if not self._closed and not any(w.number < self._last for w in self._waiters):
                     self._changed.wait(_POLL_INTERVAL if self._waiters else None)
-                    ready = [w for w in self._waiters if w.number < self._last or self._closed]
+                ready = [w for w in self._waiters if w.number < self._last or self._closed]
                 self._waiters.difference_update(ready)
                 for waiter in ready:
                     waiter.answer = self._answer(waiter.number)
@@ -1209,33 +1202,26 @@ def _remove_stale_temp_files(directory):
                 os.unlink(os.path.join(directory, entry))
 
 
-def _check_api_key(key, source):
+def _find_api_key(key, data_dir):
+    """(the key, where it came from): key, else $QABEL_REST_API_KEY, else the key file in
+    data_dir (None if there is none); StartupError for a key not usable."""
+    source = "the command line"
+    if key is None and os.environ.get(_ENV_API_KEY):
+        key, source = os.environ[_ENV_API_KEY], "$" + _ENV_API_KEY
+    elif key is None:
+        source = os.path.join(data_dir, _KEY_FILE)
+        try:
+            raw = _read_file(source)[1]
+        except OSError as exc:
+            raise StartupError(f"cannot read the key file: {exc.strerror} ({source})") from None
+        if raw is None:
+            return None, source
+        key = raw.decode("ascii", "replace").strip()
     # printable ASCII without spaces: it has to travel in a header
     if type(key) is not str or not (key.isascii() and key.isprintable()) or " " in key or not key:
         raise StartupError(f"the API key from {source} must be printable ASCII "
-                           f"without spaces, and not empty")
-    return key
-
-
-def _read_key_file(path):
-    """The key in the key file, None if there is none; StartupError if unusable."""
-    try:
-        raw = _read_file(path)[1]
-    except OSError as exc:
-        raise StartupError(f"cannot read the key file: {exc.strerror} ({path})") from None
-    return None if raw is None else _check_api_key(raw.decode("ascii", "replace").strip(), path)
-
-
-def _create_key_file(path):
-    """Generate a key (256 bits from secrets) and write it to path."""
-    import secrets  # here, not at the top: only a first start needs it
-    key = secrets.token_urlsafe(32)
-    try:
-        atomic_write(path, (key + "\n").encode("ascii"))
-    except OSError as exc:
-        raise StartupError(f"cannot write the key file: {exc.strerror} ({path})") from None
-    _logger().info("generated a new API key in %s", path)
-    return key
+                           "without spaces, and not empty")
+    return key, source
 
 
 def _host_name(value):
@@ -1284,13 +1270,17 @@ def _openapi(url):
             response["content"] = {_JSON_TYPE: {"schema": schema}}
         return response
 
+    def change(content, description, schema):  # a PUT, POST or PATCH of a document
+        return {"parameters": [if_match], "requestBody": {"required": True, "content": content},
+                "responses": {"200": answer(description, schema, "ETag"), **failed}}
+
+    text = {"type": "string"}
     error = ref("schemas", "Error")
     refusals = {"403": answer("a Host or Origin not allowed", error),
                 "503": answer("a document invalid on disk, too many connections (with "
                               "Retry-After) or shutting down", error, "Retry-After")}
-    keyed = {"401": answer("no API key, or a wrong one", error, "WWW-Authenticate"),
-             **refusals}
-    change = {"400": answer("a value, document or body that is not valid", error),
+    keyed = {"401": answer("no API key, or a wrong one", error, "WWW-Authenticate"), **refusals}
+    failed = {"400": answer("a value, document or body that is not valid", error),
               "405": answer("a key that is not valid, or settings that are not JSON "
                             "(the Qabel spec), or another method", error, "Allow"),
               "409": answer("another program kept rewriting the file", error),
@@ -1299,54 +1289,47 @@ def _openapi(url):
               "415": answer("another content type", error, "Accept-Patch"),
               "500": answer("saving failed", error), "507": answer("the disk is full", error),
               **keyed}
-    if_match = {"name": "If-Match", "in": "header", "schema": {"type": "string"},
+    if_match = {"name": "If-Match", "in": "header", "schema": text,
                 "description": "tags or *: change only the version named (else 412)"}
-    paths = {"/health": {"get": {"security": [], "responses": {
-        "200": answer("the server is up", {"type": "object"}), **refusals}}},
-             "/openapi.json": {"get": {"security": [], "responses": {
-        "200": answer("this description", {"type": "object"}), **refusals}}},
-             "/events": {"get": {"parameters": [
-        {"name": "since", "in": "query", "schema": {"type": "string"},
+    paths = {path: {"get": {"security": [], "responses": {
+        "200": answer(description, {"type": "object"}), **refusals}}}
+        for path, description in (("/health", "the server is up"),
+                                  ("/openapi.json", "this description"))}
+    paths["/events"] = {"get": {"parameters": [
+        {"name": "since", "in": "query", "schema": text,
          "description": "a cursor of this run; without it, the answer is at once"},
-        {"name": "timeout", "in": "query", "schema": {"type": "number", "minimum": 0,
-                                                          "maximum": MAX_WAIT},
+        {"name": "timeout", "in": "query",
+         "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT},
          "description": f"seconds to wait for an event (30; at most {MAX_WAIT})"}],
         "responses": {"200": answer("the events after since, and the cursor after them",
                                     ref("schemas", "Events")),
                       "400": answer("a timeout that is not valid", error),
                       "410": answer("a cursor this run did not hand out, or too old",
-                                    ref("schemas", "CursorGone")), **keyed}}}}
+                                    ref("schemas", "CursorGone")), **keyed}}}
     for path, name, schema in (("/settings", "LocalSettings", LOCAL_SCHEMA),
                                ("/synced", "SyncedSettings", SYNCED_SCHEMA)):
         document = ref("schemas", name)
         put = {"type": "object", "required": ["key", "value"], "properties": {
-            "key": {"type": ["string", "array"], "description": "a dotted key, or its "
-                    "segments", "minLength": 1, "minItems": 1,
-                    "items": {"type": ["string", "integer"]}},
+            "key": {"type": ["string", "array"], "description": "a dotted key, or its segments",
+                    "minLength": 1, "minItems": 1, "items": {"type": ["string", "integer"]}},
             "value": {}, "merge": {"type": "boolean"}}}
-        form = {"type": "object", "additionalProperties": {"type": "string"},
-                "required": ["key", "value"]}
+        post = {"type": "object", "required": ["settings"],
+                "properties": {"settings": _json_schema(schema)}}
+        patch = {"type": "object", "additionalProperties": False,
+                 "properties": dict.fromkeys(schema.fields, {})}
+        form = {"type": "object", "additionalProperties": text}
         paths[path] = {
-            "get": {"parameters": [{"name": "If-None-Match", "in": "header",
-                                    "schema": {"type": "string"}}],
+            "get": {"parameters": [{"name": "If-None-Match", "in": "header", "schema": text}],
                     "responses": {"200": answer("the document", document, "ETag"),
-                                  "304": {"description": "If-None-Match names the tag",
-                                          "headers": {"ETag": ref("headers", "ETag")}},
+                                  "304": answer("If-None-Match names the tag", None, "ETag"),
                                   **keyed}},
-            "put": {"parameters": [if_match], "requestBody": {"required": True, "content": {
-                _JSON_TYPE: {"schema": put}, _FORM_TYPE: {"schema": form}}},
-                    "responses": {"200": answer("the value as stored", put, "ETag"), **change}},
-            "post": {"parameters": [if_match], "requestBody": {"required": True, "content": {
-                _JSON_TYPE: {"schema": {"type": "object", "required": ["settings"],
-                                        "properties": {"settings": _json_schema(schema)}}},
-                _FORM_TYPE: {"schema": {**form, "required": ["settings"]}}}},
-                     "responses": {"200": answer("the stored document", document, "ETag"),
-                                   **change}},
-            "patch": {"parameters": [if_match], "requestBody": {"required": True, "content": {
-                _PATCH_TYPE: {"schema": {"type": "object", "additionalProperties": False,
-                                         "properties": dict.fromkeys(schema.fields, {})}}}},
-                      "responses": {"200": answer("the stored document", document, "ETag"),
-                                    **change}}}
+            "put": change({_JSON_TYPE: {"schema": put},
+                           _FORM_TYPE: {"schema": {**form, "required": ["key", "value"]}}},
+                          "the value as stored", put),
+            "post": change({_JSON_TYPE: {"schema": post},
+                            _FORM_TYPE: {"schema": {**form, "required": ["settings"]}}},
+                           "the stored document", document),
+            "patch": change({_PATCH_TYPE: {"schema": patch}}, "the stored document", document)}
     for operations in paths.values():
         operations["head"] = {**operations["get"], "responses": {
             status: {key: value for key, value in response.items() if key != "content"}
@@ -1354,7 +1337,6 @@ def _openapi(url):
         headers = ("Allow", "Accept-Patch") if "patch" in operations else ("Allow",)
         operations["options"] = {"responses": {"200": answer("the methods", None, *headers),
                                                **keyed}}
-    text = {"type": "string"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "qabel_rest", "version": __version__,
@@ -1370,8 +1352,7 @@ def _openapi(url):
             "schemas": {
                 "LocalSettings": _json_schema(LOCAL_SCHEMA, served=True),
                 "SyncedSettings": _json_schema(SYNCED_SCHEMA, served=True),
-                "Error": {"type": "object", "required": ["error"],
-                          "properties": {"error": text}},
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": text}},
                 "CursorGone": {"type": "object", "required": ["error", "cursor"],
                                "properties": {"error": text, "cursor": text}},
                 "Events": {"type": "object", "required": ["cursor", "events"], "properties": {
@@ -1439,7 +1420,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         # (RFC 9112 9.6): a client still sending a body we refused would not see our 413.
         if self._linger:
             sock = self.connection
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
                 deadline = time.monotonic() + _LINGER_SECONDS
                 received = 0
@@ -1449,21 +1430,17 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                     if not chunk:
                         break
                     received += len(chunk)
-            except OSError:
-                pass
         super().finish()
 
     def version_string(self):
         return self.server_version
 
     def handle(self):
-        try:
+        with contextlib.suppress(OSError):  # while answering an error or draining
             if self.server._move(self.connection, _IDLE, _IDLE, self.server.idle_timeout):
                 super().handle()
             else:  # refused for want of room, or closing: at once, not after a request
                 self._refuse()
-        except OSError:  # while answering an error or draining
-            pass
 
     def handle_one_request(self):
         """Wait for a request (idle timeout), then let http.server serve it (request timeout)."""
@@ -1824,8 +1801,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
         # An unread body that cannot be drained (a 100-continue client may never send it)
-        undrainable = self._expect or self._unread > self.server.max_body
-        if self._unread and undrainable:
+        if self._unread and (self._expect or self._unread > self.server.max_body):
             self.close_connection = self._linger = True
         self.send_response(status)
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
@@ -1879,10 +1855,8 @@ _IDLE, _BUSY, _CLOSING = range(3)
 
 def _shut(sock):
     """End a connection another thread serves: its read sees the end at once."""
-    try:
+    with contextlib.suppress(OSError):  # already closed
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed
 
 
 class QabelRestServer(http.server.ThreadingHTTPServer):
@@ -1942,10 +1916,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
 
     def _look(self):
         for document in (self.settings, self.synced):
-            try:
+            with contextlib.suppress(QabelRestError):
                 document.current()  # publishes another program's rewrite
-            except QabelRestError:
-                pass
 
     def server_bind(self):
         if os.name == "nt":  # pragma: no cover - Windows
@@ -2057,17 +2029,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             self._connections[sock][2] += seconds
 
 
-def _find_api_key(api_key, data_dir):
-    """(the key, where it came from): api_key, else $QABEL_REST_API_KEY, else the key
-    file in data_dir (None if there is none); StartupError for a key not usable."""
-    if api_key is not None:
-        return _check_api_key(api_key, "the command line"), "the command line"
-    if os.environ.get(_ENV_API_KEY):
-        return _check_api_key(os.environ[_ENV_API_KEY], "$" + _ENV_API_KEY), "$" + _ENV_API_KEY
-    path = os.path.join(data_dir, _KEY_FILE)
-    return _read_key_file(path), path
-
-
 def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
@@ -2103,8 +2064,15 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         for document in (settings, synced):
             document.load()  # again, now that no other instance can be writing
             document.create_if_missing()
-        if api_key is None:
-            api_key = _create_key_file(key_source)
+        if api_key is None:  # a new key of 256 bits
+            import secrets  # here, not at the top: only a first start needs it
+            api_key = secrets.token_urlsafe(32)
+            try:
+                atomic_write(key_source, (api_key + "\n").encode("ascii"))
+            except OSError as exc:
+                raise StartupError(f"cannot write the key file: {exc.strerror} "
+                                   f"({key_source})") from None
+            _logger().info("generated a new API key in %s", key_source)
         server._api_key = api_key.encode("ascii")
         server.key_source = key_source
     except BaseException:
@@ -2123,10 +2091,6 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
 _CLIENT_COMMANDS = {  # command -> its arguments; a ? makes one optional
     "get": "doc key?", "set": "doc key value", "patch": "doc file", "export": "doc file?",
     "import": "doc file", "watch": ""}
-
-
-class _Failed(Exception):
-    """A client command failed: the one line it prints (never the key)."""
 
 
 def _client(argv):
@@ -2156,16 +2120,15 @@ def _client(argv):
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
-        headers = {"X-API-Key": key, "Content-Type": media}
         try:
             connection.request(method, path, None if body is None else _dump_document(body),
-                               headers)
+                               {"X-API-Key": key, "Content-Type": media})
             response = connection.getresponse()
             answer = json.loads(response.read())
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _Failed(f"cannot reach {args.url}: {exc}") from None
+            raise QabelRestError(f"cannot reach {args.url}: {exc}") from None
         if response.status != 200 and response.status not in allow:
-            raise _Failed(f"{response.status} {answer.get('error', response.reason)}")
+            raise QabelRestError(f"{response.status} {answer.get('error', response.reason)}")
         return response.status, answer
 
     def read(name):
@@ -2175,7 +2138,7 @@ def _client(argv):
             with open(name, "rb") as file:
                 return _parse_json(file.read())
         except (OSError, _NotJSON) as exc:
-            raise _Failed(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
+            raise QabelRestError(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
 
     def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -2190,7 +2153,7 @@ def _client(argv):
         data_dir = os.path.abspath(args.data_dir or default_data_dir())
         key = _find_api_key(args.api_key, data_dir)[0]
         if key is None:
-            raise _Failed(f"no API key: give --api-key, set ${_ENV_API_KEY}, or name the "
+            raise QabelRestError(f"no API key: give --api-key, set ${_ENV_API_KEY}, or name the "
                           f"server's data dir with --data-dir (not {data_dir})")
         path = f"/{getattr(args, 'doc', '')}"
         if args.command in ("get", "export"):
@@ -2220,7 +2183,7 @@ def _client(argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except (_Failed, QabelRestError) as exc:
+    except QabelRestError as exc:  # the one line it prints (never the key)
         print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # watch ends on SIGINT
@@ -2254,8 +2217,7 @@ def main(argv=None):
     import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s qabel_rest %(levelname)s %(message)s")
-    if hasattr(signal, "SIGXFSZ"):
-        # Over a file size limit a write fails with EFBIG (answered 507): no kill.
+    if hasattr(signal, "SIGXFSZ"):  # over a file size limit a write fails with EFBIG (507): no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         server = make_server(args.data_dir, args.api_key, args.host, args.port,
@@ -2266,9 +2228,8 @@ def main(argv=None):
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):  # shutdown() returns at once in the serving thread
             signal.signal(getattr(signal, name), lambda signum, frame: server.shutdown())
-    where = (f"API key file {server.key_source}" if os.path.isabs(server.key_source)
-             else f"API key from {server.key_source}")
-    print(f"qabel_rest listening on {server.url} ({where})", flush=True)
+    where = "file" if os.path.isabs(server.key_source) else "from"
+    print(f"qabel_rest listening on {server.url} (API key {where} {server.key_source})", flush=True)
     try:
         server.serve_forever()
     finally:

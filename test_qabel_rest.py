@@ -3847,7 +3847,7 @@ def test_waiter_that_falls_behind_the_events_kept_gets_410(live, monkeypatch):
     cursor = feed_cursor(live)
     busy, release = hold_deliveries(monkeypatch)
     first = feed_wait(live, cursor)  # its answer holds the feed's thread...
-    time.sleep(0.2)
+    watch_waiting(live.server, 1)
     live.server.settings.put("poll_interval", 1)
     assert busy.wait(TIMEOUT)
     after_one = f"{cursor[:-1]}1"
@@ -3856,7 +3856,7 @@ def test_waiter_that_falls_behind_the_events_kept_gets_410(live, monkeypatch):
     thread = threading.Thread(target=lambda: in_process.append(
         pytest.raises(qabel_rest.CursorGone, live.server.events, after_one, 30)))
     thread.start()
-    time.sleep(0.2)
+    watch_waiting(live.server, 2)  # the request and the in-process call
     for value in range(2, qabel_rest.EVENTS_KEPT + 3):  # ...until its events are not kept
         live.server.settings.put("poll_interval", value)
     release.set()
@@ -3891,7 +3891,7 @@ def test_waiter_whose_client_is_gone_does_not_stop_the_feed(live):
     gone.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
     other = live.conn()
     other.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
-    time.sleep(0.2)  # both wait
+    watch_waiting(live.server, 2)
     gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     gone.close()  # a reset: answering it fails
     time.sleep(0.1)
@@ -3905,7 +3905,7 @@ def test_unexpected_error_answering_a_waiter_is_logged_and_closes_it(live, monke
     cursor = feed_cursor(live)
     waiter = live.conn()
     waiter.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
-    time.sleep(0.2)
+    watch_waiting(live.server, 1)
     real = qabel_rest.RequestHandler._send_json
 
     def failing(self, status, payload, headers=()):
@@ -3929,7 +3929,7 @@ def test_waiter_that_does_not_read_holds_up_no_other(live):
     stuck.sendall(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
     other = live.conn()
     other.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY}))
-    time.sleep(0.2)  # both wait
+    watch_waiting(live.server, 2)
     long_name = "k" * 4000  # an answer of 1,000 such events is megabytes: more than a socket takes
     for value in range(qabel_rest.EVENTS_KEPT):
         live.server.settings.put(["module_data", "m", long_name], value)
@@ -3946,13 +3946,13 @@ def test_waiter_that_is_up_to_date_keeps_waiting_while_others_are_answered(live,
     cursor = feed_cursor(live)
     busy, release = hold_deliveries(monkeypatch)
     first = feed_wait(live, cursor)
-    time.sleep(0.2)
+    watch_waiting(live.server, 1)
     live.server.settings.put("poll_interval", 1)  # the feed's thread is held answering it
     assert busy.wait(TIMEOUT)
     live.server.settings.put("poll_interval", 2)  # event 2 waits for the feed's thread
     up_to_date = feed_get(live, cursor, 0).json()["cursor"]
     current = feed_wait(live, up_to_date, 1.5)
-    time.sleep(0.2)
+    watch_waiting(live.server, 1)
     started = time.monotonic()
     release.set()
     assert first.read().json()["events"][0]["key"] == ["poll_interval"]
@@ -4000,7 +4000,7 @@ def test_waiting_request_whose_client_left_frees_its_connection(live_with):
     running = live_with(max_connections=2)
     cursor = feed_cursor(running)
     waiters = [feed_wait(running, cursor, 60) for _ in range(2)]
-    time.sleep(0.2)
+    watch_waiting(running.server, 2)
     assert running.get("/health").status == 503  # both connections wait on the feed
     for conn in waiters:
         conn.close()
@@ -4569,7 +4569,7 @@ def test_watch_stops_on_sigint_with_exit_0(live):
 def test_watch_resumes_after_a_410_from_the_new_cursor_and_says_so(live, monkeypatch):
     busy, release = hold_deliveries(monkeypatch)
     first = feed_wait(live, feed_cursor(live))
-    time.sleep(0.2)
+    watch_waiting(live.server, 1)
     live.server.settings.put("poll_interval", 1)
     assert busy.wait(TIMEOUT)  # the feed's thread is held answering the first waiter
     watcher, cursors = watch_start(live)

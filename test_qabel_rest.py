@@ -5110,3 +5110,11 @@ def test_openapi_json_schema_agrees_with_the_validator_on_every_schema_case(live
                              f"{place} ({description!r}) does not say the rule")
     assert walked >= 60
     assert wrong == [], "\n".join(wrong)
+
+
+def test_waiting_request_whose_client_stays_is_kept_past_the_gone_check(live):
+    cursor = feed_cursor(live)
+    started = time.monotonic()
+    response = feed_get(live, cursor, qabel_rest._GONE_CHECK + 0.5)  # looked at, kept
+    assert response.status == 200 and response.json() == {"cursor": cursor, "events": []}
+    assert time.monotonic() - started >= qabel_rest._GONE_CHECK + 0.4

@@ -981,12 +981,9 @@ class _Waiter:
 
 
 class _Feed:
-    """Every change to either document as an event, in order, the newest ones kept.
-    Event n (from 1) has the cursor "<run>-<n>"; a cursor names the events after it.
-
-    One thread of the feed answers the waiting requests (a hundred threads woken at once
-    would each wait for the GIL) and looks at the files while they wait; another calls
-    the subscribers, so that a slow one holds up no request."""
+    """Every change to either document as an event, in order; event n has the cursor
+    "<run>-<n>". One thread answers waiting requests (a hundred threads woken at once would
+    queue for the GIL) and looks at the files; another calls the subscribers."""
 
     def __init__(self, look):
         self._look = look  # looks at the files, publishing another program's rewrite
@@ -1015,9 +1012,8 @@ class _Feed:
             self._changed.notify_all()
 
     def events(self, since=None, timeout=0, deliver=None, gone=None):
-        """{"cursor", "events"} after since, waiting up to timeout seconds for one. With
-        deliver, an answer that waited goes to deliver(answer), called from the feed's
-        thread, and what that returns is returned; gone() says if the client left."""
+        """{"cursor", "events"} after since, waiting up to timeout seconds for one; deliver
+        gets an answer that waited, in the feed's thread (what it returns is returned)."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         with self._changed:
@@ -1043,8 +1039,7 @@ class _Feed:
         return waiter.answer
 
     def subscribe(self, callback):
-        """Call callback(event) for each later event, in order, from a thread of the
-        feed; return a function that unsubscribes (a call under way may still end)."""
+        """Call callback(event) for each later event, in order; return unsubscribe()."""
         with self._changed:
             entry = [self._last, callback]
             self._subscribers.append(entry)
@@ -1263,9 +1258,8 @@ def _openapi(url):
         return {"$ref": f"#/components/{kind}/{name}"}
 
     def answer(description, schema=None, *headers):
-        response = {"description": description}
-        if headers:
-            response["headers"] = {name: ref("headers", name) for name in headers}
+        response = {"description": description, "headers": {name: ref("headers", name) for name
+                    in ("Cache-Control", "X-Content-Type-Options", *headers)}}
         if schema is not None:
             response["content"] = {_JSON_TYPE: {"schema": schema}}
         return response
@@ -1276,19 +1270,24 @@ def _openapi(url):
 
     text = {"type": "string"}
     error = ref("schemas", "Error")
-    refusals = {"403": answer("a Host or Origin not allowed", error),
+    refusals = {"400": answer("a malformed request line, header block or framing", error),
+                "403": answer("a Host or Origin not allowed", error),
+                "411": answer("a chunked body: send Content-Length", error),
+                "414": answer("a request line over 64 KiB", error),
+                "417": answer("an Expect other than 100-continue", error),
+                "431": answer("a header line over 64 KiB, or over 100 of them", error),
+                "501": answer("a transfer coding other than chunked", error),
                 "503": answer("a document invalid on disk, too many connections (with "
                               "Retry-After) or shutting down", error, "Retry-After")}
     keyed = {"401": answer("no API key, or a wrong one", error, "WWW-Authenticate"), **refusals}
-    failed = {"400": answer("a value, document or body that is not valid", error),
+    failed = {**keyed, "400": answer("a value, document or body that is not valid", error),
               "405": answer("a key that is not valid, or settings that are not JSON "
                             "(the Qabel spec), or another method", error, "Allow"),
               "409": answer("another program kept rewriting the file", error),
               "412": answer("If-Match names no current tag", error),
               "413": answer("a body over the limit", error),
               "415": answer("another content type", error, "Accept-Patch"),
-              "500": answer("saving failed", error), "507": answer("the disk is full", error),
-              **keyed}
+              "500": answer("saving failed", error), "507": answer("the disk is full", error)}
     if_match = {"name": "If-Match", "in": "header", "schema": text,
                 "description": "tags or *: change only the version named (else 412)"}
     paths = {path: {"get": {"security": [], "responses": {
@@ -1301,11 +1300,11 @@ def _openapi(url):
         {"name": "timeout", "in": "query",
          "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT},
          "description": f"seconds to wait for an event (30; at most {MAX_WAIT})"}],
-        "responses": {"200": answer("the events after since, and the cursor after them",
-                                    ref("schemas", "Events")),
-                      "400": answer("a timeout that is not valid", error),
+        "responses": {**keyed, "200": answer("the events after since, and the cursor after them",
+                                             ref("schemas", "Events")),
+                      "400": answer("a timeout that is not valid, or a malformed request", error),
                       "410": answer("a cursor this run did not hand out, or too old",
-                                    ref("schemas", "CursorGone")), **keyed}}}
+                                    ref("schemas", "CursorGone"))}}}
     for path, name, schema in (("/settings", "LocalSettings", LOCAL_SCHEMA),
                                ("/synced", "SyncedSettings", SYNCED_SCHEMA)):
         document = ref("schemas", name)
@@ -1348,7 +1347,8 @@ def _openapi(url):
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                                 "bearer": {"type": "http", "scheme": "bearer"}},
             "headers": {name: {"schema": text} for name in (
-                "ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After")},
+                "ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After",
+                "Cache-Control", "X-Content-Type-Options")},
             "schemas": {
                 "LocalSettings": _json_schema(LOCAL_SCHEMA, served=True),
                 "SyncedSettings": _json_schema(SYNCED_SCHEMA, served=True),
@@ -1741,8 +1741,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, answer)
 
     def _gone(self):
-        """Whether the client closed the connection while its request waits for events:
-        then it holds a thread and a connection for nothing. Never blocks."""
+        """Whether the client of a request waiting for events closed the connection."""
         try:
             self.connection.setblocking(False)
             return self.connection.recv(1, socket.MSG_PEEK) == b""
@@ -1754,9 +1753,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.connection.setblocking(True)
 
     def _deliver(self, answer):
-        """Answer a request that waited for events, from the feed's thread: send what the
-        socket takes at once (a client not reading holds up no one); return the rest."""
+        """From the feed's thread: send what the socket takes at once; return the rest."""
         wfile, self.wfile = self.wfile, io.BytesIO()
+        self.close_connection |= self.server._stopping  # the answer says so
         try:
             if isinstance(answer, CursorGone):
                 self._send_error(answer)
@@ -1910,8 +1909,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         return self._feed.events(since, timeout)
 
     def subscribe(self, callback):
-        """Call callback(event) for every later event, in order, from a thread of the
-        server, once the change is on disk; return a function that unsubscribes."""
+        """Call callback(event) for every later event, once on disk; return unsubscribe()."""
         return self._feed.subscribe(callback)
 
     def _look(self):
@@ -2115,20 +2113,29 @@ def _client(argv):
             command.add_argument("--merge", action="store_true")
     args = parser.parse_args(argv)
     url = urllib.parse.urlsplit(args.url)
-    if url.scheme != "http" or not url.hostname:
+    try:
+        port = url.port or 80
+    except ValueError:  # not a number, or out of range
+        port = None
+    if url.scheme != "http" or not url.hostname or port is None:
         parser.error("--url must be an http:// URL")
-    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
+    connection = http.client.HTTPConnection(url.hostname, port, timeout=90)
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
             connection.request(method, path, None if body is None else _dump_document(body),
                                {"X-API-Key": key, "Content-Type": media})
             response = connection.getresponse()
-            answer = json.loads(response.read())
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
             raise QabelRestError(f"cannot reach {args.url}: {exc}") from None
-        if response.status != 200 and response.status not in allow:
-            raise QabelRestError(f"{response.status} {answer.get('error', response.reason)}")
+        try:
+            answer = json.loads(data)
+        except ValueError:  # not a qabel_rest answer: a proxy's error page, say
+            answer = None
+        if type(answer) is not dict or response.status != 200 and response.status not in allow:
+            error = answer.get("error") if type(answer) is dict else None
+            raise QabelRestError(f"{response.status} {error or response.reason}")
         return response.status, answer
 
     def read(name):
@@ -2153,8 +2160,8 @@ def _client(argv):
         data_dir = os.path.abspath(args.data_dir or default_data_dir())
         key = _find_api_key(args.api_key, data_dir)[0]
         if key is None:
-            raise QabelRestError(f"no API key: give --api-key, set ${_ENV_API_KEY}, or name the "
-                          f"server's data dir with --data-dir (not {data_dir})")
+            raise QabelRestError(f"no API key: give --api-key, set ${_ENV_API_KEY}, or name "
+                                 f"the server's data dir with --data-dir (not {data_dir})")
         path = f"/{getattr(args, 'doc', '')}"
         if args.command in ("get", "export"):
             document = call("GET", path)[1]
@@ -2183,7 +2190,7 @@ def _client(argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except QabelRestError as exc:  # the one line it prints (never the key)
+    except (QabelRestError, OSError, KeyError) as exc:  # one line (never the key)
         print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # watch ends on SIGINT

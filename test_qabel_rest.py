@@ -2,6 +2,7 @@
 the command line, and the pure helpers directly."""
 
 import errno
+import http.server
 import json
 import logging
 import os
@@ -5118,3 +5119,47 @@ def test_waiting_request_whose_client_stays_is_kept_past_the_gone_check(live):
     response = feed_get(live, cursor, qabel_rest._GONE_CHECK + 0.5)  # looked at, kept
     assert response.status == 200 and response.json() == {"cursor": cursor, "events": []}
     assert time.monotonic() - started >= qabel_rest._GONE_CHECK + 0.4
+
+
+def test_cli_url_with_a_bad_port_is_a_usage_error():
+    result = run_cli("get", "settings", "--url", "http://127.0.0.1:99999", "--api-key", KEY)
+    assert result.returncode == 2 and "--url" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("status, body", [(502, b"<html>bad gateway</html>"), (500, b"[1, 2]"),
+                                          (200, b"not json")])
+def test_cli_answer_that_is_not_qabel_rest_json_names_its_status(status, body):
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        result = run_cli("get", "settings", "--url", f"http://127.0.0.1:{other.server_address[1]}",
+                         "--api-key", KEY)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert cli_line(result).startswith(f"{status} ")  # reached: the status, not "cannot reach"
+
+
+def test_cli_export_to_a_directory_is_one_line_exit_1(live, tmp_path):
+    assert "Is a directory" in cli_line(cli_on(live, "export", "settings", str(tmp_path))) \
+        or os.name == "nt"
+
+
+def test_waiting_request_answered_by_shutdown_says_it_closes(tmp_path):
+    running = start(tmp_path)
+    waiter = feed_wait(running, feed_cursor(running))
+    watch_waiting(running.server, 1)
+    running.server.shutdown()
+    answer = waiter.read()
+    assert answer.status == 200 and answer.headers["Connection"] == "close"
+    assert "Keep-Alive" not in answer.headers
+    running.server.server_close()

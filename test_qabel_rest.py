@@ -1237,11 +1237,8 @@ SAVE_FAULTS = [  # the os function that fails, when, with what, and the answer
 ]
 
 
-@pytest.mark.parametrize("name, when, error, status", SAVE_FAULTS)
-def test_failed_save_answers_5xx_and_changes_nothing(live, monkeypatch, name, when, error,
-                                                     status):
-    live.put("/settings", "poll_interval", 5)
-    before = snapshot(live.data_dir)
+def put_with_fault(live, monkeypatch, name, when, error):
+    """PUT poll_interval 6 while os.<name> raises error whenever when(its arguments)."""
     real = getattr(os, name)
 
     def faulty(*args, **kw):
@@ -1250,8 +1247,18 @@ def test_failed_save_answers_5xx_and_changes_nothing(live, monkeypatch, name, wh
         return real(*args, **kw)
 
     monkeypatch.setattr(os, name, faulty)
-    response = live.put("/settings", "poll_interval", 6)
-    monkeypatch.undo()
+    try:
+        return live.put("/settings", "poll_interval", 6)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("name, when, error, status", SAVE_FAULTS)
+def test_failed_save_answers_5xx_and_changes_nothing(live, monkeypatch, name, when, error,
+                                                     status):
+    live.put("/settings", "poll_interval", 5)
+    before = snapshot(live.data_dir)
+    response = put_with_fault(live, monkeypatch, name, when, error)
     assert response.status == status
     assert response.json() == {"error": f"could not save settings.json: {error.strerror}"}
     assert snapshot(live.data_dir) == before  # byte-identical, no temp file left
@@ -3366,17 +3373,7 @@ def test_feed_failed_save_publishes_nothing(live, monkeypatch, name, when, error
 
     live.server.subscribe(callback)
     since = feed_cursor(live)
-    real = getattr(os, name)
-
-    def faulty(*args, **kw):
-        if when(*args, **kw):
-            raise error
-        return real(*args, **kw)
-
-    monkeypatch.setattr(os, name, faulty)
-    response = live.put("/settings", "poll_interval", 6)
-    monkeypatch.undo()
-    assert response.status == status
+    assert put_with_fault(live, monkeypatch, name, when, error).status == status
     assert feed_events(live, since) == []
     put = live.put("/settings", "poll_interval", 7)
     event = feed_event("settings", ["poll_interval"], put.headers["ETag"])

@@ -2206,8 +2206,9 @@ def main(argv=None):
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     import argparse  # here, not at the top: an embedding app never needs it
-    parser = argparse.ArgumentParser(
-        prog="qabel_rest", description="The local REST server of the Qabel desktop client.")
+    parser = argparse.ArgumentParser(prog="qabel_rest", description="The local REST server of "
+                                     "the Qabel desktop client. Client: qabel_rest get|set|patch|"
+                                     "export|import|watch ... (--help after the command).")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (%(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port, 0 for any free one (%(default)s)")

@@ -1727,11 +1727,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _do_events(self):
         query = dict(urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace"))
         timeout = query.get("timeout", "30")
-        if not (_SECONDS.fullmatch(timeout) and float(timeout) <= MAX_WAIT):
-            raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
-        self.server._extend_deadline(self.connection, float(timeout))
-        answer = self.server._feed.events(query.get("since"), float(timeout), self._deliver,
-                                          self._gone)
+        seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
+        self.server._extend_deadline(self.connection, min(seconds or 0, MAX_WAIT))
+        answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
         if self.server._stopping:  # else a keep-alive client would poll a closed feed
             self.close_connection = True
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours

@@ -2060,9 +2060,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         for document in (settings, synced):
             document.load()  # again, now that no other instance can be writing
             document.create_if_missing()
-        if api_key is None:  # a new key of 256 bits
-            import secrets  # here, not at the top: only a first start needs it
-            api_key = secrets.token_urlsafe(32)
+        if api_key is None:  # a new key of 256 bits, in hex: never a leading "-" that a
+            import secrets  # command line takes for an option (imported: a first start only)
+            api_key = secrets.token_hex(32)
             try:
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))
             except OSError as exc:

@@ -1769,7 +1769,8 @@ def test_api_key_sources(tmp_path, monkeypatch):
     monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
     live = start(tmp_path, api_key=None)
     generated = (tmp_path / "api-key").read_text().strip()
-    assert len(generated) >= 43  # 256 bits in URL-safe base64
+    assert len(generated) >= 43  # 256 bits
+    assert re.fullmatch("[0-9a-f]{64}", generated)  # never "-" first: --api-key KEY works
     assert live.get("/settings", key=generated).status == 200
     stop(live)
     live = start(tmp_path, api_key=None)  # the same key file is read again

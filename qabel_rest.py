@@ -2123,8 +2123,8 @@ def _client(argv):
         try:
             connection.request(method, path, None if body is None else _dump_document(body),
                                {"X-API-Key": key, "Content-Type": media})
-            response = connection.getresponse()
-            data = response.read()
+            with connection.getresponse() as response:  # closed now: closed by its
+                data = response.read()  # finalizer, it would swallow a Ctrl-C (a watch's end)
         except (OSError, http.client.HTTPException) as exc:
             raise QabelRestError(f"cannot reach {args.url}: {exc}") from None
         try:

@@ -2614,6 +2614,88 @@ def test_read_only_data_dir_is_a_startup_error(tmp_path):  # pragma: no cover - 
         os.chmod(tmp_path, 0o700)
 
 
+def failing_open(monkeypatch, endswith, err=errno.EACCES):
+    """os.open fails with err for a path ending in endswith (as a directory root may not
+    write to, on a network share, say: root itself writes anywhere)."""
+    real = os.open
+
+    def fake(path, *args, **kw):
+        if str(path).endswith(endswith):
+            raise OSError(err, os.strerror(err))
+        return real(path, *args, **kw)
+    monkeypatch.setattr(os, "open", fake)
+
+
+@pytest.mark.parametrize("endswith", [".tmp", "qabel_rest.lock"])
+def test_data_dir_refusing_new_files_is_a_startup_error_that_creates_nothing(
+        tmp_path, monkeypatch, endswith):
+    failing_open(monkeypatch, endswith)  # the probe's temp file, or the lock file
+    with pytest.raises(qabel_rest.StartupError, match=r"the data dir is not writable: "
+                       r"Permission denied \("):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_key_file_that_cannot_be_read_is_a_startup_error(tmp_path):
+    (tmp_path / "api-key").mkdir()  # not a regular file
+    with pytest.raises(qabel_rest.StartupError, match="cannot read the key file: "):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert os.listdir(tmp_path) == ["api-key"]
+
+
+def test_key_file_that_cannot_be_written_fails_the_first_start_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    real = qabel_rest.atomic_write
+
+    def full_at_key(path, data, *args, **kw):
+        if path.endswith("api-key"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, *args, **kw)
+    monkeypatch.setattr(qabel_rest, "atomic_write", full_at_key)
+    with pytest.raises(qabel_rest.StartupError,
+                       match="cannot write the key file: No space left on device"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not POSIX, reason="a symbolic link loop")
+def test_document_file_that_cannot_even_be_looked_at_is_503_and_stays(live):
+    path = os.path.join(live.data_dir, "settings.json")
+    os.unlink(path)
+    os.symlink(path, path)  # stat fails with ELOOP: neither missing nor readable
+    for response in (live.get("/settings"), live.put("/settings", "poll_interval", 5)):
+        assert response.status == 503
+        assert "settings.json on disk is not valid: cannot read" in response.json()["error"]
+    assert os.readlink(path) == path
+    assert live.get("/synced").status == 200  # the other document is served as before
+
+
+def test_server_on_an_ipv6_address_serves_it_with_brackets(tmp_path):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    running = start(tmp_path, host="::1")
+    try:
+        assert running.server.url == f"http://[::1]:{running.port}"
+        with socket.create_connection(("::1", running.port), timeout=TIMEOUT) as sock:
+            sock.sendall(build_request("GET", "/synced", headers={"X-API-Key": KEY},
+                                       host=f"[::1]:{running.port}"))
+            response = read_response(sock.makefile("rb"))
+        assert response.status == 200 and response.json()["identities"] == []
+    finally:
+        stop(running)
+
+
+def test_max_body_below_one_is_a_usage_error_before_anything_is_created(tmp_path):
+    data_dir = tmp_path / "new"
+    result = run_cli("--max-body", "0", "--data-dir", str(data_dir), "--port", "0")
+    assert result.returncode == 2
+    assert "--max-body must be a positive number of bytes" in result.stderr
+    assert not data_dir.exists()
+
+
 # ---------------------------------------------------------------------------
 # Versions and lost updates: ETag and If-Match (SPEC section 6)
 # ---------------------------------------------------------------------------

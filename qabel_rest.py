@@ -1380,7 +1380,7 @@ _MAX_FORM_FIELDS = 16
 _SECONDS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")  # not HTAB, CRLF, LF
 # http.client stops at a malformed header line (a space before the colon, no colon)
 # and takes the rest as a body; a first line that is a continuation it drops.
 _HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
@@ -1393,9 +1393,8 @@ class _LineReader(io.BufferedReader):
     the email parser behind http.client takes a bare CR for a line break."""
 
     def readline(self, limit=-1):
-        line = super().readline(limit)
-        end = len(line) - (line.endswith(b"\n") + line.endswith(b"\r\n"))
-        if _CONTROL.search(line, 0, end):
+        line = super().readline(limit)  # a LF can only be its last byte
+        if _CONTROL.search(line):
             raise _Malformed("a control character in a line")
         return line
 

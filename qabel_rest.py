@@ -361,8 +361,9 @@ def _is_text(text):
     return True
 
 
-def _check(value, node, path):
-    """Check that value is JSON that stays strict UTF-8 JSON and fits the schema node."""
+def validate(value, node, path=()):
+    """Raise InvalidValue unless value is JSON that stays strict UTF-8 JSON and fits the
+    schema node at path."""
     kind = type(value)
     if kind is dict or kind is list:
         if len(path) >= MAX_DEPTH:
@@ -386,7 +387,7 @@ def _check(value, node, path):
         if kind is not list:
             raise InvalidValue(f"{format_key(path)}: must be a list")
         for index, item in enumerate(value):
-            _check(item, node.item, path + (str(index),))
+            validate(item, node.item, path + (str(index),))
         _check_ids(value, node, path)
     else:  # _Obj or _Map
         if kind is not dict:
@@ -397,7 +398,7 @@ def _check(value, node, path):
                 raise InvalidValue(f"{format_key(path)}: object keys must be strings")
             if fields is not None and name not in fields:
                 raise InvalidValue(f"{format_key(path + (name,))}: unknown field")
-            _check(item, node.item if fields is None else fields[name], path + (name,))
+            validate(item, node.item if fields is None else fields[name], path + (name,))
         for name in sorted(node.required - value.keys()) if fields is not None else ():
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
 
@@ -411,11 +412,6 @@ def _check_ids(items, node, path, only=None):
         if item["id"] in seen and only in (None, index, seen[item["id"]]):
             raise InvalidValue(f"{format_key(path + (str(index), 'id'))}: duplicate id")
         seen[item["id"]] = index
-
-
-def validate(value, node, path=()):
-    """Raise InvalidValue unless value is valid JSON for the schema node at path."""
-    _check(value, node, path)
 
 
 def _child_node(node, segment, path):
@@ -696,14 +692,18 @@ class SettingsDocument:
         path = parse_key(key)
         if type(merge) is not bool:
             raise InvalidValue("merge must be true or false")
-        # A key no document can have is answered before If-Match; so is a bad value.
+        # A key no document can have is answered before If-Match; so is a bad value (one to
+        # merge, or none, as on the newest document: unless the key is only in the client's).
         node = _node_at(self.schema, path)  # "-" in a list: the node of its items
 
-        def check_value():
-            if not merge and value is not _MISSING:
-                _check(value, node, path)
+        def check_alone():
+            if merge or value is _MISSING:
+                with contextlib.suppress(InvalidKey):  # a key of the client's version: 412
+                    _assign(self._head, self.schema, path, 0, value, merge)
+            else:
+                validate(value, node, path)
         return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),
-                            if_match, check_value)
+                            if_match, check_alone)
 
     def substitute(self, document, if_match=None):
         validate(document, self.schema)
@@ -719,7 +719,7 @@ class SettingsDocument:
             validate(merged, self.schema)
             merged = self._complete(merged)  # a field removed returns to its default
             return merged, merged, None
-        return self._change(apply, if_match)
+        return self._change(apply, if_match, lambda: apply(self._head))
 
     def current(self):
         """The version on disk (shared: never change it), re-read if the file changed."""
@@ -2160,17 +2160,19 @@ def _client(argv):
             raise QabelRestError(f"no API key: give --api-key, set ${_ENV_API_KEY}, or name "
                                  f"the server's data dir with --data-dir (not {data_dir})")
         path = f"/{getattr(args, 'doc', '')}"
+        segments = getattr(args, "key", None)  # dotted, or a JSON array (as in a form PUT)
+        if segments and segments.startswith("["):
+            segments = _parse_json(segments)
         if args.command in ("get", "export"):
             document = call("GET", path)[1]
-            key_path = getattr(args, "key", None)
-            write(getattr(args, "file", None), document if key_path is None else
-                  _lookup(document, parse_key(key_path)))
+            write(getattr(args, "file", None), document if segments is None else
+                  _lookup(document, parse_key(segments)))
         elif args.command == "set":
             try:
                 value = _parse_json(args.value)
             except (_NotJSON, QabelRestError):
                 value = args.value  # a plain string
-            call("PUT", path, {"key": args.key, "value": value, "merge": args.merge})
+            call("PUT", path, {"key": segments, "value": value, "merge": args.merge})
         elif args.command == "patch":
             call("PATCH", path, read(args.file), _PATCH_TYPE)
         elif args.command == "import":
@@ -2187,7 +2189,7 @@ def _client(argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except (QabelRestError, OSError, KeyError) as exc:  # one line (never the key)
+    except (QabelRestError, OSError, KeyError, _NotJSON) as exc:  # one line (never the key)
         print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # watch ends on SIGINT

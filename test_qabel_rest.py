@@ -2040,18 +2040,26 @@ def hold_first_save(monkeypatch, error=None):
 
 
 def count_validations(monkeypatch):
-    """Count calls of validate(); return a function that waits for n of them. A
-    change is queued for saving while the document's lock that it was validated
-    under is still held, so after n validations n changes are queued."""
+    """Count calls of validate() (not those it makes itself, for what a value holds);
+    return a function that waits for n of them. A change is queued for saving while the
+    document's lock that it was validated under is still held, so after n validations
+    n changes are queued."""
     real = qabel_rest.validate
     done = threading.Condition()
     calls = []
+    inside = threading.local()
 
     def counting(*args, **kw):
-        result = real(*args, **kw)
-        with done:
-            calls.append(args)
-            done.notify_all()
+        outer = not getattr(inside, "value", False)
+        inside.value = True
+        try:
+            result = real(*args, **kw)
+        finally:
+            inside.value = not outer
+        if outer:
+            with done:
+                calls.append(args)
+                done.notify_all()
         return result
 
     def wait_for(n):
@@ -2194,7 +2202,9 @@ def test_put_into_a_large_document_validates_only_what_changed(live, monkeypatch
     assert visited == [("identities", "1500", "alias")]
     visited.clear()
     assert live.put("/synced", "identities.-", item(5000, alias="new")).status == 200
-    assert visited == [("identities", "-")]  # the new item, not 2,000 identities
+    # the new item and its fields (validate recurses), not 2,000 identities
+    assert visited[0] == ("identities", "-") and len(visited) < 20
+    assert all(path[:2] == ("identities", "-") for path in visited)
     monkeypatch.undo()
     stored = live.doc("synced.json")["identities"]
     assert stored[1500]["alias"] == "bob" and stored[-1]["id"] == 5000 and len(stored) == 2001
@@ -2772,9 +2782,37 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     (lambda live, h: live.call("PUT", "/settings", b"{}", headers=h,
                                content_type="text/plain"), 415),
     (lambda live, h: live.call("PATCH", "/settings", {}, headers=h), 415),
+    (lambda live, h: live.call("PUT", "/settings", {"key": "poll_interval"}, headers=h), 400),
+    (lambda live, h: live.call("PUT", "/settings", {"key": "poll_interval", "value": "x",
+                                                    "merge": True}, headers=h), 400),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.-", "merge": True,
+                                                  "value": {"alias": ""}}, headers=h), 400),
+    (lambda live, h: live.call("PATCH", "/settings", {"poll_interval": "x"}, headers=h,
+                               content_type="application/merge-patch+json"), 400),
+    (lambda live, h: live.call("PATCH", "/settings", {"nope": 1}, headers=h,
+                               content_type="application/merge-patch+json"), 400),
+    (lambda live, h: live.call("PATCH", "/synced", {"identities": [{"alias": "x"}]}, headers=h,
+                               content_type="application/merge-patch+json"), 400),
 ])
 def test_a_request_wrong_on_its_own_gets_its_own_4xx_whatever_if_match(live, call, status):
+    before = documents(live.data_dir)
     assert call(live, {"If-Match": '"stale"'}).status == status
+    assert documents(live.data_dir) == before
+
+
+def test_in_process_changes_wrong_on_their_own_raise_their_own_error_whatever_if_match(live):
+    settings, synced = live.server.settings, live.server.synced
+    with pytest.raises(qabel_rest.InvalidValue):
+        settings.patch({"poll_interval": "x"}, if_match='"stale"')
+    with pytest.raises(qabel_rest.InvalidValue):
+        settings.patch({"nope": 1}, if_match='"stale"')
+    with pytest.raises(qabel_rest.InvalidValue):
+        settings.put("poll_interval", "x", merge=True, if_match='"stale"')
+    with pytest.raises(qabel_rest.PreconditionFailed):  # valid, but not on the stale version
+        synced.put("identities.3.alias", "bob", merge=True, if_match='"stale"')
+    with pytest.raises(qabel_rest.PreconditionFailed):
+        settings.patch({"poll_interval": 5}, if_match='"stale"')
+    assert settings.get("poll_interval") == 30
 
 
 def test_a_change_that_keeps_the_content_keeps_the_tag(live):
@@ -3278,7 +3316,7 @@ def test_feed_timeout_zero_never_waits(live):
         assert response.status == 200 and response.json()["events"] == []
 
 
-@pytest.mark.parametrize("timeout", ["0", "0.5", "0.25", "1.5", "30", "300", "300.0"])
+@pytest.mark.parametrize("timeout", ["0", "0.5", "0.25", "1.5", "30", "300", "300.0", "1e2"])
 def test_feed_valid_timeouts_up_to_300_are_accepted(live, timeout):
     since = feed_cursor(live)
     put = live.put("/settings", "poll_interval", 5)  # an event is there: no wait
@@ -3299,6 +3337,16 @@ def test_feed_bad_timeout_is_400(live, timeout):
     assert response.status == 400, response
     assert_common_headers(response)
     assert "error" in response.json() and "events" not in response.json()
+
+
+def test_feed_timeout_is_checked_without_since_and_a_repeated_parameter_counts_last(live):
+    response = live.get("/events?timeout=abc")
+    assert response.status == 400 and "timeout" in response.json()["error"]
+    since = feed_cursor(live)
+    started = time.monotonic()
+    response = live.get(f"/events?timeout=abc&since=x&since={since}&timeout=0")
+    assert time.monotonic() - started < 2
+    assert response.status == 200 and response.json() == {"cursor": since, "events": []}
 
 
 @pytest.mark.parametrize("make", [
@@ -4200,6 +4248,17 @@ def test_cli_get_prints_the_value_at_a_key(live):
         assert (result.returncode, result.stderr) == (0, ""), (key, result)
         assert json.loads(result.stdout) == expected, key
         assert result.stdout.endswith("\n")
+
+
+def test_cli_key_given_as_a_json_array_of_segments(live):
+    key = '["module_data", "de.qabel.chat", "sound"]'  # a segment with dots, unescaped
+    result = cli_on(live, "set", "synced", key, "ping")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert live.doc("synced.json")["module_data"] == {"de.qabel.chat": {"sound": "ping"}}
+    result = cli_on(live, "get", "synced", key)
+    assert (result.returncode, result.stdout, result.stderr) == (0, '"ping"\n', "")
+    for bad in ('["module_data", "de', "[]", '["module_data", {}]'):
+        assert cli_line(cli_on(live, "get", "synced", bad)), bad  # exit 1, one line
 
 
 def test_cli_get_of_a_missing_key_is_exit_1_with_one_line(live):

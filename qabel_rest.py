@@ -1501,11 +1501,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if not super().parse_request():
             return False  # http.server has answered
         self._check_framing()
-        if _host_name(self.fields["host"][0]) not in self.server.allowed_hosts:
+        if _host_name(self.fields.get("host", [""])[0]) not in self.server.allowed_hosts:
             raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
         for origin in self.fields.get("origin", ()):
             scheme, sep, rest = origin.strip(_OWS).partition("://")
-            if (not sep or scheme.lower() not in ("http", "https") or "/" in rest
+            if (not sep or not scheme or "/" in rest  # any scheme: a local app's too
                     or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
                 raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
         if not (self._path_only() in _OPEN and self.command in ("GET", "HEAD")):
@@ -1543,8 +1543,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             fields.setdefault(name.lower(), []).append(value)
         if any(isinstance(defect, _HEADER_DEFECTS) for defect in self.headers.defects):
             raise _Malformed("malformed header line")
-        if len(fields.get("host", ())) != 1:
-            raise _Malformed("exactly one Host header is required")
+        if len(fields.get("host", ())) > 1:  # none: not an allowed host (403)
+            raise _Malformed("more than one Host header")
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
             raise _Malformed("the request target must be a path")
         # http.server only knows a Connection header that is just "close"

@@ -927,6 +927,24 @@ def test_origin_check(live, origin, status):
     assert not [h for h in response.headers if h.lower().startswith("access-control")]
 
 
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_request_without_host_is_403_as_a_host_not_allowed(live, version):
+    conn = live.conn()
+    conn.send(f"GET /health {version}\r\nX-API-Key: {KEY}\r\n\r\n".encode())
+    response = conn.read()
+    assert response.status == 403 and response.json() == {"error": "host not allowed"}
+    assert_common_headers(response)
+    conn.close()
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("tauri://localhost", 200), ("app://127.0.0.1:8080", 200), ("app://evil.com", 403),
+    ("://localhost", 403), ("http://localhost/", 403),
+])
+def test_origin_of_any_scheme_is_judged_by_its_host(live, origin, status):
+    assert live.get("/settings", headers={"Origin": origin}).status == status
+
+
 def test_checks_run_in_order_host_origin_key(live):
     bad_host = live.get("/settings", host="evil.com", key="wrong",
                         headers={"Origin": "http://evil.com"})
@@ -1458,7 +1476,6 @@ def test_get_with_body_is_drained(live):
     b"GET /settings\r\n",
     b"GET http://localhost/settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: %s\r\n\r\n",
     b"GET * HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    b"GET /settings HTTP/1.1\r\nX-API-Key: %s\r\n\r\n",
     b"GET /settings HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\nX-API-Key: %s\r\n\r\n",
     b"GET /settings HTTP/1.1 extra\r\nHost: localhost\r\n\r\n",
     b"GET /settings HTTP/x.y\r\nHost: localhost\r\n\r\n",

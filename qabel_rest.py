@@ -461,10 +461,10 @@ def _merge_patch(target, patch, null_removes=True):
     return result
 
 
-def _assign(node_value, node, path, depth, value, merge):
+def _assign(node_value, node, path, depth, value, merge, ids=True):
     """(a copy of node_value with value set at path[depth:], the stored value, the event's
     key: an append "-" as the index it got). Only containers on the path are copied and
-    only the new value (and the ids of its list) validated: the rest is valid and shared."""
+    only the new value (and, if ids, the ids of its list) validated: the rest is shared."""
     segment = path[depth]
     here = path[:depth + 1]
     last = depth == len(path) - 1
@@ -493,8 +493,8 @@ def _assign(node_value, node, path, depth, value, merge):
     else:
         if old is _MISSING:  # a missing container on the way is created
             old = [] if type(child) is _List else {}
-        result[slot], stored, key = _assign(old, child, path, depth + 1, value, merge)
-    if type(node) is _List:
+        result[slot], stored, key = _assign(old, child, path, depth + 1, value, merge, ids)
+    if type(node) is _List and ids:
         _check_ids(result, node, path[:depth], only=slot)
     return result, stored, key
 
@@ -692,14 +692,14 @@ class SettingsDocument:
         path = parse_key(key)
         if type(merge) is not bool:
             raise InvalidValue("merge must be true or false")
-        # A key no document can have is answered before If-Match; so is a bad value (one to
-        # merge, or none, as on the newest document: unless the key is only in the client's).
+        # Answered before If-Match: a key no document can have, a value wrong on its own (one
+        # to merge, or none, as on the newest document if the key is there; ids not compared).
         node = _node_at(self.schema, path)  # "-" in a list: the node of its items
 
         def check_alone():
             if merge or value is _MISSING:
                 with contextlib.suppress(InvalidKey):  # a key of the client's version: 412
-                    _assign(self._head, self.schema, path, 0, value, merge)
+                    _assign(self._head, self.schema, path, 0, value, merge, ids=False)
             else:
                 validate(value, node, path)
         return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),
@@ -949,7 +949,7 @@ class SettingsDocument:
 
 EVENTS_KEPT = 1000  # the newest events the feed keeps, and the most one answer holds
 MAX_WAIT = 300  # seconds a request may wait for events
-_POLL_INTERVAL = 0.5  # seconds between looks at the files while requests wait
+_LOOK_EVERY = 0.5  # seconds between looks at the files while requests wait or subscribers follow
 _GONE_CHECK = 2.0  # seconds between looks whether a waiting request's client left
 
 
@@ -1044,6 +1044,7 @@ class _Feed:
             entry = [self._last, callback]
             self._subscribers.append(entry)
             self._start(self._dispatch)
+            self._start(self._serve)  # which looks at the files while anyone follows
 
         def unsubscribe():
             with self._changed:
@@ -1082,18 +1083,18 @@ class _Feed:
             threading.Thread(target=target, daemon=True, name="qabel_rest events").start()
 
     def _serve(self):
-        """Until close: answer waiters with events (all on close), watching files while any wait."""
+        """Until close: answer waiters (all on close); look at files while any wait or follow."""
         next_look = 0.0
         while True:
             with self._changed:
                 if not self._closed and not any(w.number < self._last for w in self._waiters):
-                    self._changed.wait(_POLL_INTERVAL if self._waiters else None)
+                    self._changed.wait(_LOOK_EVERY if self._waiters or self._subscribers else None)
                 ready = [w for w in self._waiters if w.number < self._last or self._closed]
                 self._waiters.difference_update(ready)
                 for waiter in ready:
                     waiter.answer = self._answer(waiter.number)
                 closed = self._closed
-                look = self._waiters and time.monotonic() >= next_look
+                look = (self._waiters or self._subscribers) and time.monotonic() >= next_look
             for waiter in ready:  # every answer is sent before any waiter wakes
                 if waiter.deliver is not None:
                     try:
@@ -1106,7 +1107,7 @@ class _Feed:
             if closed:
                 return
             if look:
-                next_look = time.monotonic() + _POLL_INTERVAL
+                next_look = time.monotonic() + _LOOK_EVERY
                 self._look()  # without the lock: a rewrite found publishes
 
     def _dispatch(self):
@@ -1505,7 +1506,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")
         for origin in self.fields.get("origin", ()):
             scheme, sep, rest = origin.strip(_OWS).partition("://")
-            if (not sep or not scheme or "/" in rest  # any scheme: a local app's too
+            if (not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme.lower()) or "/" in rest
                     or "@" in rest or _host_name(rest) not in self.server.allowed_hosts):
                 raise _HTTPError(HTTPStatus.FORBIDDEN, "origin not allowed")
         if not (self._path_only() in _OPEN and self.command in ("GET", "HEAD")):

@@ -939,7 +939,8 @@ def test_request_without_host_is_403_as_a_host_not_allowed(live, version):
 
 @pytest.mark.parametrize("origin, status", [
     ("tauri://localhost", 200), ("app://127.0.0.1:8080", 200), ("app://evil.com", 403),
-    ("://localhost", 403), ("http://localhost/", 403),
+    ("://localhost", 403), ("http://localhost/", 403), ("http:/evil.com/x://localhost", 403),
+    ("1app://localhost", 403),
 ])
 def test_origin_of_any_scheme_is_judged_by_its_host(live, origin, status):
     assert live.get("/settings", headers={"Origin": origin}).status == status
@@ -2060,7 +2061,7 @@ def count_validations(monkeypatch):
     """Count calls of validate() (not those it makes itself, for what a value holds);
     return a function that waits for n of them. A change is queued for saving while the
     document's lock that it was validated under is still held, so after n validations
-    n changes are queued."""
+    n changes are queued (if none was refused: a stale If-Match validates, then fails)."""
     real = qabel_rest.validate
     done = threading.Condition()
     calls = []
@@ -2830,6 +2831,17 @@ def test_in_process_changes_wrong_on_their_own_raise_their_own_error_whatever_if
     with pytest.raises(qabel_rest.PreconditionFailed):
         settings.patch({"poll_interval": 5}, if_match='"stale"')
     assert settings.get("poll_interval") == 30
+
+
+@pytest.mark.parametrize("key", ["identities.0", "identities.-"])
+def test_a_merge_whose_id_clashes_only_with_a_newer_item_is_412_not_400(live, key):
+    tag = live.post("/synced", {"identities": [item(0, alias="a")]}).headers["ETag"]
+    assert live.put("/synced", "identities.-", item(5, alias="b")).status == 200  # another writer
+    before = documents(live.data_dir)
+    response = live.call("PUT", "/synced", {"key": key, "value": {"id": 5}, "merge": True},
+                         headers={"If-Match": tag})
+    assert response.status == 412  # valid on the client's version: read again, not "bad"
+    assert documents(live.data_dir) == before
 
 
 def test_a_change_that_keeps_the_content_keeps_the_tag(live):
@@ -3606,6 +3618,21 @@ def test_feed_waiter_learns_of_a_file_rewritten_by_another_program(live, name):
     assert response.json()["events"] == [feed_event(name, None, tag)]
     served = live.get("/" + name).json()
     assert {field: served[field] for field in FEED_REWRITES[name]} == FEED_REWRITES[name]
+
+
+def test_feed_subscriber_learns_of_a_file_rewritten_by_another_program(live):
+    seen = queue.Queue()
+    unsubscribe = live.server.subscribe(seen.put)  # no request waits, none reads
+    rewritten = time.monotonic()
+    feed_rewrite(live.data_dir, "synced", FEED_REWRITES["synced"])
+    event = seen.get(timeout=5)
+    assert time.monotonic() - rewritten < 5  # "within about a second"
+    assert event == feed_event("synced", None, live.server.synced.etag)
+    unsubscribe()
+    since = feed_cursor(live)
+    feed_rewrite(live.data_dir, "settings", FEED_REWRITES["settings"])
+    time.sleep(1.5)  # nobody follows now: the server does not look (an idle app sleeps)
+    assert seen.empty() and live.server.events(since) == {"cursor": since, "events": []}
 
 
 def test_feed_rewrite_noticed_by_a_read_or_a_write_comes_before_the_change(live):

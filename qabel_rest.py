@@ -839,9 +839,8 @@ class SettingsDocument:
             self._head, self._head_tag = disk.document, disk.etag
         elif rebased is not None:
             self._head, self._head_tag = self._reapply(self._queue, disk.document, disk.etag)
-            for change in self._queue:
-                change.done = change.error is not None
-            self._queue = [change for change in self._queue if not change.done]
+            batch = batch + [change for change in self._queue if change.error is not None]
+            self._queue = [change for change in self._queue if change.error is None]
         for change in batch:
             change.error = change.error or error
             change.done = True
@@ -1697,10 +1696,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             # A string-typed field takes the text as given ("2026"); others JSON, if it parses.
             node = _node_at(document.schema, parse_key(key))
             if not (type(node) is str and node in _TEXT_LEAVES):
-                try:
+                with contextlib.suppress(_NotJSON):  # else a plain string
                     value = _parse_json(value)
-                except _NotJSON:
-                    pass  # a plain string
         merge = False if form else request.get("merge", False)
         stored, tag = document.update(key, value, merge, self._if_match())
         self._send_json(HTTPStatus.OK, {"key": key, "value": stored}, (("ETag", tag),))
@@ -1730,8 +1727,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
         self.server._extend_deadline(self.connection, min(seconds or 0, MAX_WAIT))
         answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
-        if self.server._stopping:  # else a keep-alive client would poll a closed feed
-            self.close_connection = True
+        self.close_connection |= self.server._stopping  # else a client would poll a closed feed
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
             self.wfile.write(answer)
             self.wfile.flush()
@@ -2169,10 +2165,9 @@ def _client(argv):
             write(getattr(args, "file", None), document if segments is None else
                   _lookup(document, parse_key(segments)))
         elif args.command == "set":
-            try:
+            value = args.value  # a plain string, unless it is JSON
+            with contextlib.suppress(_NotJSON, QabelRestError):
                 value = _parse_json(args.value)
-            except (_NotJSON, QabelRestError):
-                value = args.value  # a plain string
             call("PUT", path, {"key": segments, "value": value, "merge": args.merge})
         elif args.command == "patch":
             call("PATCH", path, read(args.file), _PATCH_TYPE)

@@ -981,12 +981,14 @@ class _Waiter:
 
 class _Feed:
     """Every change to either document as an event, in order; event n has the cursor
-    "<run>-<n>". One thread answers waiting requests (a hundred threads woken at once would
+    "<n>-<tag>". One thread answers waiting requests (a hundred threads woken at once would
     queue for the GIL) and looks at the files; another calls the subscribers."""
 
     def __init__(self, look):
         self._look = look  # looks at the files, publishing another program's rewrite
-        self._run = os.urandom(6).hex()  # a cursor of another run is unknown
+        import hmac  # see _logger()
+        key = os.urandom(16)  # this run's: a cursor it did not hand out has no valid tag
+        self._cursor = lambda n: f"{n}-{hmac.digest(key, str(n).encode(), 'sha256').hex()[:16]}"
         self._events = collections.deque(maxlen=EVENTS_KEPT)  # (document, key, etag)
         self._last = 0  # the number of the newest event
         self._changed = threading.Condition()  # notified on each event, and on close
@@ -1055,16 +1057,16 @@ class _Feed:
         it out and every event after it is kept. Holds _changed."""
         if since is None:
             return self._last
-        run, _, number = since.rpartition("-") if type(since) is str else ("", "", "")
-        if (run == self._run and _is_digits(number) and len(number) <= _MAX_INT_TEXT
-                and str(int(number)) == number
+        number = since.partition("-")[0] if type(since) is str else ""
+        if (_is_digits(number) and len(number) <= _MAX_INT_TEXT
+                and since == self._cursor(int(number))
                 and self._last - len(self._events) <= int(number) <= self._last):
             return int(number)
         raise self._gone()
 
     def _gone(self):
         return CursorGone("the cursor is unknown or too old: read the documents again",
-                          f"{self._run}-{self._last}")
+                          self._cursor(self._last))
 
     def _answer(self, number):
         """The answer for the events after number; a CursorGone if some are no longer
@@ -1073,7 +1075,7 @@ class _Feed:
         if start < 0:
             return self._gone()
         found = list(itertools.islice(self._events, start, start + EVENTS_KEPT))
-        return {"cursor": f"{self._run}-{number + len(found)}",
+        return {"cursor": self._cursor(number + len(found)),
                 "events": [_event(*event) for event in found]}
 
     def _start(self, target):

@@ -3410,6 +3410,19 @@ def test_feed_malformed_query_since_is_410(live):
         assert FEED_CURSOR.fullmatch(response.json()["cursor"])
 
 
+def test_feed_cursor_edited_to_another_number_in_the_kept_range_is_410(live):
+    start = feed_cursor(live)  # handed out
+    for value in (5, 6, 7):
+        live.put("/settings", "poll_interval", value)
+    current = feed_cursor(live)
+    number, sep, tag = current.partition("-")
+    for edited in (f"{int(number) - 1}{sep}{tag}", f"1{sep}{tag}", f"0{number}{sep}{tag}"):
+        response = feed_get(live, edited, 0)  # never handed out: "did not hand out" is 410
+        assert response.status == 410, edited
+        assert response.json()["cursor"] == current
+    assert len(feed_events(live, start)) == 3  # what was handed out still works
+
+
 def test_feed_cursor_of_a_previous_run_on_the_same_data_dir_is_410(tmp_path):
     live = start(tmp_path)
     try:
@@ -4024,7 +4037,7 @@ def test_waiter_that_falls_behind_the_events_kept_gets_410(live, monkeypatch):
     watch_waiting(live.server, 1)
     live.server.settings.put("poll_interval", 1)
     assert busy.wait(TIMEOUT)
-    after_one = f"{cursor[:-1]}1"
+    after_one = live.server.events(cursor)["cursor"]  # at once: event 1 is there
     waiter = feed_wait(live, after_one)  # ...while these wait from event 1...
     in_process = []
     thread = threading.Thread(target=lambda: in_process.append(

@@ -986,9 +986,9 @@ class _Feed:
 
     def __init__(self, look):
         self._look = look  # looks at the files, publishing another program's rewrite
-        import hmac  # see _logger()
+        from hashlib import blake2b  # see _logger(); keyed, and it keeps the GIL (hmac does not)
         key = os.urandom(16)  # this run's: a cursor it did not hand out has no valid tag
-        self._cursor = lambda n: f"{n}-{hmac.digest(key, str(n).encode(), 'sha256').hex()[:16]}"
+        self._cursor = lambda n: f"{n}-{blake2b(b'%d' % n, key=key, digest_size=8).hexdigest()}"
         self._events = collections.deque(maxlen=EVENTS_KEPT)  # (document, key, etag)
         self._last = 0  # the number of the newest event
         self._changed = threading.Condition()  # notified on each event, and on close

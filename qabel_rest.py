@@ -1046,6 +1046,7 @@ class _Feed:
             self._subscribers.append(entry)
             self._start(self._dispatch)
             self._start(self._serve)  # which looks at the files while anyone follows
+            self._changed.notify_all()  # (it may be waiting for a waiter, idle)
 
         def unsubscribe():
             with self._changed:

@@ -3633,7 +3633,11 @@ def test_feed_waiter_learns_of_a_file_rewritten_by_another_program(live, name):
     assert {field: served[field] for field in FEED_REWRITES[name]} == FEED_REWRITES[name]
 
 
-def test_feed_subscriber_learns_of_a_file_rewritten_by_another_program(live):
+@pytest.mark.parametrize("waited_before", [False, True])
+def test_feed_subscriber_learns_of_a_file_rewritten_by_another_program(live, waited_before):
+    if waited_before:  # the feed's thread is started, and idle again when they subscribe
+        live.server.events(feed_cursor(live), 0.1)
+        time.sleep(1)
     seen = queue.Queue()
     unsubscribe = live.server.subscribe(seen.put)  # no request waits, none reads
     rewritten = time.monotonic()
@@ -3646,6 +3650,9 @@ def test_feed_subscriber_learns_of_a_file_rewritten_by_another_program(live):
     feed_rewrite(live.data_dir, "settings", FEED_REWRITES["settings"])
     time.sleep(1.5)  # nobody follows now: the server does not look (an idle app sleeps)
     assert seen.empty() and live.server.events(since) == {"cursor": since, "events": []}
+    unsubscribe = live.server.subscribe(seen.put)  # following again: it looks again
+    assert seen.get(timeout=5) == feed_event("settings", None, live.server.settings.etag)
+    unsubscribe()
 
 
 def test_feed_rewrite_noticed_by_a_read_or_a_write_comes_before_the_change(live):

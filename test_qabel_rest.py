@@ -2611,16 +2611,20 @@ def test_rewrite_while_a_save_is_being_fsynced_is_not_overwritten(live, monkeypa
     assert live.doc("settings.json")["poll_interval"] == 7
 
 
-def test_start_failing_after_it_created_files_removes_them(tmp_path, monkeypatch):
-    data_dir = tmp_path / "new"
+def disk_full_at(monkeypatch, endswith):
+    """atomic_write fails with ENOSPC for a path ending in endswith."""
     real = qabel_rest.atomic_write
 
-    def full_at_synced(path, data, *args, **kw):
-        if path.endswith("synced.json"):
+    def full(path, data, *args, **kw):
+        if path.endswith(endswith):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, data, *args, **kw)
+    monkeypatch.setattr(qabel_rest, "atomic_write", full)
 
-    monkeypatch.setattr(qabel_rest, "atomic_write", full_at_synced)
+
+def test_start_failing_after_it_created_files_removes_them(tmp_path, monkeypatch):
+    data_dir = tmp_path / "new"
+    disk_full_at(monkeypatch, "synced.json")
     with pytest.raises(qabel_rest.StartupError, match="cannot write synced.json"):
         qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
     assert not data_dir.exists()
@@ -2673,13 +2677,7 @@ def test_key_file_that_cannot_be_read_is_a_startup_error(tmp_path):
 
 def test_key_file_that_cannot_be_written_fails_the_first_start_and_leaves_nothing(
         tmp_path, monkeypatch):
-    real = qabel_rest.atomic_write
-
-    def full_at_key(path, data, *args, **kw):
-        if path.endswith("api-key"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, data, *args, **kw)
-    monkeypatch.setattr(qabel_rest, "atomic_write", full_at_key)
+    disk_full_at(monkeypatch, "api-key")
     with pytest.raises(qabel_rest.StartupError,
                        match="cannot write the key file: No space left on device"):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)

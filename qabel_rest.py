@@ -1540,7 +1540,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """RFC 9112: a well-formed header block and one way to find the body's end."""
         # By lower-case name, read once: each lookup in an email.message.Message walks all.
         self.fields = fields = {}
-        for name, value in self.headers.items():
+        for name, value in self.headers.raw_items():
             if "\n" in value:  # a folded line (obsolete, RFC 9112 5.2) keeps its CRLF
                 raise _Malformed("malformed header line")
             fields.setdefault(name.lower(), []).append(value)

@@ -114,7 +114,8 @@ def _is_count(value):
     return type(value) is int and 0 <= value <= _INT64_MAX
 
 
-_COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX}
+_COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX,
+          "description": "written without a fraction or exponent: 1, not 1.0"}
 # leaf name -> (what it must be, for errors; its check; its JSON Schema, for /openapi.json)
 _LEAVES = MappingProxyType({
     "id": ("an integer >= 0", _is_count, _COUNT),
@@ -924,8 +925,6 @@ class SettingsDocument:
         except OSError as exc:
             return _Version(None, None, None, ("unreadable", exc.errno), (),
                             f"cannot read: {exc.strerror}")
-        if known is not None and raw == known.raw and known.error is None:
-            return known._replace(signature=signature)
         if raw is None:  # no file: the default document
             document = {}
         else:
@@ -937,6 +936,8 @@ class SettingsDocument:
             except (_NotJSON, QabelRestError) as exc:
                 return _Version(None, None, None, signature, raw, str(exc))
         document = self._complete(document)
+        if known is not None and known.error is None and _same(document, known.document):
+            return known._replace(signature=signature, raw=raw)  # reformatted, or touched
         return _Version(document, _dump_document(document), self._new_tag(), signature, raw, None)
 
     def _complete(self, document):
@@ -1337,7 +1338,8 @@ def _openapi(url):
             status: {key: value for key, value in response.items() if key != "content"}
             for status, response in operations["get"]["responses"].items()}}
         headers = ("Allow", "Accept-Patch") if "patch" in operations else ("Allow",)
-        operations["options"] = {"responses": {"200": answer("the methods", None, *headers),
+        methods = {"type": "object", "properties": {"allow": {"type": "array", "items": text}}}
+        operations["options"] = {"responses": {"200": answer("the methods", methods, *headers),
                                                **keyed}}
     return {
         "openapi": "3.1.0",
@@ -1752,7 +1754,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _deliver(self, answer):
         """From the feed's thread: send what the socket takes at once; return the rest."""
         wfile, self.wfile = self.wfile, io.BytesIO()
-        self.close_connection |= self.server._stopping  # the answer says so
         try:
             if isinstance(answer, CursorGone):
                 self._send_error(answer)
@@ -1799,10 +1800,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         # An unread body that cannot be drained (a 100-continue client may never send it)
         if self._unread and (self._expect or self._unread > self.server.max_body):
             self.close_connection = self._linger = True
+        self.close_connection |= self.server._stopping  # shutting down: the answer says so
         self.send_response(status)
-        if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe
+        if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe...
             self.send_header("Content-Type", _JSON_TYPE)
-            self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body)))  # ...but the 200's length (RFC 9110 8.6)
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in headers:
@@ -2146,8 +2148,8 @@ def _client(argv):
 
     def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
-        if name not in (None, "-"):
-            with open(name, "wb") as file:
+        if name not in (None, "-"):  # 0600, as the server's files: synced holds private keys
+            with open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE)) as file:
                 file.write(text)
         else:
             sys.stdout.buffer.write(text)

@@ -575,6 +575,24 @@ def test_body_over_limit_413_and_close(live_with):
     assert live.put("/settings", "module_data.x", {"s": "ok"}).status == 200
 
 
+def test_refused_body_that_keeps_coming_is_dropped_for_a_bounded_time(live_with):
+    live = live_with(max_body=100)
+    conn = live.conn()
+    conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode()
+              + b"\r\nContent-Length: 100000000000\r\n\r\n")
+    assert conn.read().status == 413
+    started, sent = time.monotonic(), 0
+    with pytest.raises(OSError):  # the server stops reading, then closes: a reset
+        while time.monotonic() - started < 3 * qabel_rest._LINGER_SECONDS:
+            conn.sock.sendall(b"x" * 4096)  # a client that never stops sending
+            sent += 4096
+            time.sleep(0.002)
+    closed = time.monotonic() - started
+    assert qabel_rest._LINGER_SECONDS * 0.8 < closed < qabel_rest._LINGER_SECONDS + 3
+    assert sent < qabel_rest._LINGER_BYTES
+    conn.close()
+
+
 def test_json_put_merge_deep_merges_objects(live):
     live.put("/settings", "module_data.chat", {"a": 1, "nested": {"x": 1, "y": 2}})
     response = live.call("PUT", "/settings", {"key": "module_data.chat", "merge": True,
@@ -1646,6 +1664,79 @@ def test_unexpected_error_is_a_json_500_and_the_server_lives(live, monkeypatch):
     assert live.put("/settings", "poll_interval", 5).status == 200
 
 
+def reset(conn):
+    """Close a connection with a reset (RST), as the OS of a client that crashed may."""
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def test_connection_reset_while_idle_or_mid_body_is_dropped_quietly(live, caplog):
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+    idle = live.conn()  # waiting for its first request
+    assert idle.request("GET", "/health").status == 200
+    mid_body = live.conn()  # the server waits for the rest of the body
+    mid_body.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode()
+                  + b"\r\nContent-Length: 100\r\n\r\n{\"key\": ")
+    time.sleep(0.2)
+    reset(idle)
+    reset(mid_body)
+    time.sleep(0.2)
+    assert live.get("/settings").json()["poll_interval"] == 30  # nothing changed, serving
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_body_answered_unread_that_ends_early_closes_the_connection(live):
+    conn = live.conn()
+    conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: wrong\r\n"
+              b"Content-Length: 100\r\n\r\n{\"key\": ")
+    conn.sock.shutdown(socket.SHUT_WR)  # 8 of the 100 bytes: the drain comes up short
+    assert conn.read().status == 401
+    assert conn.closed()
+    conn.close()
+
+
+def test_unexpected_error_after_the_answer_began_sends_no_second_answer(live, monkeypatch,
+                                                                       caplog):
+    def broken(self, code="-", size="-"):  # http.server calls it from send_response
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(qabel_rest.RequestHandler, "log_request", broken)
+    conn = live.conn()
+    conn.send(build_request("GET", "/health"))
+    with caplog.at_level(logging.ERROR, "qabel_rest"):
+        assert conn.closed()  # no answer at all: a 500 after a status line would be garbage
+    assert "unexpected error in GET /health" in caplog.text
+    conn.close()
+    monkeypatch.undo()
+    assert live.get("/health").status == 200
+
+
+def test_no_thread_for_a_connection_closes_it_and_the_server_goes_on(live, monkeypatch):
+    real = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "qabel_rest connection":
+            raise RuntimeError("can't start new thread")
+        return real(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    conn = live.conn()
+    conn.send(build_request("GET", "/health"))
+    assert conn.closed()
+    conn.close()
+    monkeypatch.undo()
+    assert live.get("/health").status == 200
+
+
+def test_http_servers_own_log_lines_go_to_the_logger_not_stderr(live, caplog, capsys):
+    handler = qabel_rest.RequestHandler.__new__(qabel_rest.RequestHandler)
+    handler.server, handler.client_address = live.server, ("127.0.0.1", 1)
+    with caplog.at_level(logging.INFO, "qabel_rest"):
+        handler.log_error("Request timed out: %r", TimeoutError())
+    assert "127.0.0.1 Request timed out: TimeoutError()" in caplog.text
+    assert capsys.readouterr().err == ""
+
+
 def test_concurrent_puts_are_all_applied(live):
     def worker(n):
         for i in range(10):
@@ -2691,6 +2782,27 @@ def test_data_dir_refusing_new_files_is_a_startup_error_that_creates_nothing(
                        r"Permission denied \("):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)
     assert os.listdir(tmp_path) == []
+
+
+def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):
+    stale = [".settings.json.0a1b2c.tmp", ".synced.json.x.tmp", ".api-key.y.tmp",
+             ".qabel_rest.lock.z.tmp"]
+    kept = [".other.json.x.tmp", "settings.json.tmp", ".synced.json.x.bak", "notes.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_text("x")
+    stop(start(tmp_path))
+    assert sorted(set(os.listdir(tmp_path)) & set(stale + kept)) == sorted(kept)
+
+
+def test_file_unreadable_at_the_check_before_a_save_is_503_and_kept(live, monkeypatch):
+    before = live.file("settings.json")
+    failing_open(monkeypatch, "settings.json")  # the content comparison before the rename
+    response = live.put("/settings", "poll_interval", 5)
+    assert response.status == 503
+    assert "cannot read: Permission denied" in response.json()["error"]
+    monkeypatch.undo()
+    assert live.file("settings.json") == before
+    assert live.get("/settings").json()["poll_interval"] == 30
 
 
 def test_key_file_that_cannot_be_read_is_a_startup_error(tmp_path):
@@ -4213,14 +4325,15 @@ def test_subscriber_that_falls_far_behind_loses_no_event(live):
     unsubscribe()
 
 
-def test_waiting_request_whose_client_left_frees_its_connection(live_with):
+@pytest.mark.parametrize("leave", [Conn.close, reset])
+def test_waiting_request_whose_client_left_frees_its_connection(live_with, leave):
     running = live_with(max_connections=2)
     cursor = feed_cursor(running)
     waiters = [feed_wait(running, cursor, 60) for _ in range(2)]
     watch_waiting(running.server, 2)
     assert running.get("/health").status == 503  # both connections wait on the feed
     for conn in waiters:
-        conn.close()
+        leave(conn)
     started = time.monotonic()
     while running.get("/health").status == 503 and time.monotonic() - started < TIMEOUT:
         time.sleep(0.1)

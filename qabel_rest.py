@@ -887,7 +887,10 @@ class SettingsDocument:
                 signature = atomic_write(self.path, body, self._dir_fd, check_unchanged)
                 return _Version(document, body, tag, signature, body, None), rebased, None
             except _Rewritten:
-                base = rebased = self._read_version(base)
+                known, base = base, self._read_version(base)
+                if base.etag == known.etag:  # only reformatted: the same version, no rebase
+                    continue
+                rebased = base
             except BaseException as exc:
                 self._put_back(base, body)
                 if not isinstance(exc, OSError):
@@ -1478,11 +1481,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
         # A body answered without reading it: drop it (_send closed if it cannot).
         if self._unread and not self.close_connection:
-            if len(self.rfile.read(self._unread)) < self._unread:
-                self.close_connection = True
+            self.rfile.read(self._unread)
 
-    def _reset(self):
-        """Forget the previous request on this connection."""
+    def _reset(self):  # forget the previous request on this connection
         self.command, self.request_version = None, "HTTP/1.1"
         self._responded = self._expect = self._linger = False
         self._unread = 0  # the length of a body not read yet
@@ -1732,7 +1733,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
         self.server._extend_deadline(self.connection, min(seconds or 0, MAX_WAIT))
         answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
-        self.close_connection |= self.server._stopping  # else a client would poll a closed feed
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
             self.wfile.write(answer)
             self.wfile.flush()
@@ -1797,10 +1797,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
-        # An unread body that cannot be drained (a 100-continue client may never send it)
-        if self._unread and (self._expect or self._unread > self.server.max_body):
-            self.close_connection = self._linger = True
         self.close_connection |= self.server._stopping  # shutting down: the answer says so
+        # A body not read is drained after the answer, or dropped as we close (finish): over
+        # the limit, from a 100-continue client that may never send it, or closing anyway
+        if self._unread and (self._expect or self._unread > self.server.max_body
+                             or self.close_connection):
+            self.close_connection = self._linger = True
         self.send_response(status)
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe...
             self.send_header("Content-Type", _JSON_TYPE)
@@ -1837,11 +1839,9 @@ def _parse_form(body):
                                        errors="strict", max_num_fields=_MAX_FORM_FIELDS)
     except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
-    fields = {}
-    for name, value in pairs:
-        if name in fields:
-            raise InvalidValue(f"the form field {name!r} is repeated")
-        fields[name] = value
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise InvalidValue("a form field is repeated")
     return fields
 
 

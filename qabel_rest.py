@@ -1476,12 +1476,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if not self._responded:
                 self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
                                             "internal error", close=True))
-        finally:
+        finally:  # a body answered unread is dropped (else _send closed) while still busy
+            with contextlib.suppress(OSError):  # a reset: the next peek ends the connection
+                if self._unread and not self.close_connection:
+                    self.rfile.read(self._unread)
             if not self.server._move(self.connection, _BUSY, _IDLE, self.server.idle_timeout):
                 self.close_connection = True
-        # A body answered without reading it: drop it (_send closed if it cannot).
-        if self._unread and not self.close_connection:
-            self.rfile.read(self._unread)
 
     def _reset(self):  # forget the previous request on this connection
         self.command, self.request_version = None, "HTTP/1.1"

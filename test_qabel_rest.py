@@ -1711,6 +1711,23 @@ def test_body_refused_on_a_closing_connection_is_read_first_so_the_answer_arrive
     conn.close()
 
 
+def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_with):
+    live = live_with(max_connections=2)
+    dropping = live.conn()
+    dropping.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                  b"\r\n" + b" " * 1000)
+    assert dropping.read().status == 401  # the server now reads and drops the rest
+    idle = live.conn()
+    assert idle.request("GET", "/health").status == 200
+    third = live.conn()  # at the cap: the idle connection makes room, not the dropping one
+    assert third.request("GET", "/health").status == 200
+    assert idle.closed()
+    dropping.send(b" " * 99000)
+    assert dropping.request("GET", "/health").status == 200  # the same connection, kept
+    for conn in (dropping, idle, third):
+        conn.close()
+
+
 def test_body_answered_unread_that_ends_early_closes_the_connection(live):
     conn = live.conn()
     conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: wrong\r\n"

@@ -597,7 +597,7 @@ def _read_file(path):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
         return None, None
-    with open(fd, "rb") as file:
+    with open(fd, "rb", buffering=0) as file:  # no buffer: two system calls fewer
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")

@@ -437,7 +437,7 @@ def _node_at(node, path):
 
 
 def _same(a, b):
-    """The same JSON (Python's == takes 1 for True); shared parts at once."""
+    """The same JSON (Python's == takes 1 for True, 0.0 for -0.0); shared parts at once."""
     if a is b:
         return True
     if type(a) is not type(b):
@@ -446,7 +446,7 @@ def _same(a, b):
         return a.keys() == b.keys() and all(_same(value, b[name]) for name, value in a.items())
     if type(a) is list:
         return len(a) == len(b) and all(map(_same, a, b))
-    return a == b
+    return a == b and (type(a) is not float or math.copysign(1, a) == math.copysign(1, b))
 
 
 def _merge_patch(target, patch, null_removes=True):

@@ -3060,12 +3060,11 @@ def test_a_change_that_keeps_the_content_keeps_the_tag(live):
     patch = live.call("PATCH", "/settings", {}, content_type="application/merge-patch+json")
     assert patch.status == 200 and patch.headers["ETag"] == tag
     assert live.post("/settings", live.get("/settings").json()).headers["ETag"] == tag
-    for value, then in ((1, True), (30, 30.0), ([0], [False])):  # equal in Python only
+    for value, then in ((1, True), (30, 30.0), ([0], [False]), (0.0, -0.0)):  # equal in Python
         first = live.put("/settings", "module_data.m.x", value)
         second = live.put("/settings", "module_data.m.x", then)
         assert second.headers["ETag"] != first.headers["ETag"]
-        assert live.doc("settings.json")["module_data"]["m"]["x"] == then
-        assert type(live.doc("settings.json")["module_data"]["m"]["x"]) is type(then)
+        assert json.dumps(live.doc("settings.json")["module_data"]["m"]["x"]) == json.dumps(then)
 
 
 def test_in_process_etag_and_if_match(live):

@@ -1717,8 +1717,7 @@ def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_wit
     dropping.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
                   b"\r\n" + b" " * 1000)
     assert dropping.read().status == 401  # the server now reads and drops the rest
-    idle = live.conn()
-    assert idle.request("GET", "/health").status == 200
+    idle = live.conn()  # open, no request yet: idle from the start
     third = live.conn()  # at the cap: the idle connection makes room, not the dropping one
     assert third.request("GET", "/health").status == 200
     assert idle.closed()

@@ -1454,8 +1454,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._reset()
         try:
             start = self.rfile.peek(2)
-            if start.startswith((b"\r\n", b"\n")):  # RFC 9112 2.2: ignore an empty line
-                self.rfile.readline()
         except (OSError, ValueError):
             start = b""  # reset, or closed by the server
         if not start:
@@ -1463,6 +1461,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             if self.server._move(self.connection, _IDLE, _BUSY, self.server.request_timeout):
+                if start[:1] in (b"\r", b"\n"):  # RFC 9112 2.2: ignore an empty line (its
+                    self.rfile.readline()  # LF may come later; a line with a bare CR is 400)
                 super().handle_one_request()
             else:  # closed to make room as it came (never half served), or closing
                 self._refuse()
@@ -2007,7 +2007,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                     entry[1] = _CLOSING
 
     def handle_error(self, request, client_address):
-        """An error no handler answered (a reset during setup): logged, not printed."""
+        """An error no handler answered (a reset during setup, or at the last flush): logged."""
         self.logger.debug("error on a connection from %s", client_address[0], exc_info=True)
 
     def _move(self, sock, old, new, seconds):

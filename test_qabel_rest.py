@@ -2649,6 +2649,12 @@ def test_empty_line_before_a_request_is_ignored(live):
                             {"X-API-Key": KEY}) + b"\r\n")  # an old client's extra CRLF
     assert conn.read().status == 200
     assert conn.request("GET", "/health").status == 200
+    conn.send(b"\r")  # an empty line split over two segments
+    time.sleep(0.1)
+    conn.send(b"\n" + build_request("GET", "/health"))
+    assert conn.read().status == 200
+    conn.send(b"\rGET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # a bare CR: no empty line
+    assert conn.read().status == 400 and conn.closed()
     conn.close()
 
 

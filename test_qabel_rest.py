@@ -582,8 +582,8 @@ def test_refused_body_that_keeps_coming_is_dropped_for_a_bounded_time(live_with,
         monkeypatch.setattr(qabel_rest, "_LINGER_BYTES", 1 << 20)
     live = live_with(max_body=100)
     conn = live.conn()
-    conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode()
-              + b"\r\nContent-Length: 100000000000\r\n\r\n")
+    conn.send(build_request("PUT", "/settings", b"", {"X-API-Key": KEY,
+                                                      "Content-Length": "100000000000"}))
     assert conn.read().status == 413
     started, sent = time.monotonic(), 0
     with pytest.raises(OSError):  # the server stops reading, then closes: a reset
@@ -1682,8 +1682,8 @@ def test_connection_reset_while_idle_or_mid_body_is_dropped_quietly(live, caplog
     idle = live.conn()  # waiting for its first request
     assert idle.request("GET", "/health").status == 200
     mid_body = live.conn()  # the server waits for the rest of the body
-    mid_body.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode()
-                  + b"\r\nContent-Length: 100\r\n\r\n{\"key\": ")
+    mid_body.send(build_request("PUT", "/settings", b'{"key": ',
+                                {"X-API-Key": KEY, "Content-Length": "100"}))
     time.sleep(0.2)
     reset(idle)
     reset(mid_body)
@@ -1714,8 +1714,7 @@ def test_body_refused_on_a_closing_connection_is_read_first_so_the_answer_arrive
 def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_with):
     live = live_with(max_connections=2)
     dropping = live.conn()
-    dropping.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
-                  b"\r\n" + b" " * 1000)
+    dropping.send(build_request("PUT", "/settings", b" " * 1000, {"Content-Length": "100000"}))
     assert dropping.read().status == 401  # the server now reads and drops the rest
     idle = live.conn()  # open, no request yet: idle from the start
     third = live.conn()  # at the cap: the idle connection makes room, not the dropping one
@@ -1729,8 +1728,8 @@ def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_wit
 
 def test_body_answered_unread_that_ends_early_closes_the_connection(live):
     conn = live.conn()
-    conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: wrong\r\n"
-              b"Content-Length: 100\r\n\r\n{\"key\": ")
+    conn.send(build_request("PUT", "/settings", b'{"key": ',
+                            {"X-API-Key": "wrong", "Content-Length": "100"}))
     conn.sock.shutdown(socket.SHUT_WR)  # 8 of the 100 bytes: the drain comes up short
     assert conn.read().status == 401
     assert conn.closed()

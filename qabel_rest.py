@@ -42,10 +42,6 @@ try:  # POSIX: advisory lock released by the OS when the process dies
     import fcntl
 except ImportError:  # Windows
     fcntl = None
-try:  # Windows: byte-range lock, also released when the process dies
-    import msvcrt
-except ImportError:  # POSIX
-    msvcrt = None
 
 __version__ = "1.1.0"
 __all__ = [
@@ -1180,6 +1176,7 @@ def _lock_data_dir(directory):
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         else:  # pragma: no cover - Windows: lock one byte far past the pid text
+            import msvcrt  # Windows only
             os.lseek(fd, 1 << 20, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
     except OSError:

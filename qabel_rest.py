@@ -239,6 +239,15 @@ class _NotJSON(ValueError):
     """The text does not parse as JSON (RFC 8259)."""
 
 
+@contextlib.contextmanager
+def _startup_error(what, path):
+    """Turn an OSError in the block into StartupError("what: its reason (path)")."""
+    try:
+        yield
+    except OSError as exc:
+        raise StartupError(f"{what}: {exc.strerror} ({path})") from None
+
+
 # --- JSON and dotted keys -----------------------------------------------------
 
 def _is_digits(text):  # str.isdigit alone also takes other scripts' digits
@@ -740,11 +749,8 @@ class SettingsDocument:
             version = self._disk
             if version.raw is not None:  # a file, or one that cannot be read
                 return
-            try:
+            with _startup_error(f"cannot write {self.name}", self.path):
                 signature = atomic_write(self.path, version.body)
-            except OSError as exc:
-                raise StartupError(f"cannot write {self.name}: {exc.strerror} "
-                                   f"({self.path})") from None
             self._disk = version._replace(signature=signature, raw=version.body)
 
     def close(self, timeout=SHUTDOWN_GRACE):
@@ -1151,27 +1157,21 @@ def default_data_dir(environ=None, platform=None):
 
 def _prepare_data_dir(path):
     """Create the data dir if needed; check that saves can create their temp files in it."""
-    try:
+    with _startup_error("cannot create the data dir", path):
         if not os.path.isdir(path):
             os.makedirs(path, mode=_DIR_MODE)
             os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
-    except OSError as exc:
-        raise StartupError(f"cannot create the data dir: {exc.strerror} ({path})") from None
     probe = os.path.join(path, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
-    try:
+    with _startup_error("the data dir is not writable", path):
         os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
         os.unlink(probe)
-    except OSError as exc:
-        raise StartupError(f"the data dir is not writable: {exc.strerror} ({path})") from None
 
 
 def _lock_data_dir(directory):
     """One server per data dir: lock the lock file (the OS unlocks it if we die), write our pid,
     return the fd (closing it unlocks). It stays: else a third process could lock another inode."""
-    try:
+    with _startup_error("the data dir is not writable", directory):
         fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT, _FILE_MODE)
-    except OSError as exc:
-        raise StartupError(f"the data dir is not writable: {exc.strerror} ({directory})") from None
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1209,10 +1209,8 @@ def _find_api_key(key, data_dir):
         key, source = os.environ[_ENV_API_KEY], "$" + _ENV_API_KEY
     elif key is None:
         source = os.path.join(data_dir, _KEY_FILE)
-        try:
+        with _startup_error("cannot read the key file", source):
             raw = _read_file(source)[1]
-        except OSError as exc:
-            raise StartupError(f"cannot read the key file: {exc.strerror} ({source})") from None
         if raw is None:
             return None, source
         key = raw.decode("ascii", "replace").strip()
@@ -2061,11 +2059,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         if api_key is None:  # a new key of 256 bits, in hex: never a leading "-" that a
             import secrets  # command line takes for an option (imported: a first start only)
             api_key = secrets.token_hex(32)
-            try:
+            with _startup_error("cannot write the key file", key_source):
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))
-            except OSError as exc:
-                raise StartupError(f"cannot write the key file: {exc.strerror} "
-                                   f"({key_source})") from None
             _logger().info("generated a new API key in %s", key_source)
         server._api_key = api_key.encode("ascii")
         server.key_source = key_source

@@ -930,16 +930,13 @@ class SettingsDocument:
         except OSError as exc:
             return _Version(None, None, None, ("unreadable", exc.errno), (),
                             f"cannot read: {exc.strerror}")
-        if raw is None:  # no file: the default document
-            document = {}
-        else:
-            try:
-                if not raw.strip():
-                    raise _NotJSON("the file is empty")
-                document = _parse_json(raw)
-                validate(document, self.schema)
-            except (_NotJSON, QabelRestError) as exc:
-                return _Version(None, None, None, signature, raw, str(exc))
+        try:
+            if raw is not None and not raw.strip():
+                raise _NotJSON("the file is empty")
+            document = {} if raw is None else _parse_json(raw)  # no file: the default document
+            validate(document, self.schema)
+        except (_NotJSON, QabelRestError) as exc:
+            return _Version(None, None, None, signature, raw, str(exc))
         document = self._complete(document)
         if known is not None and known.error is None and _same(document, known.document):
             return known._replace(signature=signature, raw=raw)  # reformatted, or touched

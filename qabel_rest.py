@@ -688,8 +688,7 @@ class SettingsDocument:
     def etag(self):
         """The tag of the newest accepted version, as in the ETag header."""
         with self._lock:
-            self._refresh()
-            self._usable(self._disk)
+            self._usable(self._refresh())
             return self._head_tag
 
     # -- the interface of the HTTP handler: no copies; returns (result, new tag) ----
@@ -732,15 +731,13 @@ class SettingsDocument:
         version = self._disk
         if _file_signature(self.path) != version.signature:
             with self._lock:
-                self._refresh()
-                version = self._disk
+                version = self._refresh()
         return self._usable(version)
 
     def load(self):
         """Read the file (again: only if it changed); StartupError if it is unusable."""
         with self._lock:
-            self._refresh()
-            if self._disk.error:
+            if self._refresh().error:
                 raise StartupError(f"{self.name}: {self._disk.error} ({self.path})")
 
     def create_if_missing(self):
@@ -769,15 +766,16 @@ class SettingsDocument:
         return version
 
     def _refresh(self):
-        """Take in another program's rewrite, unless the file is ours to write now. Holds _lock."""
+        """The version on disk, re-read if changed (unless ours to write now). Holds _lock."""
         if self._queue or self._saving:
-            return
+            return self._disk
         if self._disk is None or _file_signature(self.path) != self._disk.signature:
             old, self._disk = self._disk, self._read_version(self._disk)
             if self._disk.error is None:
                 self._head, self._head_tag = self._disk.document, self._disk.etag
                 if old is not None and self._disk.etag != old.etag:
                     self.publish(None, self._disk.etag)
+        return self._disk
 
     def _change(self, apply, if_match=None, check_alone=None):
         """Apply a change to the newest document; once saved, return (what apply gives back,
@@ -785,8 +783,7 @@ class SettingsDocument:
         with self._lock:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
-            self._refresh()
-            self._usable(self._disk)
+            self._usable(self._refresh())
             change = _Change(apply, if_match)
             if not change.matches(self._head_tag):
                 if check_alone is not None:

@@ -1415,14 +1415,13 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         # Closing a socket with unread input sends a reset, which can destroy our answer
         # (RFC 9112 9.6): a client still sending a body we refused would not see our 413.
         if self._linger:
-            sock = self.connection
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+                self.connection.shutdown(socket.SHUT_WR)
                 deadline = time.monotonic() + _LINGER_SECONDS
                 received = 0
                 while received < _LINGER_BYTES and time.monotonic() < deadline:
-                    sock.settimeout(max(0.001, deadline - time.monotonic()))
-                    chunk = sock.recv(1 << 16)
+                    self.connection.settimeout(max(0.001, deadline - time.monotonic()))
+                    chunk = self.connection.recv(1 << 16)
                     if not chunk:
                         break
                     received += len(chunk)

@@ -368,8 +368,7 @@ def _is_text(text):
 
 
 def validate(value, node, path=()):
-    """Raise InvalidValue unless value is JSON that stays strict UTF-8 JSON and fits the
-    schema node at path."""
+    """Raise InvalidValue unless value is strict (UTF-8) JSON that fits the schema node at path."""
     kind = type(value)
     if kind is dict or kind is list:
         if len(path) >= MAX_DEPTH:

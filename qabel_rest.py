@@ -282,6 +282,7 @@ def _build_object(pairs):
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_float,
                             parse_int=_parse_int, parse_constant=_reject_constant)
+_SYNTAX = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=_reject_constant)
 
 
 def _parse_json(data):
@@ -294,7 +295,11 @@ def _parse_json(data):
     if data.startswith("\ufeff"):
         raise _NotJSON("starts with a byte order mark")
     try:
-        return _DECODER.decode(data)
+        try:
+            return _DECODER.decode(data)
+        except InvalidValue:  # met before the end: is the text JSON at all?
+            _SYNTAX.decode(data)
+            raise
     except json.JSONDecodeError as exc:  # its message never quotes the text
         raise _NotJSON(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:

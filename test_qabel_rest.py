@@ -432,6 +432,10 @@ def test_post_400_settings_with_invalid_keys_or_values(live, path, settings):
     (b"", "application/json"),
     (b'{"settings": NaN}', "application/json"),
     (b'{"other": {}}', "application/json"),
+    # Cut short after a value no document may hold: still not JSON
+    (b'{"settings": {"poll_interval": 1e400', "application/json"),
+    (b'{"settings": {"a": 1, "a": 2}', "application/json"),
+    (b'{"settings": 123456789012345678901234567', "application/json"),
     (b"5", "application/json"),
     (b"settings=%7Bnot+json", "application/x-www-form-urlencoded"),
     (b"other=1", "application/x-www-form-urlencoded"),
@@ -510,6 +514,9 @@ def test_form_put_reads_value_as_json_else_string(live):
     assert live.doc("settings.json")["module_data"]["de.qabel.chat"] == {"x": 1}
     body = "key=module_data.m.note&value=" + urllib.parse.quote("plain {text")
     assert live.call("PUT", "/settings", body, content_type=form).json()["value"] == "plain {text"
+    for text in ('{"a": 1, "a": 2', "[1e400", "[" + "1" * 30):  # an error, then the cut
+        body = "key=module_data.m.note&value=" + urllib.parse.quote(text)
+        assert live.call("PUT", "/settings", body, content_type=form).json()["value"] == text
 
 
 @pytest.mark.parametrize("body, status", [

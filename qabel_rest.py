@@ -1493,9 +1493,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
             # http.server would wait for headers and answer with no status line
             raise _Malformed("HTTP/0.9 is not supported")
-        if line.rstrip("\r\n").split(" ") != words:
-            # RFC 9112 3: method SP target SP version; split() also splits on \x85, \xa0
-            raise _Malformed("malformed request line")
+        if (line.rstrip("\r\n").split(" ") != words  # split() also splits on \x85, \xa0
+                or not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[-1])):  # not HTTP/01.1 or 1.00
+            raise _Malformed("malformed request line")  # RFC 9112 3: method SP target SP version
         if not super().parse_request():
             return False  # http.server has answered
         self._check_framing()

@@ -1514,6 +1514,8 @@ def test_get_with_body_is_drained(live):
     b"GET /settings HTTP/1.1 extra\r\nHost: localhost\r\n\r\n",
     b"GET /settings HTTP/x.y\r\nHost: localhost\r\n\r\n",
     b"GET /settings FTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /health HTTP/1.00\r\nHost: localhost\r\n\r\n",  # RFC 9112 2.3: one digit each
+    b"GET /health HTTP/01.1\r\nHost: localhost\r\n\r\n",
     b"GET /health HTTP/0.9\r\nHost: localhost\r\n\r\n",  # answered with a status line
     b"GET\xa0/health\r\nHost: localhost\r\n\r\n",  # HTTP/0.9 as http.server splits it
     b"   \r\nHost: localhost\r\n\r\n",

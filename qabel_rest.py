@@ -1366,12 +1366,12 @@ def _openapi(url):
 
 # --- HTTP handler -------------------------------------------------------------
 
-_ROUTES = MappingProxyType({
-    "/settings": ("GET", "PUT", "POST", "PATCH"),
-    "/synced": ("GET", "PUT", "POST", "PATCH"),
-    "/events": ("GET",),
-    "/health": ("GET",),
-    "/openapi.json": ("GET",),
+_ROUTES = MappingProxyType({  # a path's methods, as Allow lists them (RFC 9110 10.2.1)
+    "/settings": ("GET", "PUT", "POST", "PATCH", "HEAD", "OPTIONS"),
+    "/synced": ("GET", "PUT", "POST", "PATCH", "HEAD", "OPTIONS"),
+    "/events": ("GET", "HEAD", "OPTIONS"),
+    "/health": ("GET", "HEAD", "OPTIONS"),
+    "/openapi.json": ("GET", "HEAD", "OPTIONS"),
 })
 _OPEN = ("/health", "/openapi.json")  # the paths GET needs no key for
 _JSON_TYPE = "application/json"

@@ -377,7 +377,7 @@ def test_put_405_key_not_valid_carries_allow(live, path, key):
     before = documents(live.data_dir)
     response = live.put(path, key, "v")
     assert response.status == 405
-    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH, HEAD, OPTIONS"
     assert "error" in response.json()
     assert documents(live.data_dir) == before
 
@@ -443,7 +443,7 @@ def test_post_400_settings_with_invalid_keys_or_values(live, path, settings):
 def test_post_405_settings_not_a_valid_json_document(live, body, content_type):
     response = live.call("POST", "/settings", body, content_type=content_type)
     assert response.status == 405
-    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH, HEAD, OPTIONS"
     assert documents(live.data_dir) == live.initial
 
 
@@ -462,8 +462,8 @@ def test_unknown_path_404_other_method_405(live):
     for method in ("DELETE", "TRACE"):
         response = live.call(method, "/synced")
         assert response.status == 405
-        assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
-    assert live.call("DELETE", "/health").headers["Allow"] == "GET"
+        assert response.headers["Allow"] == "GET, PUT, POST, PATCH, HEAD, OPTIONS"
+    assert live.call("DELETE", "/health").headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_head_is_get_without_body(live):
@@ -480,7 +480,7 @@ def test_head_is_get_without_body(live):
 def test_options_answers_allow_without_cors(live):
     response = live.call("OPTIONS", "/settings")
     assert response.status == 200
-    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH, HEAD, OPTIONS"
     assert not [h for h in response.headers if h.lower().startswith("access-control")]
     assert live.call("OPTIONS", "/settings", key=None).status == 401
 
@@ -488,9 +488,9 @@ def test_options_answers_allow_without_cors(live):
 def test_method_http_does_not_define_is_405_or_404_by_path(live):
     response = live.call("BREW", "/settings")
     assert response.status == 405
-    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH, HEAD, OPTIONS"
     assert "error" in response.json()
-    assert live.call("QUERY", "/events").headers["Allow"] == "GET"
+    assert live.call("QUERY", "/events").headers["Allow"] == "GET, HEAD, OPTIONS"
     assert live.call("BREW", "/nowhere").status == 404
     assert live.call("BREW", "/settings", key=None).status == 401
     assert live.call("BREW", "/health", key=None).status == 401
@@ -3150,9 +3150,9 @@ def test_merge_patch_content_types(live, content_type, status):
 def test_options_lists_patch_and_accept_patch(live):
     response = live.call("OPTIONS", "/synced")
     assert response.status == 200
-    assert response.headers["Allow"] == "GET, PUT, POST, PATCH"
+    assert response.headers["Allow"] == "GET, PUT, POST, PATCH, HEAD, OPTIONS"
     assert response.headers["Accept-Patch"] == "application/merge-patch+json"
-    assert live.call("PATCH", "/health").headers["Allow"] == "GET"
+    assert live.call("PATCH", "/health").headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_in_process_patch_is_validated_and_copied(live):
@@ -5304,10 +5304,10 @@ def test_openapi_json_needs_no_key_and_passes_the_host_and_origin_checks(live):
     options = live.call("OPTIONS", "/openapi.json", key=None)
     assert options.status == 401 and options.headers["WWW-Authenticate"] == "Bearer"
     options = live.call("OPTIONS", "/openapi.json")
-    assert options.status == 200 and options.headers["Allow"] == "GET"
+    assert options.status == 200 and options.headers["Allow"] == "GET, HEAD, OPTIONS"
     assert live.call("PUT", "/openapi.json", {}, key=None).status == 401
     refused = live.call("PUT", "/openapi.json", {})
-    assert refused.status == 405 and refused.headers["Allow"] == "GET"
+    assert refused.status == 405 and refused.headers["Allow"] == "GET, HEAD, OPTIONS"
 
 
 def test_openapi_is_3_1_with_every_path_and_method_the_server_serves(live):

@@ -77,7 +77,7 @@ _MISSING = object()  # a value not given, unlike None (JSON null)
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
 # A Host header value (RFC 9110 7.2): a name or a bracketed IPv6 literal, then :port
-_HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]+)?")
+_HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -1259,7 +1259,7 @@ def _openapi(url):
 
     def answer(description, schema=None, *headers):
         response = {"description": description, "headers": {name: ref("headers", name) for name
-                    in ("Cache-Control", "X-Content-Type-Options", *headers)}}
+                    in ("Cache-Control", "X-Content-Type-Options", "Keep-Alive", *headers)}}
         if schema is not None:
             response["content"] = {_JSON_TYPE: {"schema": schema}}
         return response
@@ -1349,7 +1349,7 @@ def _openapi(url):
                                 "bearer": {"type": "http", "scheme": "bearer"}},
             "headers": {name: {"schema": text} for name in (
                 "ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After",
-                "Cache-Control", "X-Content-Type-Options")},
+                "Cache-Control", "X-Content-Type-Options", "Keep-Alive")},
             "schemas": {
                 "LocalSettings": _json_schema(LOCAL_SCHEMA, served=True),
                 "SyncedSettings": _json_schema(SYNCED_SCHEMA, served=True),

@@ -1639,6 +1639,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if method == "GET":
                 self._do_read(document)
                 return
+            if self._unread > self.server.max_body:  # refused unread, whatever its type
+                raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
+                                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             # No Content-Type is read as JSON (RFC 9110 8.3): some libraries send none.
             media, others = self._content_type()
             if method == "PATCH" and (media != _PATCH_TYPE or others):
@@ -1653,9 +1656,6 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
 
     def _read_body(self):
-        if self._unread > self.server.max_body:
-            raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
-                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         if self._expect:
             super().handle_expect_100()  # send 100 Continue now
             self.wfile.flush()

@@ -282,6 +282,7 @@ def _build_object(pairs):
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_float,
                             parse_int=_parse_int, parse_constant=_reject_constant)
+# Syntax only: numbers stay text (no 4,300-digit limit, no overflow), duplicates pass
 _SYNTAX = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=_reject_constant)
 
 

@@ -649,7 +649,8 @@ class SettingsDocument:
     """One settings document: its file, schema, and current version. Thread-safe.
 
     Group commit: changes are validated and queued; a writer finding no save running writes them
-    all (the newest document) with one fsync; each returns once durable. Readers never wait."""
+    all (the newest document) with one fsync; each returns once durable. A reader waits only
+    when the file changed during a save: for the save, which takes in another program's rewrite."""
 
     def __init__(self, path, schema, defaults):
         self.path = path
@@ -736,6 +737,7 @@ class SettingsDocument:
         version = self._disk
         if _file_signature(self.path) != version.signature:
             with self._lock:
+                self._saved.wait_for(lambda: not self._saving, SHUTDOWN_GRACE)
                 version = self._refresh()
         return self._usable(version)
 

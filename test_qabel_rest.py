@@ -1169,6 +1169,16 @@ def hold_reads(monkeypatch, path, times=1):
     return reached, gate
 
 
+def read_during_a_held_save(live):
+    """Start GET /settings while a save is held; return (thread, answers). It waits for the
+    save, which takes in the rewrite: given 0.5 s, a read served the version before answers."""
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(live.get("/settings")))
+    reader.start()
+    reader.join(0.5)
+    return reader, answers
+
+
 def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkeypatch):
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")
@@ -1181,12 +1191,15 @@ def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkey
     assert reached.wait(TIMEOUT)
     with open(path, "w") as f:  # meanwhile another program rewrites the file
         json.dump({"poll_interval": 60, "module_data": {"sync": {}}}, f)
+    reader, reads = read_during_a_held_save(live)
     gate.set()
     writer.join(TIMEOUT)
+    reader.join(TIMEOUT)
     assert result == [{"a": 1}]
     stored = live.doc("settings.json")
     assert stored["poll_interval"] == 60
     assert stored["module_data"] == {"sync": {}, "chat": {"a": 1}}
+    assert reads[0].status == 200 and reads[0].json() == stored  # not the version before
 
 
 def test_change_the_rewritten_file_already_holds_keeps_its_tag_and_is_no_event(live, monkeypatch):
@@ -2648,11 +2661,14 @@ def test_file_rewritten_invalid_during_a_save_is_503_and_kept(live, monkeypatch)
     assert reached.wait(TIMEOUT)
     with open(path, "wb") as f:
         f.write(b"{not json")
+    reader, reads = read_during_a_held_save(live)
     gate.set()
     writer.join(TIMEOUT)
+    reader.join(TIMEOUT)
     assert answers[0].status == 503
     assert "settings.json on disk is not valid" in answers[0].json()["error"]
     assert live.file("settings.json") == b"{not json"
+    assert reads[0].status == 503  # not the version before, read during the save
     assert live.get("/settings").status == 503
 
 

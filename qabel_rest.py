@@ -2229,6 +2229,8 @@ def main(argv=None):
         if hasattr(signal, name):  # shutdown() returns at once in the serving thread
             signal.signal(getattr(signal, name), lambda signum, frame: server.shutdown())
     where = "file" if os.path.isabs(server.key_source) else "from"
+    with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
+        sys.stdout.reconfigure(errors="backslashreplace")  # a path the encoding lacks: no crash
     print(f"qabel_rest listening on {server.url} (API key {where} {server.key_source})", flush=True)
     try:
         server.serve_forever()

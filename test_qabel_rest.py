@@ -2029,6 +2029,20 @@ def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
     assert json.loads((tmp_path / "settings.json").read_text())["poll_interval"] == 2
 
 
+def test_process_ready_line_names_a_path_its_output_encoding_lacks(tmp_path):
+    # Windows writes a pipe in the ANSI code page: a data dir outside it must not crash
+    data_dir = tmp_path / "Dvo\u0159\u00e1k"
+    proc = Process(data_dir, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    try:
+        assert proc.port, proc.line
+        assert "Dvo\\u0159\\xe1k" in proc.line  # escaped
+        key = (data_dir / "api-key").read_text().strip()
+        assert Client(proc.port).get("/settings", key=key).status == 200
+    finally:
+        code, out, err = proc.finish(signal.SIGTERM)
+    assert code == 0, err
+
+
 @pytest.mark.skipif(not POSIX, reason="SIGINT delivery")
 def test_process_stops_on_sigint_with_keep_alive_connection_open(tmp_path):
     proc = Process(tmp_path, "--api-key", KEY, "--max-body", "1000",

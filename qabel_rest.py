@@ -1332,12 +1332,12 @@ def _openapi(url):
                             _FORM_TYPE: {"schema": {**form, "required": ["settings"]}}},
                            "the stored document", document),
             "patch": change({_PATCH_TYPE: {"schema": patch}}, "the stored document", document)}
+    methods = {"type": "object", "properties": {"allow": {"type": "array", "items": text}}}
     for operations in paths.values():
         operations["head"] = {**operations["get"], "responses": {
             status: {key: value for key, value in response.items() if key != "content"}
             for status, response in operations["get"]["responses"].items()}}
         headers = ("Allow", "Accept-Patch") if "patch" in operations else ("Allow",)
-        methods = {"type": "object", "properties": {"allow": {"type": "array", "items": text}}}
         operations["options"] = {"responses": {"200": answer("the methods", methods, *headers),
                                                **keyed}}
     return {

@@ -44,11 +44,9 @@ except ImportError:  # Windows
     fcntl = None
 
 __version__ = "1.1.0"
-__all__ = [
-    "QabelRestError", "StartupError", "InvalidKey", "InvalidValue", "DocumentUnavailable",
-    "SaveError", "DocumentChanged", "PreconditionFailed", "CursorGone", "SettingsDocument",
-    "QabelRestServer", "RequestHandler", "make_server", "main",
-]
+__all__ = ["QabelRestError", "StartupError", "InvalidKey", "InvalidValue", "DocumentUnavailable",
+           "SaveError", "DocumentChanged", "PreconditionFailed", "CursorGone", "SettingsDocument",
+           "QabelRestServer", "RequestHandler", "make_server", "main"]
 
 
 def _logger():
@@ -271,10 +269,10 @@ def _parse_float(text):
     return number
 
 
-def _build_object(pairs):
+def _build_object(pairs):  # of a JSON object, or a form
     result = dict(pairs)
     if len(result) != len(pairs):
-        raise InvalidValue("an object has a duplicate key")
+        raise InvalidValue("a name appears twice")
     return result
 
 
@@ -626,9 +624,9 @@ class _Change:
     """A change waiting for its save: apply(document) -> (new document, result, event key)
     never changes its argument; if_match is a tag, "*", a list of them (If-Match), or None."""
 
-    __slots__ = ("apply", "if_match", "result", "key", "tag", "changed", "error", "done")
+    __slots__ = ("apply", "if_match", "result", "key", "tag", "changed", "error", "done", "wake")
 
-    def __init__(self, apply, if_match):
+    def __init__(self, apply, if_match, lock):
         if isinstance(if_match, str):
             if_match = (if_match,)
         if if_match is not None and (type(if_match) not in (list, tuple)
@@ -640,6 +638,7 @@ class _Change:
         self.changed = False  # whether it changed the content: then it is an event
         self.error = None  # the QabelRestError it failed with
         self.done = False  # saved or failed: its writer may return
+        self.wake = threading.Condition(lock)  # notified when done, or to save the queue
 
     def matches(self, tag):
         return self.if_match is None or "*" in self.if_match or tag in self.if_match
@@ -791,7 +790,7 @@ class SettingsDocument:
             if self._closed:
                 raise DocumentUnavailable("the server is shutting down")
             self._usable(self._refresh())
-            change = _Change(apply, if_match)
+            change = _Change(apply, if_match, self._lock)
             if not change.matches(self._head_tag):
                 if check_alone is not None:
                     check_alone()
@@ -806,8 +805,8 @@ class SettingsDocument:
             change.tag = self._head_tag
             self._queue.append(change)
             while not change.done:
-                if self._saving:
-                    self._saved.wait()
+                if self._saving:  # woken when done or to save next: one writer, not all
+                    change.wake.wait(SHUTDOWN_GRACE)  # bounded, should that writer be gone
                 elif self._closed:
                     self._end([], self._disk, None,
                               DocumentUnavailable("the server is shutting down"))
@@ -833,7 +832,9 @@ class SettingsDocument:
             self._lock.acquire()
             self._saving = False
             self._end(batch, disk, rebased, error)
-            self._saved.notify_all()
+            if self._queue:  # the writer of the oldest change queued meanwhile saves them all
+                self._queue[0].wake.notify()
+            self._saved.notify_all()  # readers and close() waiting for the save to end
 
     def _end(self, batch, disk, rebased, error):
         """Settle a batch whose save left disk on disk and publish its changes; on error the
@@ -851,6 +852,7 @@ class SettingsDocument:
         for change in batch:
             change.error = change.error or error
             change.done = True
+            change.wake.notify()
             if change.error is None and change.changed:
                 self.publish(change.key, change.tag)
 
@@ -1278,7 +1280,7 @@ def _openapi(url):
                 "411": answer("a chunked body: send Content-Length", error),
                 "414": answer("a request line over 64 KiB", error),
                 "417": answer("an Expect other than 100-continue", error),
-                "431": answer("a header line over 64 KiB, or over 100 of them", error),
+                "431": answer("a header line over 64 KiB, or 100 of them", error),
                 "501": answer("a transfer coding other than chunked", error),
                 "503": answer("a document invalid on disk, too many connections (with "
                               "Retry-After) or shutting down", error, "Retry-After")}
@@ -1385,10 +1387,11 @@ _SECONDS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a time
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")  # not HTAB, CRLF, LF
-# http.client stops at a malformed header line (a space before the colon, no colon)
-# and takes the rest as a body; a first line that is a continuation it drops.
+# http.client stops at a malformed header line (a space before the colon, no colon) and
+# takes the rest as a body; a continuation first, or a "From " line (mbox), it drops.
 _HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
-                   email.errors.FirstHeaderLineIsContinuationDefect)
+                   email.errors.FirstHeaderLineIsContinuationDefect,
+                   email.errors.MisplacedEnvelopeHeaderDefect)
 _BEARER = (("WWW-Authenticate", "Bearer"),)
 
 
@@ -1437,6 +1440,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def version_string(self):
         return self.server_version
 
+    def date_time_string(self, timestamp=None):  # once a second: formatdate is slow
+        second = int(time.time() if timestamp is None else timestamp)
+        if self.server._date[0] != second:
+            self.server._date = (second, super().date_time_string(second))
+        return self.server._date[1]
+
     def handle(self):
         with contextlib.suppress(OSError):  # while answering an error or draining
             if self.server._move(self.connection, _IDLE, _IDLE, self.server.idle_timeout):
@@ -1448,16 +1457,16 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Wait for a request (idle timeout), then let http.server serve it (request timeout)."""
         self._reset()
         try:
-            start = self.rfile.peek(2)
-        except (OSError, ValueError):
-            start = b""  # reset, or closed by the server
-        if not start:
-            self.close_connection = True
-            return
-        try:
+            try:
+                if self.rfile.peek(1)[:1] in (b"\r", b"\n"):  # RFC 9112 2.2: ignore an empty
+                    self.rfile.readline(2)  # line, still idle (its LF may come later; bare CR: 400)
+                start = self.rfile.peek(1)
+            except (OSError, ValueError):
+                start = b""  # reset, or closed by the server
+            if not start:
+                self.close_connection = True
+                return
             if self.server._move(self.connection, _IDLE, _BUSY, self.server.request_timeout):
-                if start[:1] in (b"\r", b"\n"):  # RFC 9112 2.2: ignore an empty line (its
-                    self.rfile.readline()  # LF may come later; a line with a bare CR is 400)
                 super().handle_one_request()
             else:  # closed to make room as it came (never half served), or closing
                 self._refuse()
@@ -1542,7 +1551,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if "\n" in value:  # a folded line (obsolete, RFC 9112 5.2) keeps its CRLF
                 raise _Malformed("malformed header line")
             fields.setdefault(name.lower(), []).append(value)
-        if any(isinstance(defect, _HEADER_DEFECTS) for defect in self.headers.defects):
+        payload = self.headers.get_payload()  # a last "From " line is taken for a body
+        if (any(isinstance(defect, _HEADER_DEFECTS) for defect in self.headers.defects)
+                or self.headers.get_unixfrom() or isinstance(payload, str) and payload):
             raise _Malformed("malformed header line")
         if len(fields.get("host", ())) > 1:  # none: not an allowed host (403)
             raise _Malformed("more than one Host header")
@@ -1792,7 +1803,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
-        self.close_connection |= self.server._stopping  # shutting down: the answer says so
+        if self.server._stopping:  # the answer says so; input that follows is dropped (finish)
+            self.close_connection = self._linger = True
         # A body not read is drained after the answer, or dropped as we close (finish): over
         # the limit, from a 100-continue client that may never send it, or closing anyway
         if self._unread and (self._expect or self._unread > self.server.max_body
@@ -1834,10 +1846,7 @@ def _parse_form(body):
                                        errors="strict", max_num_fields=_MAX_FORM_FIELDS)
     except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
-    fields = dict(pairs)
-    if len(fields) != len(pairs):
-        raise InvalidValue("a form field is repeated")
-    return fields
+    return _build_object(pairs)
 
 
 # --- Server lifecycle ---------------------------------------------------------
@@ -1886,6 +1895,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._serving = None  # the thread that called serve_forever()
         self._connections = {}  # socket -> [thread, state, deadline], oldest first
         self._next_sweep = 0.0
+        self._date = (None, "")  # (a second, its Date header): see date_time_string
         self._feed = _Feed(self._look)
         settings.publish = lambda key, etag: self._feed.publish("settings", key, etag)
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
@@ -2104,13 +2114,9 @@ def _client(argv):
             command.add_argument("--merge", action="store_true")
     args = parser.parse_args(argv)
     url = urllib.parse.urlsplit(args.url)
-    try:
-        port = url.port or 80
-    except ValueError:  # not a number, or out of range
-        port = None
-    if url.scheme != "http" or not url.hostname or port is None:
+    if not _is_url(args.url) or url.scheme != "http":
         parser.error("--url must be an http:// URL")
-    connection = http.client.HTTPConnection(url.hostname, port, timeout=90)
+    connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:

@@ -327,6 +327,21 @@ def test_every_response_is_json_with_exact_length_and_safe_headers(live):
         assert response.headers["Keep-Alive"] == "timeout=30"  # pools close idle first
 
 
+def test_date_header_is_the_current_second_and_follows_the_clock(live, monkeypatch):
+    now = [1_800_000_000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    conn = live.conn()
+    first = conn.request("GET", "/health").headers["Date"]
+    assert first == "Fri, 15 Jan 2027 08:00:00 GMT"  # RFC 9110 5.6.7 IMF-fixdate
+    now[0] += 0.5  # the same second
+    assert conn.request("GET", "/health").headers["Date"] == first
+    now[0] += 1
+    assert conn.request("GET", "/health").headers["Date"] == "Fri, 15 Jan 2027 08:00:01 GMT"
+    now[0] -= 3600  # a clock set back
+    assert conn.request("GET", "/health").headers["Date"] == "Fri, 15 Jan 2027 07:00:01 GMT"
+    conn.close()
+
+
 @pytest.mark.parametrize("path", ["/settings", "/synced"])
 def test_put_200_changes_the_file_before_answering(live, path):
     response = live.put(path, "module_data.chat.sound", "ping")
@@ -2618,7 +2633,10 @@ def test_form_value_for_a_string_field_is_its_text(live):
     (b"X-API-Key : %s\r\n", 400),  # a space before the colon (RFC 9112 5.1)
     (b"X-Other: a\r\n folded\r\n", 400),  # obsolete line folding (RFC 9112 5.2)
     (b"NoColon\r\n", 400),
+    (b"From nobody\r\nX-Other: a\r\n", 400),  # an mbox envelope line, which the email
+    (b"X-Other: a\r\nFrom nobody\r\n", 400),  # parser behind http.client drops
     (b"".join(b"X-%d: 1\r\n" % i for i in range(101)), 431),  # over 100 header lines
+    (b"".join(b"X-%d: 1\r\n" % i for i in range(98)), 431),  # 100 with Host and the key
     (b"Expect: 200-ok\r\n", 417),
 ])
 def test_header_block_strictness(live, raw, status):
@@ -2629,6 +2647,54 @@ def test_header_block_strictness(live, raw, status):
     assert response.status == status
     assert_common_headers(response)
     assert conn.closed()
+    conn.close()
+
+
+def test_header_block_limits_are_http_clients(live):
+    # 99 header lines are read; at 100, http.client (which counts the empty line that
+    # ends them) refuses, as the README says
+    conn = live.conn()
+    headers = {"X-API-Key": KEY, **{f"X-{i}": "1" for i in range(97)}}
+    assert conn.request("GET", "/settings", headers=headers).status == 200
+    conn.close()
+
+
+def test_envelope_line_first_in_the_header_block_is_400(live):
+    conn = live.conn()
+    conn.send(b"GET /health HTTP/1.1\r\nFrom nobody\r\nHost: localhost\r\n\r\n")
+    response = conn.read()
+    assert response.status == 400
+    assert response.json() == {"error": "malformed header line"}
+    assert conn.closed()
+    conn.close()
+
+
+def test_a_bare_cr_before_a_request_is_400_at_once_without_reading_on(live_with):
+    live = live_with(request_timeout=60)  # longer than this test waits for the answer
+    conn = live.conn()
+    conn.send(b"\r" + b"A" * 100_000)  # no LF ever: the line is not read to its end
+    response = conn.read()
+    assert response.status == 400
+    assert response.json() == {"error": "a control character in a line"}
+    assert conn.closed()
+    conn.close()
+
+
+def test_an_empty_line_before_a_request_keeps_the_idle_timeout(live_with):
+    # RFC 9112 2.2: the line is ignored while the connection is idle; the request deadline
+    # starts with the request, so a pool reusing the connection within the Keep-Alive
+    # timeout (30 s) does not find it closed after the request deadline.
+    live = live_with(request_timeout=0.2)
+    conn = live.conn()
+    body = b'{"key": "poll_interval", "value": 7}'
+    conn.send(put_bytes(body, f"Content-Length: {len(body)}\r\n") + b"\r\n")
+    assert conn.read().status == 200
+    conn.sock.settimeout(1)  # five request deadlines
+    with pytest.raises(socket.timeout):
+        conn.sock.recv(1)  # neither an answer nor a close
+    conn.sock.settimeout(TIMEOUT)
+    assert conn.request("GET", "/settings", headers={"X-API-Key": KEY}).json()[
+        "poll_interval"] == 7
     conn.close()
 
 
@@ -2805,6 +2871,69 @@ def test_interrupt_of_the_writing_thread_fails_its_batch_and_wakes_the_queue(
     assert outcomes == {"interrupted": "KeyboardInterrupt", "queued": "SaveError"}
     assert live.put("/settings", "module_data.later", {}).status == 200
     assert live.doc("settings.json")["module_data"] == {"later": {}}
+
+
+def run_puts(live, names):
+    """Start a daemon thread per name, each putting module_data.NAME; name -> outcome."""
+    outcomes = {}
+
+    def put(name):
+        try:
+            live.server.settings.put(f"module_data.{name}", {})
+            outcomes[name] = "saved"
+        except BaseException as exc:
+            outcomes[name] = type(exc).__name__
+
+    threads = [threading.Thread(target=put, args=(name,), name=name, daemon=True)
+               for name in names]
+    for thread in threads:
+        thread.start()
+    return outcomes, threads
+
+
+def test_a_change_queued_during_a_save_is_saved_next_by_its_own_writer(live, monkeypatch):
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 3600)  # only being woken ends a wait
+    entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
+    outcomes, threads = run_puts(live, ["first"])
+    assert entered.wait(TIMEOUT)
+    queued, more = run_puts(live, ["second", "third"])
+    validated(3)  # both queued behind the save under way
+    gate.set()
+    for thread in threads + more:
+        thread.join(TIMEOUT)
+    assert {**outcomes, **queued} == {"first": "saved", "second": "saved", "third": "saved"}
+    assert live.doc("settings.json")["module_data"] == {"first": {}, "second": {}, "third": {}}
+
+
+def test_a_queued_writer_interrupted_while_waiting_holds_up_no_other(live, monkeypatch):
+    # The oldest queued writer is woken to save the queue: if it is gone (an interrupt
+    # while it waited), the next one still saves it, once its bounded wait ends.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
+    real_wait = threading.Condition.wait
+
+    def wait(self, timeout=None):
+        if threading.current_thread().name == "gone":
+            raise KeyboardInterrupt
+        return real_wait(self, timeout)
+
+    outcomes, threads = run_puts(live, ["first"])
+    assert entered.wait(TIMEOUT)
+    monkeypatch.setattr(threading.Condition, "wait", wait)
+    gone, more = run_puts(live, ["gone"])
+    validated(2)
+    more[0].join(TIMEOUT)
+    queued, last = run_puts(live, ["queued"])
+    validated(3)
+    gate.set()
+    for thread in threads + last:
+        thread.join(TIMEOUT)
+    assert {**outcomes, **gone, **queued} == {
+        "first": "saved", "gone": "KeyboardInterrupt", "queued": "saved"}
+    # The change of the writer that left is saved too: it was accepted before it left.
+    assert live.doc("settings.json")["module_data"] == {"first": {}, "gone": {}, "queued": {}}
 
 
 def test_rewrite_while_a_save_is_being_fsynced_is_not_overwritten(live, monkeypatch):
@@ -4094,6 +4223,26 @@ def test_feed_shutdown_answers_waiting_requests_at_once(tmp_path):
         started = time.monotonic()
         stop(live)
     assert time.monotonic() - started < 2  # nothing left waiting for server_close
+
+
+def test_after_shutdown_pipelined_requests_are_read_and_dropped_not_reset(tmp_path):
+    # Closing a socket with unread input sends a reset, which can destroy the answer
+    # before the client reads it (RFC 9112 9.6): the server lingers instead.
+    live = start(tmp_path)
+    conn = live.conn()
+    try:
+        assert conn.request("GET", "/health").status == 200  # accepted and served
+        key = {"X-API-Key": KEY}
+        conn.send(build_request("GET", feed_path(feed_cursor(live), 8), headers=key)
+                  + build_request("GET", "/settings", headers=key) * 2000)  # about 200 KB
+        live.server.shutdown()
+        response = conn.read()
+        assert response.status == 200 and response.headers["Connection"] == "close"
+        conn.sock.sendall(b"x" * 65536)  # still read and dropped: no reset, no EPIPE
+        assert conn.closed()
+    finally:
+        conn.close()
+        stop(live)
 
 
 @pytest.mark.skipif(not POSIX, reason="SIGTERM delivery")

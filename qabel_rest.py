@@ -338,12 +338,10 @@ def _split_escaped(text):
     for token in re.findall(r"\\.?|\.|[^\\.]+", text):  # an escape, a dot, or text
         if token == ".":
             segments.append("")
-        elif token[0] != "\\":
-            segments[-1] += token
-        elif token in ("\\.", "\\\\"):
-            segments[-1] += token[1]
-        else:
+        elif token[0] == "\\" and token not in ("\\.", "\\\\"):
             raise InvalidKey("the key has a backslash not followed by . or \\")
+        else:
+            segments[-1] += token.removeprefix("\\")
     return segments
 
 
@@ -364,11 +362,7 @@ def _list_index(items, segment, path):
 
 def _is_text(text):
     """True if text is valid Unicode: no lone surrogates, so it encodes as UTF-8."""
-    try:
-        text.isascii() or text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return text.isascii() or re.search("[\ud800-\udfff]", text) is None
 
 
 def validate(value, node, path=()):
@@ -410,6 +404,12 @@ def validate(value, node, path=()):
             validate(item, node.item if fields is None else fields[name], path + (name,))
         for name in sorted(node.required - value.keys()) if fields is not None else ():
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
+
+
+def _json_copy(value):
+    """A copy of a value to store; InvalidValue unless it is JSON (checked before copying)."""
+    validate(value, "any")
+    return copy.deepcopy(value)
 
 
 def _check_ids(items, node, path, only=None):
@@ -627,8 +627,7 @@ class _Change:
     __slots__ = ("apply", "if_match", "result", "key", "tag", "changed", "error", "done", "wake")
 
     def __init__(self, apply, if_match, lock):
-        if isinstance(if_match, str):
-            if_match = (if_match,)
+        if_match = (if_match,) if isinstance(if_match, str) else if_match
         if if_match is not None and (type(if_match) not in (list, tuple)
                                      or not all(isinstance(t, str) for t in if_match)):
             raise InvalidValue("if_match must be a tag or a list of tags")
@@ -679,15 +678,15 @@ class SettingsDocument:
     def put(self, key, value, merge=False, if_match=None):
         """Set value at key (deep-merged if merge); return a copy as stored.
         PreconditionFailed unless if_match is None, "*" or the tag."""
-        return copy.deepcopy(self.update(key, copy.deepcopy(value), merge, if_match)[0])
+        return copy.deepcopy(self.update(key, _json_copy(value), merge, if_match)[0])
 
     def replace(self, document, if_match=None):
         """Substitute the whole document; return a copy as stored (see put)."""
-        return copy.deepcopy(self.substitute(copy.deepcopy(document), if_match)[0])
+        return copy.deepcopy(self.substitute(_json_copy(document), if_match)[0])
 
     def patch(self, patch, if_match=None):
         """Apply a JSON merge patch (RFC 7396); return a copy as stored (see put)."""
-        return copy.deepcopy(self.merge_patch(copy.deepcopy(patch), if_match)[0])
+        return copy.deepcopy(self.merge_patch(_json_copy(patch), if_match)[0])
 
     @property
     def etag(self):
@@ -783,7 +782,7 @@ class SettingsDocument:
                     self.publish(None, self._disk.etag)
         return self._disk
 
-    def _change(self, apply, if_match=None, check_alone=None):
+    def _change(self, apply, if_match=None, check_alone=lambda: None):
         """Apply a change to the newest document; once saved, return (what apply gives back,
         the new tag, the same if nothing changed); check_alone() comes before If-Match."""
         with self._lock:
@@ -792,8 +791,7 @@ class SettingsDocument:
             self._usable(self._refresh())
             change = _Change(apply, if_match, self._lock)
             if not change.matches(self._head_tag):
-                if check_alone is not None:
-                    check_alone()
+                check_alone()
                 raise PreconditionFailed(f"{self.name} has changed: If-Match does not name its tag")
             document, change.result, change.key = apply(self._head)
             if _same(document, self._head):
@@ -879,10 +877,9 @@ class SettingsDocument:
         """Write document (base with batch), re-applying batch if another program rewrote the
         file. Returns (the version on disk, the other program's version or None, error)."""
         def check_unchanged():  # by content: stat misses a rewrite within one clock tick
-            try:
+            current = ()  # if unreadable: never equal, re-reading says why
+            with contextlib.suppress(OSError):
                 current = _read_file(self.path)[1]
-            except OSError:
-                current = ()  # never equal: re-reading says why
             if current != base.raw:
                 raise _Rewritten
 
@@ -1269,7 +1266,11 @@ def _openapi(url):
             response["content"] = {_JSON_TYPE: {"schema": schema}}
         return response
 
-    def change(content, description, schema):  # a PUT, POST or PATCH of a document
+    def change(body, description, schema, media=_JSON_TYPE):  # a PUT, POST or PATCH
+        content = {media: {"schema": body}}
+        if media == _JSON_TYPE:  # or a form with the same fields, as text
+            content[_FORM_TYPE] = {"schema": {"type": "object", "additionalProperties": text,
+                                              "required": body["required"]}}
         return {"parameters": [if_match], "requestBody": {"required": True, "content": content},
                 "responses": {"200": answer(description, schema, "ETag"), **failed}}
 
@@ -1321,19 +1322,14 @@ def _openapi(url):
                 "properties": {"settings": _json_schema(schema)}}
         patch = {"type": "object", "additionalProperties": False,
                  "properties": dict.fromkeys(schema.fields, {})}
-        form = {"type": "object", "additionalProperties": text}
         paths[path] = {
             "get": {"parameters": [{"name": "If-None-Match", "in": "header", "schema": text}],
                     "responses": {"200": answer("the document", document, "ETag"),
                                   "304": answer("If-None-Match names the tag", None, "ETag"),
                                   **keyed}},
-            "put": change({_JSON_TYPE: {"schema": put},
-                           _FORM_TYPE: {"schema": {**form, "required": ["key", "value"]}}},
-                          "the value as stored", put),
-            "post": change({_JSON_TYPE: {"schema": post},
-                            _FORM_TYPE: {"schema": {**form, "required": ["settings"]}}},
-                           "the stored document", document),
-            "patch": change({_PATCH_TYPE: {"schema": patch}}, "the stored document", document)}
+            "put": change(put, "the value as stored", put),
+            "post": change(post, "the stored document", document),
+            "patch": change(patch, "the stored document", document, _PATCH_TYPE)}
     methods = {"type": "object", "properties": {"allow": {"type": "array", "items": text}}}
     for operations in paths.values():
         operations["head"] = {**operations["get"], "responses": {
@@ -1457,12 +1453,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         """Wait for a request (idle timeout), then let http.server serve it (request timeout)."""
         self._reset()
         try:
-            try:
+            start = b""  # if reading fails: reset, or closed by the server
+            with contextlib.suppress(OSError, ValueError):
                 if self.rfile.peek(1)[:1] in (b"\r", b"\n"):  # RFC 9112 2.2: ignore an empty
                     self.rfile.readline(2)  # line, still idle (its LF may come later; bare CR: 400)
                 start = self.rfile.peek(1)
-            except (OSError, ValueError):
-                start = b""  # reset, or closed by the server
             if not start:
                 self.close_connection = True
                 return
@@ -1596,10 +1591,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 presented.append(token)
         if not presented:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required", _BEARER)
-        server = self.server
-        valid = [server._compare_digest(token.strip(_OWS).encode("latin-1"), server._api_key)
-                 for token in presented]  # each in constant time
-        if not all(valid):  # every one presented must be right
+        valid = [self.server._compare_digest(token.strip(_OWS).encode("latin-1"),
+                                             self.server._api_key) for token in presented]
+        if not all(valid):  # every one presented must be right, each in constant time
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key", _BEARER)
 
     def _elements(self, name):
@@ -1651,8 +1645,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         else:
             document = self.server.settings if path == "/settings" else self.server.synced
             if method == "GET":
-                self._do_read(document)
-                return
+                return self._do_read(document)
             if self._unread > self.server.max_body:  # refused unread, whatever its type
                 raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
                                  HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
@@ -1700,10 +1693,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 raise InvalidValue(f"the body is not JSON: {exc}") from None
             if type(request) is not dict:
                 raise InvalidValue("the body must be a JSON object")
-        key = request.get("key", _MISSING)
-        value = request.get("value", _MISSING)
-        if key is _MISSING:
+        if "key" not in request:
             raise InvalidKey("the key is missing")
+        key, value = request["key"], request.get("value", _MISSING)
         if form and value is not _MISSING:
             # A string-typed field takes the text as given ("2026"); others JSON, if it parses.
             node = _node_at(document.schema, parse_key(key))
@@ -1726,11 +1718,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_patch(self, document, body, form):
-        try:
-            patch = _parse_json(body)
+        try:  # only parsing raises _NotJSON
+            stored, tag = document.merge_patch(_parse_json(body), self._if_match())
         except _NotJSON as exc:
             raise InvalidValue(f"the merge patch is not JSON: {exc}") from None
-        stored, tag = document.merge_patch(patch, self._if_match())
         self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_events(self):
@@ -1803,12 +1794,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
-        if self.server._stopping:  # the answer says so; input that follows is dropped (finish)
-            self.close_connection = self._linger = True
-        # A body not read is drained after the answer, or dropped as we close (finish): over
-        # the limit, from a 100-continue client that may never send it, or closing anyway
-        if self._unread and (self._expect or self._unread > self.server.max_body
-                             or self.close_connection):
+        # Stopping: the answer says so, and input that follows is dropped (finish). A body not
+        # read is drained after the answer, or dropped as we close (finish): over the limit,
+        # from a 100-continue client that may never send it, or closing anyway
+        if self.server._stopping or self._unread and (
+                self._expect or self._unread > self.server.max_body or self.close_connection):
             self.close_connection = self._linger = True
         self.send_response(status)
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe...
@@ -1949,10 +1939,10 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
     def server_close(self):
         """Close the port, end idle connections, let requests in flight finish
         (bounded by SHUTDOWN_GRACE), refuse later changes, release the data dir."""
+        self.shutdown()  # serve_forever() too: socketserver's would spin on the closed port
         with self._state:
-            self._stopping = self._closing = True
+            self._closing = True
             entries = list(self._connections.items())
-        self._feed.close()
         for sock, (thread, state, _) in entries:
             if state != _BUSY:
                 _shut(sock)
@@ -2057,7 +2047,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                                  request_timeout=request_timeout, max_connections=max_connections)
     except (OSError, OverflowError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
     existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:
         _prepare_data_dir(data_dir)
@@ -2112,24 +2102,25 @@ def _client(argv):
                                  nargs="?" if argument.endswith("?") else None)
         if name == "set":
             command.add_argument("--merge", action="store_true")
-    args = parser.parse_args(argv)
-    url = urllib.parse.urlsplit(args.url)
-    if not _is_url(args.url) or url.scheme != "http":
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # not shown, as argparse would: a mistyped option may precede the key
+        parser.error("unrecognized arguments")
+    if not _is_url(args.url) or urllib.parse.urlsplit(args.url).scheme != "http":
         parser.error("--url must be an http:// URL")
+    url = urllib.parse.urlsplit(args.url)
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
-            connection.request(method, path, None if body is None else _dump_document(body),
-                               {"X-API-Key": key, "Content-Type": media})
+            body = None if body is None else json.dumps(body).encode()  # surrogates escaped
+            connection.request(method, path, body, {"X-API-Key": key, "Content-Type": media})
             with connection.getresponse() as response:  # closed now: closed by its
                 data = response.read()  # finalizer, it would swallow a Ctrl-C (a watch's end)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, UnicodeError) as exc:  # (IDNA: the host)
             raise QabelRestError(f"cannot reach {args.url}: {exc}") from None
-        try:
+        answer = None  # if not JSON: not a qabel_rest answer (a proxy's error page, say)
+        with contextlib.suppress(ValueError):
             answer = json.loads(data)
-        except ValueError:  # not a qabel_rest answer: a proxy's error page, say
-            answer = None
         if type(answer) is not dict or response.status != 200 and response.status not in allow:
             error = answer.get("error") if type(answer) is dict else None
             raise QabelRestError(f"{response.status} {error or response.reason}")
@@ -2169,7 +2160,7 @@ def _client(argv):
                   _lookup(document, parse_key(segments)))
         elif args.command == "set":
             value = args.value  # a plain string, unless it is JSON
-            with contextlib.suppress(_NotJSON, QabelRestError):
+            with contextlib.suppress(_NotJSON):  # JSON no document holds is refused
                 value = _parse_json(args.value)
             call("PUT", path, {"key": segments, "value": value, "merge": args.merge})
         elif args.command == "patch":
@@ -2188,11 +2179,12 @@ def _client(argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except (QabelRestError, OSError, KeyError, _NotJSON) as exc:  # one line (never the key)
-        print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
+    except (QabelRestError, OSError, KeyError, _NotJSON, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) and args.command == "watch":
+            return 0  # watch ends on SIGINT; another command cut short has failed
+        message = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], str(exc))  # one line
+        print(f"qabel_rest: {message or 'interrupted'}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:  # watch ends on SIGINT
-        return 0
     return 0
 
 
@@ -2217,7 +2209,9 @@ def main(argv=None):
                         metavar="BYTES", help="largest request body (%(default)s)")
     parser.add_argument("--allowed-host", action="extend", nargs="+", default=[],
                         metavar="NAME", help="another name clients may send as Host (repeatable)")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # not shown, as argparse would: a mistyped option may precede the key
+        parser.error("unrecognized arguments")
     if args.max_body < 1:
         parser.error("--max-body must be a positive number of bytes")
     import logging

@@ -1944,6 +1944,15 @@ def test_make_server_binds_at_once_and_reports_port_taken(tmp_path):
         stop(live)
 
 
+def test_server_close_alone_also_ends_serve_forever(tmp_path):
+    live = start(tmp_path)
+    assert live.get("/health").status == 200
+    live.server.server_close()  # without shutdown(): socketserver's loop would spin on
+    live.thread.join(TIMEOUT)
+    assert not live.thread.is_alive()
+    stop(live)  # shutdown() and server_close() again: nothing left to do
+
+
 def test_second_server_on_same_data_dir_refused(live):
     with pytest.raises(qabel_rest.StartupError, match="already using") as info:
         qabel_rest.make_server(data_dir=live.data_dir, api_key=KEY, port=0)
@@ -2119,6 +2128,8 @@ def test_process_port_taken_and_second_instance(tmp_path):
         taken = run_cli("--data-dir", str(tmp_path / "b"), "--port", str(proc.port))
         assert taken.returncode == 1
         assert "cannot listen" in taken.stderr and str(proc.port) in taken.stderr
+        assert str(tmp_path / "b") in taken.stderr  # the path, as for every start failure
+        assert len(taken.stderr.strip().splitlines()) == 1
         second = run_cli("--data-dir", str(tmp_path / "a"), "--port", "0")
         assert second.returncode == 1
         assert "already using" in second.stderr and str(tmp_path / "a") in second.stderr
@@ -3244,6 +3255,25 @@ def test_a_change_that_keeps_the_content_keeps_the_tag(live):
         second = live.put("/settings", "module_data.m.x", then)
         assert second.headers["ETag"] != first.headers["ETag"]
         assert json.dumps(live.doc("settings.json")["module_data"]["m"]["x"]) == json.dumps(then)
+
+
+def test_in_process_values_that_are_not_json_raise_invalid_value_before_any_copy(live):
+    class Uncopyable:
+        def __deepcopy__(self, memo):
+            raise TypeError("not copyable")
+
+    deep = {}
+    for _ in range(500):  # deeper than copy.deepcopy can recurse
+        deep = {"a": deep}
+    before = documents(live.data_dir)
+    settings, synced = live.server.settings, live.server.synced
+    for change in (lambda: settings.put("module_data.x", {"v": threading.Lock()}),
+                   lambda: synced.replace({"module_data": {"x": {"v": Uncopyable()}}}),
+                   lambda: settings.patch({"module_data": {"x": deep}}),
+                   lambda: settings.put("module_data.x", deep)):
+        with pytest.raises(qabel_rest.InvalidValue):
+            change()
+    assert documents(live.data_dir) == before
 
 
 def test_in_process_etag_and_if_match(live):
@@ -4769,6 +4799,57 @@ def test_cli_set_reads_value_as_json_else_as_a_string(live):
     assert documents(live.data_dir) == before
 
 
+def test_cli_value_that_is_json_no_document_may_hold_is_refused_not_sent_as_text(live):
+    # VALUE is JSON when it parses: out of range or with a duplicate name, it is refused
+    before = documents(live.data_dir)
+    for text in ("99999999999999999999999", "1e400", '{"a": 1, "a": 2}'):
+        assert cli_line(cli_on(live, "set", "settings", "module_data.m.x", text))
+    assert documents(live.data_dir) == before
+
+
+def test_cli_lone_surrogate_is_the_servers_400_in_one_line(live, tmp_path):
+    before = documents(live.data_dir)
+    refused = live.put("/settings", "drop_last_update", "\ud800").json()["error"]
+    assert cli_line(cli_on(live, "set", "settings", "drop_last_update", '"\\ud800"')) == \
+        f"400 {refused}"
+    undecodable = os.fsdecode(b"\xff")  # an argument that is not UTF-8: a surrogate escape
+    assert cli_line(cli_on(live, "set", "settings", "drop_last_update", undecodable)).startswith(
+        "400 drop_last_update: ")
+    document = tmp_path / "d.json"
+    document.write_text('{"drop_last_update": "\\udc80"}')
+    for command in ("patch", "import"):
+        assert cli_line(cli_on(live, command, "settings", str(document))).startswith("400 ")
+    assert documents(live.data_dir) == before
+
+
+def test_cli_message_with_a_line_break_is_still_one_line(live):
+    message = cli_line(cli_on(live, "set", "settings", "poll\ninterval", "5"))
+    assert message == "405 poll\\ninterval: unknown field"
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery")
+def test_cli_command_cut_short_by_ctrl_c_fails_with_one_line(tmp_path):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    with silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for args in (("get", "settings"), ("set", "settings", "poll_interval", "5")):
+            proc = subprocess.Popen([sys.executable, MODULE, *args, "--url", url, "--api-key",
+                                     KEY], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            silent.settimeout(TIMEOUT)
+            conn, _ = silent.accept()  # the request is on its way
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=TIMEOUT)
+            conn.close()
+            assert (proc.returncode, out, err) == (1, b"", b"qabel_rest: interrupted\n")
+
+
+def test_cli_url_that_does_not_parse_is_a_usage_error_and_a_bad_host_one_line(tmp_path):
+    for url in ("http://[::1:9696", "http://a b:9696"):
+        cli_usage_error(run_cli("get", "settings", "--url", url, "--api-key", KEY))
+    message = cli_line(run_cli("get", "settings", "--url", "http://.:9696", "--api-key", KEY))
+    assert message.startswith("cannot reach http://.:9696: ")
+
+
 def test_cli_set_appends_and_merges(live):
     cli_quiet(cli_on(live, "set", "synced", "drop_servers.-",
                      '{"id": 5, "url": "https://d.de/", "active": true}'))
@@ -5023,6 +5104,15 @@ def test_cli_key_never_appears_in_output(live, tmp_path):
         output = output.decode() if isinstance(output, bytes) else output
         assert CLI_SECRET not in output and CLI_SECRET[:-1] not in output, output
         assert KEY not in output
+
+
+def test_a_mistyped_option_is_a_usage_error_that_does_not_echo_what_follows(live):
+    secret = "secret-0123456789abcdef"
+    for args in (("get", "settings", "--url", cli_url(live), "--api-keyy", secret),
+                 ("--port", "0", "--api-keyy", secret), ("serve", "--apikey", secret)):
+        result = run_cli(*args)
+        cli_usage_error(result)
+        assert "unrecognized arguments" in result.stderr and secret not in result.stderr
 
 
 def test_cli_url_from_the_environment(live):

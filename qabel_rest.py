@@ -1889,9 +1889,9 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._feed = _Feed(self._look)
         settings.publish = lambda key, etag: self._feed.publish("settings", key, etag)
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
-        super().__init__(address, handler_class)
-        hosts = (*_LOCAL_HOSTS, address[0], self.server_address[0], *allowed_hosts)
-        self.allowed_hosts = frozenset(map(_normal_host, hosts))
+        hosts = [*map(_normal_host, (*_LOCAL_HOSTS, address[0], *allowed_hosts))]  # a wrong
+        super().__init__(address, handler_class)  # one raises before the port is bound
+        self.allowed_hosts = frozenset((*hosts, _normal_host(self.server_address[0])))
 
     @property
     def url(self):
@@ -2031,6 +2031,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     StartupError if the server cannot start: then no file was changed or created."""
     if type(max_body) is not int or max_body < 1:
         raise StartupError("max_body must be a positive integer")
+    if isinstance(allowed_hosts, str):  # one name, not its letters
+        allowed_hosts = (allowed_hosts,)
     data_dir = os.path.abspath(data_dir or default_data_dir())
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
@@ -2179,7 +2181,8 @@ def _client(argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except (QabelRestError, OSError, KeyError, _NotJSON, KeyboardInterrupt) as exc:
+    except (QabelRestError, OSError, KeyError, _NotJSON, KeyboardInterrupt,
+            AttributeError) as exc:  # AttributeError: no stdin or stdout (closed)
         if isinstance(exc, KeyboardInterrupt) and args.command == "watch":
             return 0  # watch ends on SIGINT; another command cut short has failed
         message = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], str(exc))  # one line

@@ -1953,6 +1953,21 @@ def test_server_close_alone_also_ends_serve_forever(tmp_path):
     stop(live)  # shutdown() and server_close() again: nothing left to do
 
 
+def test_allowed_hosts_may_be_one_name_and_a_wrong_one_raises_before_binding(tmp_path):
+    live = start(tmp_path / "a", allowed_hosts="qabel.local")  # a name, not its letters
+    try:
+        assert live.get("/health", host="qabel.local").status == 200
+        assert live.get("/health", host="q").status == 403
+        port = live.port
+    finally:
+        stop(live)
+    with pytest.raises(AttributeError):
+        qabel_rest.make_server(data_dir=str(tmp_path / "b"), api_key=KEY, port=port,
+                               allowed_hosts=[1])
+    again = qabel_rest.make_server(data_dir=str(tmp_path / "b"), api_key=KEY, port=port)
+    again.server_close()  # the failed start bound nothing
+
+
 def test_second_server_on_same_data_dir_refused(live):
     with pytest.raises(qabel_rest.StartupError, match="already using") as info:
         qabel_rest.make_server(data_dir=live.data_dir, api_key=KEY, port=0)
@@ -5113,6 +5128,17 @@ def test_a_mistyped_option_is_a_usage_error_that_does_not_echo_what_follows(live
         result = run_cli(*args)
         cli_usage_error(result)
         assert "unrecognized arguments" in result.stderr and secret not in result.stderr
+
+
+@pytest.mark.skipif(not POSIX, reason="a shell to close stdin and stdout")
+def test_cli_with_stdout_or_stdin_closed_fails_with_one_line(live, tmp_path):
+    command = [sys.executable, MODULE, "--url", cli_url(live), "--api-key", KEY]
+    for args, redirect in ((["export", "synced"], ">&-"), (["import", "synced", "-"], "<&-")):
+        result = subprocess.run(["sh", "-c", f'exec "$@" {redirect}', "sh", command[0],
+                                 command[1], *args, *command[2:]],
+                                capture_output=True, text=True, timeout=TIMEOUT * 3)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("qabel_rest: ")
 
 
 def test_cli_url_from_the_environment(live):

@@ -406,9 +406,9 @@ def validate(value, node, path=()):
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
 
 
-def _json_copy(value):
-    """A copy of a value to store; InvalidValue unless it is JSON (checked before copying)."""
-    validate(value, "any")
+def _json_copy(value, path=()):
+    """A copy of a value to store at path; InvalidValue unless it is JSON (checked first)."""
+    validate(value, "any", path)
     return copy.deepcopy(value)
 
 
@@ -524,6 +524,7 @@ def _lookup(value, path):
 _REPLACE_ATTEMPTS = 6  # Windows: a virus scanner may hold the file for a moment;
 _REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
 _REBASE_ATTEMPTS = 3  # a file rewritten under us this often in one save: 409
+_WAKE_EVERY = 0.5  # seconds a queued writer waits before it looks again (its turn may be lost)
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # 507
 # O_EXCL: never reuse or follow an existing name. Windows: binary, not inherited.
 _TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -678,7 +679,8 @@ class SettingsDocument:
     def put(self, key, value, merge=False, if_match=None):
         """Set value at key (deep-merged if merge); return a copy as stored.
         PreconditionFailed unless if_match is None, "*" or the tag."""
-        return copy.deepcopy(self.update(key, _json_copy(value), merge, if_match)[0])
+        return copy.deepcopy(self.update(key, _json_copy(value, parse_key(key)), merge,
+                                         if_match)[0])
 
     def replace(self, document, if_match=None):
         """Substitute the whole document; return a copy as stored (see put)."""
@@ -803,8 +805,8 @@ class SettingsDocument:
             change.tag = self._head_tag
             self._queue.append(change)
             while not change.done:
-                if self._saving:  # woken when done or to save next: one writer, not all
-                    change.wake.wait(SHUTDOWN_GRACE)  # bounded, should that writer be gone
+                if self._saving:  # woken when done or to save next: one writer, not all;
+                    change.wake.wait(_WAKE_EVERY)  # bounded: that writer may have left
                 elif self._closed:
                     self._end([], self._disk, None,
                               DocumentUnavailable("the server is shutting down"))
@@ -1438,9 +1440,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def date_time_string(self, timestamp=None):  # once a second: formatdate is slow
         second = int(time.time() if timestamp is None else timestamp)
-        if self.server._date[0] != second:
-            self.server._date = (second, super().date_time_string(second))
-        return self.server._date[1]
+        if (cached := self.server._date)[0] != second:  # one read: another thread may write
+            cached = self.server._date = (second, super().date_time_string(second))
+        return cached[1]
 
     def handle(self):
         with contextlib.suppress(OSError):  # while answering an error or draining
@@ -1546,9 +1548,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if "\n" in value:  # a folded line (obsolete, RFC 9112 5.2) keeps its CRLF
                 raise _Malformed("malformed header line")
             fields.setdefault(name.lower(), []).append(value)
-        payload = self.headers.get_payload()  # a last "From " line is taken for a body
+        payload = self.headers.get_payload()  # a last "From " line is taken for a body...
         if (any(isinstance(defect, _HEADER_DEFECTS) for defect in self.headers.defects)
-                or self.headers.get_unixfrom() or isinstance(payload, str) and payload):
+                or isinstance(payload, str) and payload  # ...or, with message/*, its envelope
+                or any(part.get_unixfrom() for part in self.headers.walk())):
             raise _Malformed("malformed header line")
         if len(fields.get("host", ())) > 1:  # none: not an allowed host (403)
             raise _Malformed("more than one Host header")
@@ -2099,14 +2102,14 @@ def _client(argv):
                                                "key file in the data dir")
         command.add_argument("--data-dir", help="the server's, for its key file")
         for argument in arguments.split():
-            choices = ("settings", "synced") if argument == "doc" else None
-            command.add_argument(argument.rstrip("?"), choices=choices,
-                                 nargs="?" if argument.endswith("?") else None)
+            command.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument else None)
         if name == "set":
             command.add_argument("--merge", action="store_true")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # not shown, as argparse would: a mistyped option may precede the key
         parser.error("unrecognized arguments")
+    if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
+        parser.error("DOC must be settings or synced")  # may be a key after a mistyped option
     if not _is_url(args.url) or urllib.parse.urlsplit(args.url).scheme != "http":
         parser.error("--url must be an http:// URL")
     url = urllib.parse.urlsplit(args.url)
@@ -2185,7 +2188,7 @@ def _client(argv):
             AttributeError) as exc:  # AttributeError: no stdin or stdout (closed)
         if isinstance(exc, KeyboardInterrupt) and args.command == "watch":
             return 0  # watch ends on SIGINT; another command cut short has failed
-        message = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], str(exc))  # one line
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))  # 1 line
         print(f"qabel_rest: {message or 'interrupted'}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -406,9 +406,9 @@ def validate(value, node, path=()):
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
 
 
-def _json_copy(value, path=()):
-    """A copy of a value to store at path; InvalidValue unless it is JSON (checked first)."""
-    validate(value, "any", path)
+def _json_copy(value, key=None):
+    """A copy of a value to store (at key); InvalidValue unless it is JSON (checked first)."""
+    validate(value, "any", () if key is None else parse_key(key))
     return copy.deepcopy(value)
 
 
@@ -679,8 +679,7 @@ class SettingsDocument:
     def put(self, key, value, merge=False, if_match=None):
         """Set value at key (deep-merged if merge); return a copy as stored.
         PreconditionFailed unless if_match is None, "*" or the tag."""
-        return copy.deepcopy(self.update(key, _json_copy(value, parse_key(key)), merge,
-                                         if_match)[0])
+        return copy.deepcopy(self.update(key, _json_copy(value, key), merge, if_match)[0])
 
     def replace(self, document, if_match=None):
         """Substitute the whole document; return a copy as stored (see put)."""
@@ -2114,6 +2113,8 @@ def _client(argv):
         parser.error("--url must be an http:// URL")
     url = urllib.parse.urlsplit(args.url)
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
+    # A Ctrl-C inside HTTPResponse.__init__ leaves it without fp, which its close() reads
+    connection.response_class = type("Response", (http.client.HTTPResponse,), {"fp": None})
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
@@ -2199,8 +2200,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in _CLIENT_COMMANDS:
         return _client(argv)
-    if argv[:1] == ["serve"]:
-        argv = argv[1:]
+    argv = argv[1:] if argv[:1] == ["serve"] else argv
     import argparse  # here, not at the top: an embedding app never needs it
     parser = argparse.ArgumentParser(prog="qabel_rest", description="The local REST server of "
                                      "the Qabel desktop client. Client: qabel_rest get|set|patch|"

@@ -136,7 +136,6 @@ def _item(**fields):
 
 
 _ANY_OBJECT = _Map("any")
-_ANY_LIST = _List("any")
 _MODULE_DATA = _Map(_ANY_OBJECT)  # module name -> object, anything JSON inside
 _KEY_NAMES = ("private_primary_key", "public_primary_key", "private_enc_key",
               "public_enc_key", "private_sign_key", "public_sign_key")
@@ -373,7 +372,7 @@ def validate(value, node, path=()):
             raise InvalidValue(f"{format_key(path[:MAX_DEPTH])}: nested deeper than "
                                f"{MAX_DEPTH} levels")
         if node == "any":
-            node = _ANY_OBJECT if kind is dict else _ANY_LIST
+            node = _ANY_OBJECT if kind is dict else _List("any")
     elif kind is str and not _is_text(value):
         raise InvalidValue(f"{format_key(path)}: a string is not valid Unicode")
     elif kind is int and not _INT64_MIN <= value <= _INT64_MAX:
@@ -406,10 +405,12 @@ def validate(value, node, path=()):
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
 
 
-def _json_copy(value, key=None):
-    """A copy of a value to store (at key); InvalidValue unless it is JSON (checked first)."""
-    validate(value, "any", () if key is None else parse_key(key))
-    return copy.deepcopy(value)
+def _json_copy(value):
+    """A deep copy of a value to store; InvalidValue if it cannot be copied: not JSON."""
+    try:  # anything JSON can be; the rest is judged with the key, as over HTTP
+        return copy.deepcopy(value)
+    except Exception:  # an object of its own, or nesting deeper than copying can go
+        raise InvalidValue("the value is not JSON") from None
 
 
 def _check_ids(items, node, path, only=None):
@@ -679,7 +680,7 @@ class SettingsDocument:
     def put(self, key, value, merge=False, if_match=None):
         """Set value at key (deep-merged if merge); return a copy as stored.
         PreconditionFailed unless if_match is None, "*" or the tag."""
-        return copy.deepcopy(self.update(key, _json_copy(value, key), merge, if_match)[0])
+        return copy.deepcopy(self.update(key, _json_copy(value), merge, if_match)[0])
 
     def replace(self, document, if_match=None):
         """Substitute the whole document; return a copy as stored (see put)."""
@@ -2185,13 +2186,12 @@ def _client(argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except (QabelRestError, OSError, KeyError, _NotJSON, KeyboardInterrupt,
-            AttributeError) as exc:  # AttributeError: no stdin or stdout (closed)
-        if isinstance(exc, KeyboardInterrupt) and args.command == "watch":
+    except (QabelRestError, OSError, KeyError, ValueError, KeyboardInterrupt, AttributeError) as e:
+        if isinstance(e, KeyboardInterrupt) and args.command == "watch":
             return 0  # watch ends on SIGINT; another command cut short has failed
-        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))  # 1 line
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))  # 1 line
         print(f"qabel_rest: {message or 'interrupted'}", file=sys.stderr, flush=True)
-        return 1
+        return 1  # (an AttributeError: no stdin or stdout, closed)
     return 0
 
 

@@ -3273,7 +3273,7 @@ def test_a_change_that_keeps_the_content_keeps_the_tag(live):
         assert json.dumps(live.doc("settings.json")["module_data"]["m"]["x"]) == json.dumps(then)
 
 
-def test_in_process_values_that_are_not_json_raise_invalid_value_before_any_copy(live):
+def test_in_process_values_that_cannot_be_copied_raise_invalid_value(live):
     class Uncopyable:
         def __deepcopy__(self, memo):
             raise TypeError("not copyable")
@@ -3283,17 +3283,27 @@ def test_in_process_values_that_are_not_json_raise_invalid_value_before_any_copy
         deep = {"a": deep}
     before = documents(live.data_dir)
     settings, synced = live.server.settings, live.server.synced
-    for change, where in ((lambda: settings.put("module_data.x", {"v": threading.Lock()}),
-                           "module_data.x.v"),
-                          (lambda: synced.replace({"module_data": {"x": {"v": Uncopyable()}}}),
-                           "module_data.x.v"),
-                          (lambda: settings.patch({"module_data": {"x": deep}}), "module_data.x"),
-                          (lambda: settings.put("module_data.x", deep), "module_data.x"),
-                          (lambda: settings.put("module_data.x", (1, 2)), "module_data.x")):
+    for change, message in (
+            (lambda: settings.put("module_data.x", {"v": threading.Lock()}), "the value is not JSON"),
+            (lambda: synced.replace({"module_data": {"x": {"v": Uncopyable()}}}),
+             "the value is not JSON"),
+            (lambda: settings.patch({"module_data": {"x": deep}}), "the value is not JSON"),
+            (lambda: settings.put("module_data.x", deep), "the value is not JSON"),
+            (lambda: settings.put("module_data.x", (1, 2)), "module_data.x: not a JSON value")):
         with pytest.raises(qabel_rest.InvalidValue) as info:
             change()
-        assert str(info.value).startswith(where), info.value  # named by its key
+        assert str(info.value) == message
     assert documents(live.data_dir) == before
+
+
+def test_in_process_put_judges_key_and_value_in_the_order_http_does(live):
+    # A key no document can have comes first, whatever the value (over HTTP: 405)
+    with pytest.raises(qabel_rest.InvalidKey):
+        live.server.settings.put("nope", "\ud800")
+    with pytest.raises(qabel_rest.InvalidKey):
+        live.server.settings.put("nope", 2 ** 64)
+    body = '{"key": "nope", "value": "\\ud800"}'
+    assert live.call("PUT", "/settings", body).status == 405
 
 
 def test_in_process_etag_and_if_match(live):

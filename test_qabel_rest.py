@@ -2688,25 +2688,26 @@ def test_header_block_limits_are_http_clients(live):
     conn.close()
 
 
-def test_envelope_line_first_in_the_header_block_is_400(live):
-    conn = live.conn()
-    conn.send(b"GET /health HTTP/1.1\r\nFrom nobody\r\nHost: localhost\r\n\r\n")
+def refused_with_400(client, raw, message):
+    """Send raw on a new connection: a 400 with message, then the server closes it."""
+    conn = client.conn()
+    conn.send(raw)
     response = conn.read()
     assert response.status == 400
-    assert response.json() == {"error": "malformed header line"}
+    assert response.json() == {"error": message}
     assert conn.closed()
     conn.close()
+
+
+def test_envelope_line_first_in_the_header_block_is_400(live):
+    refused_with_400(live, b"GET /health HTTP/1.1\r\nFrom nobody\r\nHost: localhost\r\n\r\n",
+                     "malformed header line")
 
 
 def test_a_bare_cr_before_a_request_is_400_at_once_without_reading_on(live_with):
     live = live_with(request_timeout=60)  # longer than this test waits for the answer
-    conn = live.conn()
-    conn.send(b"\r" + b"A" * 100_000)  # no LF ever: the line is not read to its end
-    response = conn.read()
-    assert response.status == 400
-    assert response.json() == {"error": "a control character in a line"}
-    assert conn.closed()
-    conn.close()
+    # No LF ever: the line is not read to its end
+    refused_with_400(live, b"\r" + b"A" * 100_000, "a control character in a line")
 
 
 def test_an_empty_line_before_a_request_keeps_the_idle_timeout(live_with):
@@ -3284,7 +3285,8 @@ def test_in_process_values_that_cannot_be_copied_raise_invalid_value(live):
     before = documents(live.data_dir)
     settings, synced = live.server.settings, live.server.synced
     for change, message in (
-            (lambda: settings.put("module_data.x", {"v": threading.Lock()}), "the value is not JSON"),
+            (lambda: settings.put("module_data.x", {"v": threading.Lock()}),
+             "the value is not JSON"),
             (lambda: synced.replace({"module_data": {"x": {"v": Uncopyable()}}}),
              "the value is not JSON"),
             (lambda: settings.patch({"module_data": {"x": deep}}), "the value is not JSON"),

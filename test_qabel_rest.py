@@ -2874,33 +2874,6 @@ def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monke
     assert live.get("/settings").json()["poll_interval"] == 5
 
 
-def test_interrupt_of_the_writing_thread_fails_its_batch_and_wakes_the_queue(
-        live, monkeypatch):
-    entered, gate = hold_first_save(monkeypatch, KeyboardInterrupt())
-    validated = count_validations(monkeypatch)
-    outcomes = {}
-
-    def put(name):
-        try:
-            live.server.settings.put(f"module_data.{name}", {})
-            outcomes[name] = "saved"
-        except BaseException as exc:
-            outcomes[name] = type(exc).__name__
-
-    writer = threading.Thread(target=put, args=("interrupted",))
-    writer.start()
-    assert entered.wait(TIMEOUT)
-    queued = threading.Thread(target=put, args=("queued",))
-    queued.start()
-    validated(2)
-    gate.set()
-    writer.join(TIMEOUT)
-    queued.join(TIMEOUT)
-    assert outcomes == {"interrupted": "KeyboardInterrupt", "queued": "SaveError"}
-    assert live.put("/settings", "module_data.later", {}).status == 200
-    assert live.doc("settings.json")["module_data"] == {"later": {}}
-
-
 def run_puts(live, names):
     """Start a daemon thread per name, each putting module_data.NAME; name -> outcome."""
     outcomes = {}
@@ -2917,6 +2890,22 @@ def run_puts(live, names):
     for thread in threads:
         thread.start()
     return outcomes, threads
+
+
+def test_interrupt_of_the_writing_thread_fails_its_batch_and_wakes_the_queue(
+        live, monkeypatch):
+    entered, gate = hold_first_save(monkeypatch, KeyboardInterrupt())
+    validated = count_validations(monkeypatch)
+    outcomes, writer = run_puts(live, ["interrupted"])
+    assert entered.wait(TIMEOUT)
+    queued, more = run_puts(live, ["queued"])
+    validated(2)
+    gate.set()
+    for thread in writer + more:
+        thread.join(TIMEOUT)
+    assert {**outcomes, **queued} == {"interrupted": "KeyboardInterrupt", "queued": "SaveError"}
+    assert live.put("/settings", "module_data.later", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {"later": {}}
 
 
 def test_a_change_queued_during_a_save_is_saved_next_by_its_own_writer(live, monkeypatch):

@@ -255,36 +255,33 @@ def _reject_constant(name):
     raise _NotJSON(f"{name} is not JSON")
 
 
-def _parse_int(text):
-    if len(text) > _MAX_INT_TEXT:
-        raise InvalidValue("an integer is out of the 64-bit range")
-    return int(text)
+class _Unfit(InvalidValue):
+    """In place of a JSON value no document may hold: validate refuses it, after the key."""
+
+    def refuse(self):  # as json.dumps(default=_Unfit.refuse) calls it
+        raise self
 
 
-def _parse_float(text):
-    number = float(text)
-    if not math.isfinite(number):  # 1e400 parses to inf
-        raise InvalidValue("a number is out of range")
-    return number
+def _parse_int(text):  # int() refuses over 4,300 digits; validate refuses what is over 64 bits
+    return int(text) if len(text) <= _MAX_INT_TEXT else _INT64_MAX + 1
 
 
-def _build_object(pairs):  # of a JSON object, or a form
+def _build_object(pairs):
     result = dict(pairs)
-    if len(result) != len(pairs):
-        raise InvalidValue("a name appears twice")
+    if len(result) != len(pairs):  # each name given twice holds what no document may
+        counts = collections.Counter(name for name, _ in pairs)
+        result.update((name, _Unfit("a name appears twice")) for name, n in counts.items() if n > 1)
     return result
 
 
 # Shared by every thread. Compact: with indent, json runs its slow Python encoder.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_float=_parse_float,
-                            parse_int=_parse_int, parse_constant=_reject_constant)
-# Syntax only: numbers stay text (no 4,300-digit limit, no overflow), duplicates pass
-_SYNTAX = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_int=_parse_int,
+                            parse_constant=_reject_constant)  # 1e400 is inf: validate refuses
 
 
 def _parse_json(data):
-    """Strict JSON of UTF-8 bytes or text; _NotJSON, or InvalidValue if no document may hold it."""
+    """Strict JSON of UTF-8 bytes or text, else _NotJSON; an _Unfit for what no document holds."""
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -293,11 +290,7 @@ def _parse_json(data):
     if data.startswith("\ufeff"):
         raise _NotJSON("starts with a byte order mark")
     try:
-        try:
-            return _DECODER.decode(data)
-        except InvalidValue:  # met before the end: is the text JSON at all?
-            _SYNTAX.decode(data)
-            raise
+        return _DECODER.decode(data)
     except json.JSONDecodeError as exc:  # its message never quotes the text
         raise _NotJSON(f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
@@ -322,7 +315,7 @@ def parse_key(key):
         raise InvalidKey("key segments must be strings")
     if len(segments) > MAX_DEPTH:
         raise InvalidKey(f"the key is deeper than {MAX_DEPTH} levels")
-    if sum(map(len, segments)) > MAX_KEY_LENGTH:
+    if len(format_key(segments)) > MAX_KEY_LENGTH:  # as given, or a list's dotted form
         raise InvalidKey(f"the key is longer than {MAX_KEY_LENGTH} characters")
     for segment in segments:
         if segment == "":
@@ -378,9 +371,10 @@ def validate(value, node, path=()):
     elif kind is int and not _INT64_MIN <= value <= _INT64_MAX:
         raise InvalidValue(f"{format_key(path)}: an integer is out of the 64-bit range")
     elif kind is float and not math.isfinite(value):
-        raise InvalidValue(f"{format_key(path)}: NaN and Infinity are not JSON")
+        raise InvalidValue(f"{format_key(path)}: a number is out of range, or not finite")
     elif kind not in (str, int, float, bool, type(None)):
-        raise InvalidValue(f"{format_key(path)}: not a JSON value")
+        reason = value.message if kind is _Unfit else "not a JSON value"
+        raise InvalidValue(f"{format_key(path)}: {reason}")
     if type(node) is str:
         what, check, _ = _LEAVES.get(node, ("", None, None))
         if check is not None and not check(value):
@@ -431,6 +425,8 @@ def _child_node(node, segment, path):
         if field is None:
             raise InvalidKey(f"{format_key(path)}: unknown field")
         return field
+    if type(node) is _List and not (segment == "-" or _is_digits(segment)):
+        raise InvalidKey(f"{format_key(path)}: no such list item")  # in no document
     if type(node) in (_List, _Map):
         return node.item
     if node == "any":
@@ -495,6 +491,8 @@ def _assign(node_value, node, path, depth, value, merge, ids=True):
     if last:
         if value is _MISSING:
             raise InvalidValue("the value is missing")
+        if type(merge) is not bool:  # judged after the key, as the value is
+            raise InvalidValue("merge must be true or false")
         if merge:
             value = _merge_patch(old, value, null_removes=False)
         validate(value, child, here)
@@ -701,18 +699,15 @@ class SettingsDocument:
 
     def update(self, key, value, merge=False, if_match=None):
         path = parse_key(key)
-        if type(merge) is not bool:
-            raise InvalidValue("merge must be true or false")
         # Answered before If-Match: a key no document can have, a value wrong on its own (one
         # to merge, or none, as on the newest document if the key is there; ids not compared).
         node = _node_at(self.schema, path)  # "-" in a list: the node of its items
 
         def check_alone():
-            if merge or value is _MISSING:
-                with contextlib.suppress(InvalidKey):  # a key of the client's version: 412
-                    _assign(self._head, self.schema, path, 0, value, merge, ids=False)
-            else:
-                validate(value, node, path)
+            if value is not _MISSING:  # one to merge: JSON, whatever it is merged into
+                validate(value, "any" if merge else node, path)
+            with contextlib.suppress(InvalidKey):  # a key of the client's version: 412
+                _assign(self._head, self.schema, path, 0, value, merge, ids=False)
         return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),
                             if_match, check_alone)
 
@@ -1025,6 +1020,8 @@ class _Feed:
         gets an answer that waited, in the feed's thread (what it returns is returned)."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
+        if since is not None:  # another program's rewrite is an event now, not at a later look
+            self._look()
         with self._changed:
             number = self._number(since)
             answer = self._answer(number)
@@ -1170,8 +1167,8 @@ def _prepare_data_dir(path):
 
 
 def _lock_data_dir(directory):
-    """One server per data dir: lock the lock file (the OS unlocks it if we die), write our pid,
-    return the fd (closing it unlocks). It stays: else a third process could lock another inode."""
+    """One server per data dir: lock the lock file (the OS unlocks it if we die), return its
+    fd (closing it unlocks). It stays: else a third process could lock another inode."""
     with _startup_error("the data dir is not writable", directory):
         fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT, _FILE_MODE)
     try:
@@ -1181,6 +1178,7 @@ def _lock_data_dir(directory):
             import msvcrt  # Windows only
             os.lseek(fd, 1 << 20, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            os.lseek(fd, 0, os.SEEK_SET)  # back, for the pid
     except OSError:
         os.lseek(fd, 0, os.SEEK_SET)
         pid = os.read(fd, 32).decode("ascii", "replace").strip()
@@ -1188,19 +1186,7 @@ def _lock_data_dir(directory):
         holder = f" (pid {pid})" if pid.isdigit() else ""
         raise StartupError(f"another qabel_rest{holder} is already using the data dir "
                            f"({directory})") from None
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
-
-
-def _remove_stale_temp_files(directory):
-    """Temp files of a process killed mid-write: never renamed, so never current."""
-    prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
-    for entry in os.listdir(directory):
-        if entry.startswith(prefixes) and entry.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, entry))
 
 
 def _find_api_key(key, data_dir):
@@ -1285,6 +1271,7 @@ def _openapi(url):
                 "417": answer("an Expect other than 100-continue", error),
                 "431": answer("a header line over 64 KiB, or 100 of them", error),
                 "501": answer("a transfer coding other than chunked", error),
+                "505": answer("HTTP/2 to HTTP/9: versions not spoken here", error),
                 "503": answer("a document invalid on disk, too many connections (with "
                               "Retry-After) or shutting down", error, "Retry-After")}
     keyed = {"401": answer("no API key, or a wrong one", error, "WWW-Authenticate"), **refusals}
@@ -1322,8 +1309,8 @@ def _openapi(url):
             "value": {}, "merge": {"type": "boolean"}}}
         post = {"type": "object", "required": ["settings"],
                 "properties": {"settings": _json_schema(schema)}}
-        patch = {"type": "object", "additionalProperties": False,
-                 "properties": dict.fromkeys(schema.fields, {})}
+        patch = {"type": "object", "properties": dict.fromkeys(schema.fields, {}),
+                 "additionalProperties": {"type": "null"}}  # removing what is not there
         paths[path] = {
             "get": {"parameters": [{"name": "If-None-Match", "in": "header", "schema": text}],
                     "responses": {"200": answer("the document", document, "ETag"),
@@ -1381,7 +1368,7 @@ _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _MAX_FORM_FIELDS = 16
-_SECONDS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
+_SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")  # not HTAB, CRLF, LF
@@ -1500,8 +1487,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         line = str(self.raw_requestline, "iso-8859-1")
         words = line.split()  # as http.server does
         if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
-            # http.server would wait for headers and answer with no status line
-            raise _Malformed("HTTP/0.9 is not supported")
+            raise _Malformed("HTTP/0.9 is not supported")  # http.server: no status line
         if (line.rstrip("\r\n").split(" ") != words  # split() also splits on \x85, \xa0
                 or not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[-1])):  # not HTTP/01.1 or 1.00
             raise _Malformed("malformed request line")  # RFC 9112 3: method SP target SP version
@@ -1520,8 +1506,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     def handle_expect_100(self):
-        # RFC 9110 10.1.1: the 100 goes out once every check has passed (_read_body)
-        return True
+        return True  # RFC 9110 10.1.1: the 100 goes out after every check (_read_body)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a bad request line, 414, 431, 501), as JSON."""
@@ -1731,7 +1716,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace"))
         timeout = query.get("timeout", "30")
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
-        self.server._extend_deadline(self.connection, min(seconds or 0, MAX_WAIT))
+        self.server._extend_deadline(self.connection, min(max(seconds or 0, 0), MAX_WAIT))
         answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
             self.wfile.write(answer)
@@ -1839,7 +1824,10 @@ def _parse_form(body):
                                        errors="strict", max_num_fields=_MAX_FORM_FIELDS)
     except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
-    return _build_object(pairs)
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise InvalidValue("a form field appears twice")
+    return fields
 
 
 # --- Server lifecycle ---------------------------------------------------------
@@ -1911,8 +1899,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
 
     def _look(self):
         for document in (self.settings, self.synced):
-            with contextlib.suppress(QabelRestError):
-                document.current()  # publishes another program's rewrite
+            with contextlib.suppress(QabelRestError):  # not waiting for a save: it looks too
+                document.load()  # publishes another program's rewrite
 
     def server_bind(self):
         if os.name == "nt":  # pragma: no cover - Windows
@@ -2045,6 +2033,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     settings.load()
     synced.load()
     api_key, key_source = _find_api_key(api_key, data_dir)
+    with _startup_error("the data dir is not readable", data_dir):
+        existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:
         server = QabelRestServer((host, port), handler_class, data_dir=data_dir,
                                  settings=settings, synced=synced, max_body=max_body,
@@ -2053,11 +2043,17 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     except (OSError, OverflowError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
-    existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     try:
         _prepare_data_dir(data_dir)
         server._dir_lock = _lock_data_dir(data_dir)
-        _remove_stale_temp_files(data_dir)
+        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
+            os.ftruncate(server._dir_lock, 0)
+            os.write(server._dir_lock, f"{os.getpid()}\n".encode())
+        prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
+        for name in existed or ():  # temp files of a process killed mid-write: never current
+            if name.startswith(prefixes) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(data_dir, name))
         for document in (settings, synced):
             document.load()  # again, now that no other instance can be writing
             document.create_if_missing()
@@ -2074,8 +2070,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             for name in set(os.listdir(data_dir)) - (existed or set()):
                 os.unlink(os.path.join(data_dir, name))
         server.server_close()
-        if existed is None and os.path.isdir(data_dir):
-            os.rmdir(data_dir)
+        if existed is None:  # made by this start, unless another one's files are in it
+            with contextlib.suppress(OSError):
+                os.rmdir(data_dir)
         raise
     return server
 
@@ -2119,7 +2116,8 @@ def _client(argv):
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
-            body = None if body is None else json.dumps(body).encode()  # surrogates escaped
+            if body is not None:  # what no document may hold is refused, never sent
+                body = json.dumps(body, default=_Unfit.refuse, allow_nan=False).encode()
             connection.request(method, path, body, {"X-API-Key": key, "Content-Type": media})
             with connection.getresponse() as response:  # closed now: closed by its
                 data = response.read()  # finalizer, it would swallow a Ctrl-C (a watch's end)

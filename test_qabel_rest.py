@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import struct
+import stat
 import subprocess
 import sys
 import threading
@@ -890,7 +891,6 @@ HOSTILE_BODIES = [
     b'{"key": "module_data.m", "value": ' + b"[" * 100000 + b"]" * 100000 + b"}",
     b'{"key": "module_data.m", "value": {"x": ' + b"[" * 70 + b"]" * 70 + b"}}",
     b'{"key": "module_data.m", "value": {"x": 1, "x": 2}}',
-    b'{"key": "module_data.m", "key": "poll_interval", "value": {}}',
     b'{"key": "module_data.m", "value": {"x": "\xff"}}',
     b'\xef\xbb\xbf{"key": "module_data.m", "value": {}}',
     '{"key": "module_data.m", "value": {}}'.encode("utf-16"),
@@ -913,6 +913,45 @@ def test_hostile_json_put_is_400_and_changes_nothing(live, body):
 
 
 @pytest.mark.parametrize("body, status", [
+    (b'{"key": "bogus", "value": 1e400}', 405),  # the key first, then what the value holds
+    (b'{"key": "bogus", "value": 99999999999999999999999}', 405),
+    (b'{"key": "bogus", "value": {"a": 1, "a": 2}}', 405),
+    (b'{"key": "bogus", "value": 1, "merge": "yes"}', 405),
+    (b'{"value": 1e400}', 405),
+    (b'{"key": "module_data.m", "key": "poll_interval", "value": {}}', 405),  # which key?
+    (b'{"key": "poll_interval", "value": 1e400}', 400),
+    (b'{"key": "poll_interval", "value": 5, "merge": "yes"}', 400),
+])
+def test_put_judges_the_key_before_a_value_no_document_may_hold(live, body, status):
+    response = live.call("PUT", "/settings", body)
+    assert response.status == status
+    if status == 400:
+        assert response.json()["error"].startswith("poll_interval: ") or "merge" in body.decode()
+    assert documents(live.data_dir) == live.initial
+
+
+@pytest.mark.parametrize("body", [
+    {"key": "identities.x", "value": 1, "merge": "yes"},
+    {"key": "identities.5", "value": {"id": 7}, "merge": None},  # no item 5
+    {"key": "identities.0x", "value": 1, "merge": 1},
+])
+def test_put_judges_a_list_index_before_merge(live, body):
+    response = live.call("PUT", "/synced", body)
+    assert response.status == 405 and "no such list item" in response.json()["error"]
+    assert documents(live.data_dir) == live.initial
+
+
+def test_put_ignores_extra_fields_even_ones_no_document_may_hold(live):
+    body = b'{"key": "poll_interval", "value": 5, "extra": 1e400, "more": {"a": 1, "a": 2}}'
+    response = live.call("PUT", "/settings", body)
+    assert response.status == 200 and response.json() == {"key": "poll_interval", "value": 5}
+    assert live.doc("settings.json")["poll_interval"] == 5
+
+
+@pytest.mark.parametrize("body, status", [
+    (b'{"other": 1e400}', 405),  # settings missing, whatever else the body holds
+    (b'{"other": 1, "other": 2}', 405),
+    (b'{"settings": {}, "settings": {"poll_interval": 5}}', 400),
     (b'{"settings": {"poll_interval": NaN}}', 405),
     (b'{"settings": {"poll_interval": 1e400}}', 400),
     (b'{"settings": {"poll_interval": 1, "poll_interval": 2}}', 400),
@@ -3054,6 +3093,62 @@ def test_data_dir_refusing_new_files_is_a_startup_error_that_creates_nothing(
     assert os.listdir(tmp_path) == []
 
 
+def test_lock_file_that_cannot_take_the_pid_is_a_startup_error_that_leaves_nothing(
+        tmp_path, monkeypatch):
+    def full(fd, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "ftruncate", full)  # the disk filled up after the lock
+    data_dir = tmp_path / "new" / "data"
+    descriptors = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
+    with pytest.raises(qabel_rest.StartupError, match=r"^cannot write the lock file: "
+                       r"No space left on device \("):
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    assert not data_dir.exists()  # nor the lock file in it
+    if descriptors:  # the lock file's and the socket's are closed
+        assert len(os.listdir("/proc/self/fd")) == len(descriptors)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX: a FIFO")
+def test_lock_file_that_is_a_fifo_is_a_startup_error_and_stays(tmp_path):
+    os.mkfifo(tmp_path / "qabel_rest.lock")  # opens and locks; cannot be truncated
+    with pytest.raises(qabel_rest.StartupError, match="^cannot write the lock file: "):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    assert os.listdir(tmp_path) == ["qabel_rest.lock"]
+
+
+def test_data_dir_that_cannot_be_listed_is_a_startup_error(tmp_path, monkeypatch):
+    real = os.listdir
+
+    def listdir(path="."):  # as a data dir with mode 0300 (root lists any)
+        if os.path.abspath(path) == str(tmp_path):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(qabel_rest.StartupError, match=r"^the data dir is not readable: "
+                       r"Permission denied \("):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_two_first_starts_on_one_new_data_dir_the_loser_leaves_the_winners_files(
+        tmp_path, monkeypatch):
+    data_dir, real, winner = tmp_path / "new", qabel_rest._prepare_data_dir, []
+
+    def prepare(path):  # the other start creates the dir too, and locks it first
+        real(path)
+        monkeypatch.setattr(qabel_rest, "_prepare_data_dir", real)
+        winner.append(start(data_dir))
+    monkeypatch.setattr(qabel_rest, "_prepare_data_dir", prepare)
+    try:
+        with pytest.raises(qabel_rest.StartupError, match="another qabel_rest"):
+            qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+        assert sorted(os.listdir(data_dir)) == ["qabel_rest.lock", "settings.json", "synced.json"]
+        assert winner[0].put("/settings", "poll_interval", 5).status == 200
+    finally:
+        stop(winner[0])
+
+
 def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):
     stale = [".settings.json.0a1b2c.tmp", ".synced.json.x.tmp", ".api-key.y.tmp",
              ".qabel_rest.lock.z.tmp"]
@@ -3210,6 +3305,17 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
                                                     "merge": True}, headers=h), 400),
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.-", "merge": True,
                                                   "value": {"alias": ""}}, headers=h), 400),
+    # a list segment no document can have: not an index, nor "-"
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x", "value": {"id": 1}},
+                               headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x"}, headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.x", "value": 1e400}',
+                               headers=h), 405),
+    # merged into an item the newest document lacks: still no JSON a document may hold
+    (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.0", "merge": true, '
+                               b'"value": {"alias": 1e400}}', headers=h), 400),
+    (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.0.keys", "merge": true, '
+                               b'"value": {"a": 1, "a": 2}}', headers=h), 400),
     (lambda live, h: live.call("PATCH", "/settings", {"poll_interval": "x"}, headers=h,
                                content_type="application/merge-patch+json"), 400),
     (lambda live, h: live.call("PATCH", "/settings", {"nope": 1}, headers=h,
@@ -3783,7 +3889,8 @@ def test_feed_timeout_zero_never_waits(live):
         assert response.status == 200 and response.json()["events"] == []
 
 
-@pytest.mark.parametrize("timeout", ["0", "0.5", "0.25", "1.5", "30", "300", "300.0", "1e2"])
+@pytest.mark.parametrize("timeout", ["0", "0.5", "0.25", "1.5", "30", "300", "300.0", "1e2",
+                                     "-0", "-0.0", "-0e5", "+1"])
 def test_feed_valid_timeouts_up_to_300_are_accepted(live, timeout):
     since = feed_cursor(live)
     put = live.put("/settings", "poll_interval", 5)  # an event is there: no wait
@@ -4087,10 +4194,54 @@ def test_feed_subscriber_learns_of_a_file_rewritten_by_another_program(live, wai
     since = feed_cursor(live)
     feed_rewrite(live.data_dir, "settings", FEED_REWRITES["settings"])
     time.sleep(1.5)  # nobody follows now: the server does not look (an idle app sleeps)
-    assert seen.empty() and live.server.events(since) == {"cursor": since, "events": []}
     unsubscribe = live.server.subscribe(seen.put)  # following again: it looks again
     assert seen.get(timeout=5) == feed_event("settings", None, live.server.settings.etag)
     unsubscribe()
+    assert live.server.events(since)["events"] == [
+        feed_event("settings", None, live.server.settings.etag)]
+
+
+def test_feed_poll_during_a_save_answers_without_waiting_for_the_save(live, monkeypatch):
+    since = feed_cursor(live)
+    real, gate, held = os.fsync, threading.Event(), threading.Event()
+
+    def fsync(fd):  # the directory's, after the rename: the file is new, the save not done
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and not gate.is_set():
+            held.set()
+            gate.wait(10)
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    put = threading.Thread(target=lambda: results.append(live.put("/settings", "poll_interval",
+                                                                  7)))
+    results = []
+    put.start()
+    assert held.wait(5)
+    polls = []
+    poll = threading.Thread(target=lambda: polls.append((feed_get(live, since, 0),
+                                                         live.server.events(since, 0))))
+    poll.start()
+    poll.join(3)  # a save may take this long: the poll does not wait for it (nor 5 s)
+    answered = not poll.is_alive()
+    gate.set()
+    put.join(5)
+    poll.join(5)
+    assert answered and results[0].status == 200
+    assert polls[0][0].status == 200
+    assert polls[0][0].json()["events"] == polls[0][1]["events"] == []  # not yet published
+    assert feed_events(live, since) == [
+        feed_event("settings", ["poll_interval"], results[0].headers["ETag"])]
+
+
+@pytest.mark.parametrize("timeout", [0, 0.05])
+def test_feed_short_poll_learns_of_a_rewrite_at_once(live, timeout):
+    since = feed_cursor(live)
+    feed_rewrite(live.data_dir, "synced", FEED_REWRITES["synced"])
+    response = feed_get(live, since, timeout)  # nothing read it, nothing waits: the poll looks
+    assert response.status == 200
+    tag = live.server.synced.etag
+    assert response.json()["events"] == [feed_event("synced", None, tag)]
+    assert live.server.events(response.json()["cursor"]) == {
+        "cursor": response.json()["cursor"], "events": []}
 
 
 def test_feed_rewrite_noticed_by_a_read_or_a_write_comes_before_the_change(live):
@@ -4672,6 +4823,15 @@ def test_key_longer_than_the_limit_is_405(live):
     response = live.put("/settings", too_long, 1)
     assert response.status == 405
     assert "longer than" in response.json()["error"]
+    # counted as given, dots and escapes included; a list in its dotted form
+    segments = ["module_data", "m"] + ["k" * 65] * 62  # 63 dots more than its letters
+    assert len(".".join(segments)) > qabel_rest.MAX_KEY_LENGTH >= sum(map(len, segments))
+    for key in (".".join(segments), segments, "module_data.m." + "\\.k" * 1400):
+        response = live.put("/settings", key, 1)
+        assert response.status == 405 and "longer than" in response.json()["error"]
+    at_limit = "module_data.m." + "k" * (qabel_rest.MAX_KEY_LENGTH - 14)
+    assert live.put("/settings", at_limit, 1).status == 200
+    assert live.doc("settings.json")["module_data"]["m"] == {at_limit[14:]: 1}
     with pytest.raises(qabel_rest.InvalidKey):
         live.server.settings.put(["module_data", "m", 10 ** 5000], 1)  # no int-to-text error
 
@@ -5728,6 +5888,7 @@ def test_openapi_declares_the_headers_and_query_parameters(live):
 
 def test_openapi_request_bodies_json_and_form_and_merge_patch(live):
     api = oa_document(live)
+    content_type_patch = "application/merge-patch+json"
     for path in ("/settings", "/synced"):
         operations = api["paths"][path]
         for method in ("put", "post"):
@@ -5736,6 +5897,14 @@ def test_openapi_request_bodies_json_and_form_and_merge_patch(live):
             assert "415" in operations[method]["responses"]
         content = oa_resolve(api, operations["patch"]["requestBody"])["content"]
         assert set(content) == {"application/merge-patch+json"}
+        patch = oa_resolve(api, content["application/merge-patch+json"]["schema"])
+        # removing a field no document has changes nothing: the server takes it, as does
+        # the schema; a field no document may have is refused by the server as a result
+        assert oa_errors({"bogus": None}, patch) == [] and oa_errors({"bogus": 1}, patch)
+        assert live.call("PATCH", path, {"bogus": None}, content_type=content_type_patch
+                         ).status == 200
+        assert live.call("PATCH", path, {"bogus": 1}, content_type=content_type_patch
+                         ).status == 400
         assert "accept-patch" in oa_response_headers(api, operations["patch"], 415)
         content = oa_resolve(api, operations["put"]["requestBody"])["content"]
         put = oa_resolve(api, content["application/json"]["schema"])
@@ -5828,9 +5997,15 @@ def test_openapi_declares_every_status_and_header_the_server_answers(live, tmp_p
     finally:
         stop(small)
     assert (too_big.status, refused.status) == (413, 503)
+    conn = live.conn()
+    conn.send(b"GET /settings HTTP/2.0\r\nHost: localhost\r\n\r\n")
+    http_2 = conn.read()
+    conn.close()
     declared("PUT", "/settings", too_big)
     declared("GET", "/settings", refused)
-    assert {"200", "304", "400", "401", "403", "405", "410", "412", "413", "415", "503"} <= seen
+    declared("GET", "/settings", http_2)
+    assert {"200", "304", "400", "401", "403", "405", "410", "412", "413", "415", "503",
+            "505"} <= seen
 
 
 def test_openapi_components_schemas_are_the_two_documents_as_get_serves_them(live):

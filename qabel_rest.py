@@ -704,6 +704,8 @@ class SettingsDocument:
         node = _node_at(self.schema, path)  # "-" in a list: the node of its items
 
         def check_alone():
+            if type(merge) is not bool:  # else judged after the key's items, in _assign
+                raise InvalidValue("merge must be true or false")
             if value is not _MISSING:  # one to merge: JSON, whatever it is merged into
                 validate(value, "any" if merge else node, path)
             with contextlib.suppress(InvalidKey):  # a key of the client's version: 412

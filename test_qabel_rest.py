@@ -3311,6 +3311,8 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x"}, headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.x", "value": 1e400}',
                                headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.5.alias", "value": "x",
+                                                  "merge": "yes"}, headers=h), 400),
     # merged into an item the newest document lacks: still no JSON a document may hold
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.0", "merge": true, '
                                b'"value": {"alias": 1e400}}', headers=h), 400),

@@ -362,8 +362,7 @@ def validate(value, node, path=()):
     kind = type(value)
     if kind is dict or kind is list:
         if len(path) >= MAX_DEPTH:
-            raise InvalidValue(f"{format_key(path[:MAX_DEPTH])}: nested deeper than "
-                               f"{MAX_DEPTH} levels")
+            raise InvalidValue(f"{format_key(path)}: nested deeper than {MAX_DEPTH} levels")
         if node == "any":
             node = _ANY_OBJECT if kind is dict else _List("any")
     elif kind is str and not _is_text(value):
@@ -425,8 +424,8 @@ def _child_node(node, segment, path):
         if field is None:
             raise InvalidKey(f"{format_key(path)}: unknown field")
         return field
-    if type(node) is _List and not (segment == "-" or _is_digits(segment)):
-        raise InvalidKey(f"{format_key(path)}: no such list item")  # in no document
+    if type(node) is _List and segment != "-":  # an index no list could have: 405 at once
+        _list_index(range(sys.maxsize), segment, path)
     if type(node) in (_List, _Map):
         return node.item
     if node == "any":
@@ -549,7 +548,7 @@ def _signature(st):  # what changes when another program rewrites a file
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def atomic_write(path, data, dir_fd=None, check=None):
+def atomic_write(path, data, dir_fd=None, check=lambda: None):
     """Write data to path atomically and durably, mode 0600: temp file, fsync, rename,
     fsync of the directory (dir_fd if given). What check() raises just before the rename
     abandons the write. Returns the new file's signature (from its descriptor). On failure
@@ -565,8 +564,7 @@ def atomic_write(path, data, dir_fd=None, check=None):
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
         except (AttributeError, OSError):  # not macOS (Windows: no fcntl), or not on this FS
             os.fsync(fd)
-        if check is not None:
-            check()
+        check()
         if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
             os.close(fd)
             fd = None
@@ -979,7 +977,7 @@ class _Waiter:
 
     def __init__(self, number, deliver):
         self.number = number
-        self.deliver = deliver  # None, or a function the answer goes to
+        self.deliver = deliver  # a function the answer goes to
         self.answer = None  # the answer, the CursorGone it gets, or what deliver returned
         self.done = threading.Event()
 
@@ -1017,7 +1015,7 @@ class _Feed:
             self._closed = True
             self._changed.notify_all()
 
-    def events(self, since=None, timeout=0, deliver=None, gone=None):
+    def events(self, since=None, timeout=0, deliver=lambda answer: answer, gone=None):
         """{"cursor", "events"} after since, waiting up to timeout seconds for one; deliver
         gets an answer that waited, in the feed's thread (what it returns is returned)."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
@@ -1105,12 +1103,11 @@ class _Feed:
                 closed = self._closed
                 look = (self._waiters or self._subscribers) and time.monotonic() >= next_look
             for waiter in ready:  # every answer is sent before any waiter wakes
-                if waiter.deliver is not None:
-                    try:
-                        waiter.answer = waiter.deliver(waiter.answer)
-                    except Exception:
-                        waiter.answer = b""  # its connection closes unanswered
-                        _logger().exception("unexpected error answering a request for events")
+                try:
+                    waiter.answer = waiter.deliver(waiter.answer)
+                except Exception:
+                    waiter.answer = b""  # its connection closes unanswered
+                    _logger().exception("unexpected error answering a request for events")
             for waiter in ready:
                 waiter.done.set()
             if closed:
@@ -2037,6 +2034,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     api_key, key_source = _find_api_key(api_key, data_dir)
     with _startup_error("the data dir is not readable", data_dir):
         existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
+    new_dir = existed is None
     try:
         server = QabelRestServer((host, port), handler_class, data_dir=data_dir,
                                  settings=settings, synced=synced, max_body=max_body,
@@ -2051,8 +2049,11 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
             os.ftruncate(server._dir_lock, 0)
             os.write(server._dir_lock, f"{os.getpid()}\n".encode())
+        # No other instance runs now: files one made since the listing are not this start's.
+        with _startup_error("the data dir is not readable", data_dir):
+            existed = (existed or set()) | set(os.listdir(data_dir)) - {_LOCK_FILE}
         prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
-        for name in existed or ():  # temp files of a process killed mid-write: never current
+        for name in existed:  # temp files of a process killed mid-write: never current
             if name.startswith(prefixes) and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(data_dir, name))
@@ -2072,7 +2073,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             for name in set(os.listdir(data_dir)) - (existed or set()):
                 os.unlink(os.path.join(data_dir, name))
         server.server_close()
-        if existed is None:  # made by this start, unless another one's files are in it
+        if new_dir:  # made by this start, unless another one's files are in it
             with contextlib.suppress(OSError):
                 os.rmdir(data_dir)
         raise
@@ -2221,8 +2222,7 @@ def main(argv=None):
     if args.max_body < 1:
         parser.error("--max-body must be a positive number of bytes")
     import logging
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s qabel_rest %(levelname)s %(message)s")
+    logging.basicConfig(level="INFO", format="%(asctime)s qabel_rest %(levelname)s %(message)s")
     if hasattr(signal, "SIGXFSZ"):  # over a file size limit a write fails with EFBIG (507): no kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:

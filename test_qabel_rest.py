@@ -3149,6 +3149,41 @@ def test_two_first_starts_on_one_new_data_dir_the_loser_leaves_the_winners_files
         stop(winner[0])
 
 
+def test_a_start_failing_late_keeps_the_files_an_instance_made_before_its_lock(
+        tmp_path, monkeypatch):
+    real = qabel_rest._prepare_data_dir
+
+    def prepare(path):  # after this start's listing, another runs, saves a change and stops
+        real(path)
+        monkeypatch.setattr(qabel_rest, "_prepare_data_dir", real)
+        other = start(tmp_path)
+        assert other.put("/settings", "poll_interval", 5).status == 200
+        stop(other)
+    monkeypatch.setattr(qabel_rest, "_prepare_data_dir", prepare)
+    disk_full_at(monkeypatch, "api-key")  # then this start fails, writing its key file
+    with pytest.raises(qabel_rest.StartupError, match="cannot write the key file"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert {"settings.json", "synced.json"} <= set(os.listdir(tmp_path))
+    assert json.loads((tmp_path / "settings.json").read_bytes())["poll_interval"] == 5
+
+
+def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_leaves_nothing(
+        tmp_path, monkeypatch):
+    real, calls = os.listdir, []
+
+    def listdir(path="."):  # the second listing, once the lock is taken
+        if os.path.abspath(path) == str(tmp_path):
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(qabel_rest.StartupError, match="^the data dir is not readable: "):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [] and len(calls) == 3  # the third: the clean-up's
+
+
 def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):
     stale = [".settings.json.0a1b2c.tmp", ".synced.json.x.tmp", ".api-key.y.tmp",
              ".qabel_rest.lock.z.tmp"]
@@ -3309,6 +3344,12 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x", "value": {"id": 1}},
                                headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x"}, headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.01.alias", "value": "a"},
+                               headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.00", "value": "z"},
+                               headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities." + "9" * 30 + ".alias",
+                                                  "value": "a"}, headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.x", "value": 1e400}',
                                headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.5.alias", "value": "x",

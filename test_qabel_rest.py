@@ -3083,6 +3083,33 @@ def failing_open(monkeypatch, endswith, err=errno.EACCES):
     monkeypatch.setattr(os, "open", fake)
 
 
+def failing_listdir(monkeypatch, directory, listing=None):
+    """os.listdir of directory fails with EACCES (as for a data dir with mode 0300: root
+    lists any): every listing, or only the listing-th. Returns the calls, one per listing."""
+    real, calls = os.listdir, []
+
+    def fake(path="."):
+        if os.path.abspath(path) == str(directory):
+            calls.append(path)
+            if listing in (None, len(calls)):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(path)
+    monkeypatch.setattr(os, "listdir", fake)
+    return calls
+
+
+def before_the_lock(monkeypatch, action):
+    """Run action() once, in the next start: after it listed the data dir and created it
+    if needed, before it takes the lock."""
+    real = qabel_rest._prepare_data_dir
+
+    def prepare(path):
+        real(path)
+        monkeypatch.setattr(qabel_rest, "_prepare_data_dir", real)
+        action()
+    monkeypatch.setattr(qabel_rest, "_prepare_data_dir", prepare)
+
+
 @pytest.mark.parametrize("endswith", [".tmp", "qabel_rest.lock"])
 def test_data_dir_refusing_new_files_is_a_startup_error_that_creates_nothing(
         tmp_path, monkeypatch, endswith):
@@ -3117,13 +3144,7 @@ def test_lock_file_that_is_a_fifo_is_a_startup_error_and_stays(tmp_path):
 
 
 def test_data_dir_that_cannot_be_listed_is_a_startup_error(tmp_path, monkeypatch):
-    real = os.listdir
-
-    def listdir(path="."):  # as a data dir with mode 0300 (root lists any)
-        if os.path.abspath(path) == str(tmp_path):
-            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
-        return real(path)
-    monkeypatch.setattr(os, "listdir", listdir)
+    failing_listdir(monkeypatch, tmp_path)
     with pytest.raises(qabel_rest.StartupError, match=r"^the data dir is not readable: "
                        r"Permission denied \("):
         qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
@@ -3133,13 +3154,9 @@ def test_data_dir_that_cannot_be_listed_is_a_startup_error(tmp_path, monkeypatch
 
 def test_two_first_starts_on_one_new_data_dir_the_loser_leaves_the_winners_files(
         tmp_path, monkeypatch):
-    data_dir, real, winner = tmp_path / "new", qabel_rest._prepare_data_dir, []
-
-    def prepare(path):  # the other start creates the dir too, and locks it first
-        real(path)
-        monkeypatch.setattr(qabel_rest, "_prepare_data_dir", real)
-        winner.append(start(data_dir))
-    monkeypatch.setattr(qabel_rest, "_prepare_data_dir", prepare)
+    data_dir, winner = tmp_path / "new", []
+    # the other start creates the dir too, and locks it first
+    before_the_lock(monkeypatch, lambda: winner.append(start(data_dir)))
     try:
         with pytest.raises(qabel_rest.StartupError, match="another qabel_rest"):
             qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
@@ -3151,15 +3168,11 @@ def test_two_first_starts_on_one_new_data_dir_the_loser_leaves_the_winners_files
 
 def test_a_start_failing_late_keeps_the_files_an_instance_made_before_its_lock(
         tmp_path, monkeypatch):
-    real = qabel_rest._prepare_data_dir
-
-    def prepare(path):  # after this start's listing, another runs, saves a change and stops
-        real(path)
-        monkeypatch.setattr(qabel_rest, "_prepare_data_dir", real)
+    def another_run():  # another instance starts, saves a change and stops
         other = start(tmp_path)
         assert other.put("/settings", "poll_interval", 5).status == 200
         stop(other)
-    monkeypatch.setattr(qabel_rest, "_prepare_data_dir", prepare)
+    before_the_lock(monkeypatch, another_run)
     disk_full_at(monkeypatch, "api-key")  # then this start fails, writing its key file
     with pytest.raises(qabel_rest.StartupError, match="cannot write the key file"):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)
@@ -3169,15 +3182,7 @@ def test_a_start_failing_late_keeps_the_files_an_instance_made_before_its_lock(
 
 def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_leaves_nothing(
         tmp_path, monkeypatch):
-    real, calls = os.listdir, []
-
-    def listdir(path="."):  # the second listing, once the lock is taken
-        if os.path.abspath(path) == str(tmp_path):
-            calls.append(path)
-            if len(calls) == 2:
-                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
-        return real(path)
-    monkeypatch.setattr(os, "listdir", listdir)
+    calls = failing_listdir(monkeypatch, tmp_path, listing=2)  # once the lock is taken
     with pytest.raises(qabel_rest.StartupError, match="^the data dir is not readable: "):
         qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
     monkeypatch.undo()

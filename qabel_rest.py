@@ -1845,7 +1845,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
     """The HTTP server with its two documents; build it with make_server(). Thread-safe:
     shutdown() may be called from any thread, before or during serve_forever()."""
 
-    block_on_close = False  # server_close() joins its own threads, with a bound
     # POSIX: rebind at once after a restart (TIME_WAIT). Windows: SO_REUSEADDR would let
     # another process steal the port: it gets SO_EXCLUSIVEADDRUSE instead (server_bind).
     allow_reuse_address = os.name != "nt"

@@ -123,10 +123,9 @@ _LEAVES = MappingProxyType({
             {"type": "string", "format": "uri", "description": "an absolute http(s) URL"}),
     "name": ("a non-empty string", lambda v: type(v) is str and v != "",
              {"type": "string", "minLength": 1}),
-    "key": ("a string", lambda v: type(v) is str, {"type": "string"}),
 })
 # Leaves typed as strings: a form value for one is its text as given, never JSON.
-_TEXT_LEAVES = frozenset({"str", "url", "name", "key"})
+_TEXT_LEAVES = frozenset({"str", "url", "name"})
 
 
 def _item(**fields):
@@ -154,7 +153,7 @@ SYNCED_SCHEMA = _Obj(MappingProxyType({
                                    token="str", revoke_token="str")),
     "identities": _List(_item(
         alias="name",
-        keys=_Obj(MappingProxyType({name: "key" for name in _KEY_NAMES}), frozenset()),
+        keys=_Obj(MappingProxyType({name: "str" for name in _KEY_NAMES}), frozenset()),
         drops=_List("url"))),
     "module_data": _MODULE_DATA,
 }), frozenset())

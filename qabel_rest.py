@@ -23,6 +23,7 @@ import email.errors
 import errno
 import http.server
 import io
+import ipaddress
 import itertools
 import json
 import math
@@ -76,6 +77,11 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
 # A Host header value (RFC 9110 7.2): a name or a bracketed IPv6 literal, then :port
 _HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
+# An absolute http(s) URL (RFC 3986; 3987: any script), the same on every Python (urlsplit's
+# checks are not): a user, a host (a name, or an IPv6 address in brackets), a port, the rest.
+_URL = re.compile(r"(?i)https?://(?:[^\s/?#@\[\]]*@)?"
+                  r"(?:[a-z0-9\-._~!$&'()*+,;=%\u0080-\U0010ffff]+|\[(?P<ip>[^\]]*)\])"
+                  r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -92,16 +98,13 @@ _List = collections.namedtuple("_List", "item")
 _Map = collections.namedtuple("_Map", "item")
 
 
-def _is_url(value):
-    # RFC 3986: no spaces or control characters anywhere in a URI
-    if type(value) is not str or not value.isprintable() or " " in value:
-        return False
+def _is_url(value):  # RFC 3986: no spaces or control characters anywhere in a URI
+    match = type(value) is str and value.isprintable() and _URL.fullmatch(value)
     try:
-        parts = urllib.parse.urlsplit(value)
-        parts.port  # raises ValueError on a malformed port
-    except ValueError:
+        return bool(match) and int(match["port"] or 0) <= 0xFFFF and (
+            match["ip"] is None or ipaddress.IPv6Address(match["ip"]) is not None)
+    except ValueError:  # not an IPv6 address
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _is_count(value):
@@ -556,6 +559,7 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
     try:
+        os.chmod(temp, _FILE_MODE)  # what the umask took away (Windows: clears read-only)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -1714,7 +1718,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace"))
         timeout = query.get("timeout", "30")
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
-        self.server._extend_deadline(self.connection, min(max(seconds or 0, 0), MAX_WAIT))
+        self.server._move(self.connection, _BUSY, _BUSY,  # more time: it may wait for events
+                          self.server.request_timeout + min(max(seconds or 0, 0), MAX_WAIT))
         answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
             self.wfile.write(answer)
@@ -2003,11 +2008,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             entry[1:] = new, time.monotonic() + seconds
             return True
 
-    def _extend_deadline(self, sock, seconds):
-        """Give a request that waits for events that much more time."""
-        with self._state:
-            self._connections[sock][2] += seconds
-
 
 def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
@@ -2045,6 +2045,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         _prepare_data_dir(data_dir)
         server._dir_lock = _lock_data_dir(data_dir)
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
+            os.chmod(os.path.join(data_dir, _LOCK_FILE), _FILE_MODE)  # whatever the umask
             os.ftruncate(server._dir_lock, 0)
             os.write(server._dir_lock, f"{os.getpid()}\n".encode())
         # No other instance runs now: files one made since the listing are not this start's.

@@ -785,6 +785,14 @@ SCHEMA_CASES = [
     ("synced", "storage_servers.0.url", " https://s.de/", False),
     ("synced", "storage_servers.0.url", "https://[::1/", False),
     ("synced", "storage_servers.0.url", 5, False),
+    # the same on every Python (urlsplit's checks differ from version to version)
+    ("synced", "drop_servers.0.url", "HTTP://user:pw@h.de:8080/p?q#f", True),
+    ("synced", "drop_servers.0.url", "http://b\u00fccher.de:/", True),
+    ("synced", "drop_servers.0.url", "http://[fe80::1]:65535/", True),
+    *(("synced", "storage_servers.0.url", url, False) for url in (
+        "https://[::1]]/", "http://[::1]x/", "http://[zz]/", "http://[1.2.3.4]/",
+        "http://a:+80/", "http://a:1_000/", "http://a:\uff18\uff10/", "http://[::1]:+80/",
+        "http://a:65536/", "http://a|b/", "http://a{b}/", "http://u @a/", "http://a/\x00")),
     # NAME, KEY, lists
     ("synced", "identities.0.alias", "a", True),
     ("synced", "identities.0.alias", "", False),
@@ -1112,6 +1120,23 @@ def test_file_and_dir_modes(tmp_path):
             assert os.stat(data_dir / name).st_mode & 0o777 == 0o600
     finally:
         stop(live)
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX modes")
+def test_files_are_0600_whatever_the_umask_and_a_restart_works(tmp_path):
+    """A umask taking the owner's write bit (0277) made every file 0400: the next start
+    could not open its lock file."""
+    data_dir = tmp_path / "d"
+    for _ in range(2):
+        proc = Process(data_dir, preexec_fn=lambda: os.umask(0o277))
+        assert proc.port, proc.finish()
+        key = (data_dir / "api-key").read_text().strip()
+        client = Client(proc.port)
+        assert client.put("/settings", "poll_interval", 3, key=key).status == 200
+        assert proc.finish()[0] == 0
+        for name in ("settings.json", "synced.json", "api-key", "qabel_rest.lock"):
+            assert os.stat(data_dir / name).st_mode & 0o777 == 0o600, name
+    assert json.loads((data_dir / "settings.json").read_text())["poll_interval"] == 3
 
 
 def test_persistence_across_restart(tmp_path):

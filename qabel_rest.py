@@ -691,10 +691,9 @@ class SettingsDocument:
 
     @property
     def etag(self):
-        """The tag of the newest accepted version, as in the ETag header."""
-        with self._lock:
-            self._usable(self._refresh())
-            return self._head_tag
+        """The tag of the version get() reads, as in the ETag header: read it first. (Not
+        that of a change being saved: If-Match with it would pass on content not seen.)"""
+        return self.current().etag
 
     # -- the interface of the HTTP handler: no copies; returns (result, new tag) ----
 
@@ -1008,8 +1007,9 @@ class _Feed:
         with self._changed:
             self._events.append((document, key, etag))
             self._last += 1
-            if self._subscribers:
+            if self._subscribers:  # after close too: a change in flight is still saved
                 self._pending.append((self._last, (document, key, etag)))
+                self._start(self._dispatch)
             self._changed.notify_all()
 
     def close(self):
@@ -1124,15 +1124,16 @@ class _Feed:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._pending or self._closed)
-                if not self._pending:
-                    return  # closed
+                if not self._pending:  # closed: a later event starts a thread again
+                    self._threads.discard("_dispatch")
+                    return
                 number, event = self._pending.popleft()
                 subscribers = list(self._subscribers)
             for since, callback in subscribers:
                 if number > since:
                     try:
                         callback(_event(*event))
-                    except Exception:
+                    except BaseException:  # SystemExit too: it would end this thread
                         _logger().exception("a subscriber of the change feed failed")
 
 

@@ -1139,6 +1139,36 @@ def test_files_are_0600_whatever_the_umask_and_a_restart_works(tmp_path):
     assert json.loads((data_dir / "settings.json").read_text())["poll_interval"] == 3
 
 
+def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monkeypatch):
+    """A tag read before get() guards what get() read. During a save, .etag named the change
+    being saved: an If-Match with it passed on content not seen, and lost that change."""
+    settings = live.server.settings
+    settings.put("module_data.m.items", [])
+    before = live.get("/settings").headers["ETag"]
+    real, gate, held = os.fsync, threading.Event(), threading.Event()
+
+    def fsync(fd):  # the temp file's, before its rename: the save is under way
+        if not stat.S_ISDIR(os.fstat(fd).st_mode) and not gate.is_set():
+            held.set()
+            gate.wait(10)
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    writer = threading.Thread(target=settings.put, args=("module_data.m.items", ["a"]))
+    writer.start()
+    try:
+        assert held.wait(5)
+        tag, items = settings.etag, settings.get("module_data.m.items")
+        assert (tag, items) == (before, [])
+        assert live.get("/settings").headers["ETag"] == tag
+    finally:
+        gate.set()
+        writer.join(5)
+    with pytest.raises(qabel_rest.PreconditionFailed):
+        settings.put("module_data.m.items", items + ["b"], if_match=tag)
+    assert settings.get("module_data.m.items") == ["a"]
+    assert settings.etag == live.get("/settings").headers["ETag"] != before
+
+
 def test_persistence_across_restart(tmp_path):
     live = start(tmp_path)
     live.post("/synced", full_synced())
@@ -4582,6 +4612,25 @@ def test_feed_subscribe_calls_back_every_event_in_order_once_it_is_on_disk(live)
     assert seen[0][3] is not threading.current_thread()  # an HTTP change: a server thread
 
 
+def test_feed_subscriber_gets_a_change_saved_after_shutdown(live):
+    """A request in flight at shutdown() finishes, and a change before server_close() is
+    saved: its event reached the feed, but no subscriber (their thread had ended)."""
+    seen = []
+    arrived = threading.Condition()
+
+    def callback(event):
+        with arrived:
+            seen.append(event)
+            arrived.notify_all()
+
+    live.server.subscribe(callback)
+    live.server.shutdown()
+    time.sleep(0.2)  # the feed's threads see the close
+    live.server.settings.put("poll_interval", 5)
+    feed_wait_for(arrived, lambda: len(seen) == 1)
+    assert seen == [feed_event("settings", ["poll_interval"], live.server.settings.etag)]
+
+
 def test_feed_unsubscribe_stops_the_calls_and_nothing_is_replayed(live):
     server = live.server
     first, second = [], []
@@ -4608,11 +4657,13 @@ def test_feed_unsubscribe_stops_the_calls_and_nothing_is_replayed(live):
     assert second[1] == feed_event("settings", ["poll_interval"], server.settings.etag)
 
 
-def test_feed_subscriber_exception_is_logged_and_changes_nothing_else(live, caplog):
+@pytest.mark.parametrize("kind", [RuntimeError, SystemExit, KeyboardInterrupt])
+def test_feed_subscriber_exception_is_logged_and_changes_nothing_else(live, caplog, kind):
+    """SystemExit (sys.exit() in a callback) ended the thread calling every subscriber."""
     caplog.set_level(logging.DEBUG, logger="qabel_rest")
     broken_calls, working_calls = [], []
     arrived = threading.Condition()
-    raised = RuntimeError("callback-broke-here")
+    raised = kind("callback-broke-here")
 
     def broken(event):
         with arrived:

@@ -2114,8 +2114,6 @@ def _client(argv):
         parser.error("--url must be an http:// URL")
     url = urllib.parse.urlsplit(args.url)
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
-    # A Ctrl-C inside HTTPResponse.__init__ leaves it without fp, which its close() reads
-    connection.response_class = type("Response", (http.client.HTTPResponse,), {"fp": None})
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
@@ -2136,10 +2134,8 @@ def _client(argv):
 
     def read(name):
         try:
-            if name == "-":
-                return _parse_json(sys.stdin.buffer.read())
-            with open(name, "rb") as file:
-                return _parse_json(file.read())
+            with open(name, "rb") if name != "-" else contextlib.nullcontext(sys.stdin.buffer) as f:
+                return _parse_json(f.read())
         except (OSError, _NotJSON) as exc:
             raise QabelRestError(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}")
 
@@ -2199,8 +2195,12 @@ def _client(argv):
 def main(argv=None):
     """Run the server until SIGINT or SIGTERM, or a client command; the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] and argv[0] in _CLIENT_COMMANDS:
-        return _client(argv)
+    if argv[:1] and argv[0] in _CLIENT_COMMANDS:  # what a Ctrl-C cut half built (an
+        hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None  # HTTPResponse,
+        try:  # a SocketIO) fails in its finalizer: no "Exception ignored" after the one line
+            return _client(argv)
+        finally:
+            sys.unraisablehook = hook
     argv = argv[1:] if argv[:1] == ["serve"] else argv
     import argparse  # here, not at the top: an embedding app never needs it
     parser = argparse.ArgumentParser(prog="qabel_rest", description="The local REST server of "

@@ -35,6 +35,7 @@ import stat
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from http import HTTPStatus
 from types import MappingProxyType
@@ -79,8 +80,8 @@ _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not 
 _HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
 # An absolute http(s) URL (RFC 3986; 3987: any script), the same on every Python (urlsplit's
 # checks are not): a user, a host (a name, or an IPv6 address in brackets), a port, the rest.
-_URL = re.compile(r"(?i)https?://(?:[^\s/?#@\[\]]*@)?"
-                  r"(?:[a-z0-9\-._~!$&'()*+,;=%\u0080-\U0010ffff]+|\[(?P<ip>[^\]]*)\])"
+_URL = re.compile(r"(?i)https?://(?P<authority>(?:[^\s/?#@\[\]]*@)?"
+                  r"(?:[a-z0-9\-._~!$&'()*+,;=%\u0080-\U0010ffff]+|\[(?P<ip>[0-9a-f:.]+)\]))"
                   r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
@@ -100,9 +101,10 @@ _Map = collections.namedtuple("_Map", "item")
 
 def _is_url(value):  # RFC 3986: no spaces or control characters anywhere in a URI
     match = type(value) is str and value.isprintable() and _URL.fullmatch(value)
-    try:
-        return bool(match) and int(match["port"] or 0) <= 0xFFFF and (
-            match["ip"] is None or ipaddress.IPv6Address(match["ip"]) is not None)
+    try:  # NFKC, as IDNA applies it, must not make a delimiter of "\uff20" (CVE-2019-9636)
+        return (bool(match) and int(match["port"] or 0) <= 0xFFFF
+                and unicodedata.is_normalized("NFKC", match["authority"])
+                and (match["ip"] is None or ipaddress.IPv6Address(match["ip"]) is not None))
     except ValueError:  # not an IPv6 address
         return False
 
@@ -559,7 +561,8 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
     try:
-        os.chmod(temp, _FILE_MODE)  # what the umask took away (Windows: clears read-only)
+        with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
+            os.chmod(temp, _FILE_MODE)  # what the umask took away (Windows: clears read-only)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -691,8 +694,7 @@ class SettingsDocument:
 
     @property
     def etag(self):
-        """The tag of the version get() reads, as in the ETag header: read it first. (Not
-        that of a change being saved: If-Match with it would pass on content not seen.)"""
+        """The tag of the version get() reads (the ETag header's), not of a change being saved."""
         return self.current().etag
 
     # -- the interface of the HTTP handler: no copies; returns (result, new tag) ----
@@ -734,7 +736,8 @@ class SettingsDocument:
         version = self._disk
         if _file_signature(self.path) != version.signature:
             with self._lock:
-                self._saved.wait_for(lambda: not self._saving, SHUTDOWN_GRACE)
+                self._saved.wait_for(lambda: not self._saving or self._disk is not version,
+                                     SHUTDOWN_GRACE)  # that save only: later ones would starve it
                 version = self._refresh()
         return self._usable(version)
 
@@ -1089,8 +1092,9 @@ class _Feed:
 
     def _start(self, target):
         if target.__name__ not in self._threads:
-            self._threads.add(target.__name__)
-            threading.Thread(target=target, daemon=True, name="qabel_rest events").start()
+            with contextlib.suppress(RuntimeError):  # no thread to be had: the next call tries
+                threading.Thread(target=target, daemon=True, name="qabel_rest events").start()
+                self._threads.add(target.__name__)
 
     def _serve(self):
         """Until close: answer waiters (all on close); look at files while any wait or follow."""
@@ -1885,12 +1889,9 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         hosts = [*map(_normal_host, (*_LOCAL_HOSTS, address[0], *allowed_hosts))]  # a wrong
         super().__init__(address, handler_class)  # one raises before the port is bound
-        self.allowed_hosts = frozenset((*hosts, _normal_host(self.server_address[0])))
-
-    @property
-    def url(self):
         host, port = self.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.allowed_hosts = frozenset((*hosts, _normal_host(host)))
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def events(self, since=None, timeout=0):
         """What GET /events answers, as a dict; CursorGone where it answers 410."""
@@ -2046,7 +2047,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         _prepare_data_dir(data_dir)
         server._dir_lock = _lock_data_dir(data_dir)
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
-            os.chmod(os.path.join(data_dir, _LOCK_FILE), _FILE_MODE)  # whatever the umask
+            with contextlib.suppress(OSError):  # whatever the umask, as atomic_write
+                os.chmod(os.path.join(data_dir, _LOCK_FILE), _FILE_MODE)
             os.ftruncate(server._dir_lock, 0)
             os.write(server._dir_lock, f"{os.getpid()}\n".encode())
         # No other instance runs now: files one made since the listing are not this start's.
@@ -2141,12 +2143,10 @@ def _client(argv):
 
     def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
-        if name not in (None, "-"):  # 0600, as the server's files: synced holds private keys
-            with open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE)) as file:
-                file.write(text)
-        else:
-            sys.stdout.buffer.write(text)
-            sys.stdout.buffer.flush()
+        with (open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE))  # 0600, as
+              if name not in (None, "-") else contextlib.nullcontext(sys.stdout.buffer)) as file:
+            file.write(text)  # the server's files: synced holds private keys
+            file.flush()
 
     try:
         data_dir = os.path.abspath(args.data_dir or default_data_dir())

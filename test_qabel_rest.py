@@ -794,7 +794,10 @@ SCHEMA_CASES = [
     *(("synced", "storage_servers.0.url", url, False) for url in (
         "https://[::1]]/", "http://[::1]x/", "http://[zz]/", "http://[1.2.3.4]/",
         "http://a:+80/", "http://a:1_000/", "http://a:\uff18\uff10/", "http://[::1]:+80/",
-        "http://a:65536/", "http://a|b/", "http://a{b}/", "http://u @a/", "http://a/\x00")),
+        "http://a:65536/", "http://a|b/", "http://a{b}/", "http://u @a/", "http://a/\x00",
+        "http://[fe80::1%x y]/", "http://[fe80::1%25eth0]/", "http://[v1.x]/",
+        # NFKC (as IDNA applies it) would make a delimiter: urlsplit refuses these
+        "http://good.com\uff20evil.com/", "http://a\uff1a80/", "http://u\uff20p@a/")),
     # NAME, KEY, lists
     ("synced", "identities.0.alias", "a", True),
     ("synced", "identities.0.alias", "", False),
@@ -1169,6 +1172,53 @@ def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monk
         settings.put("module_data.m.items", items + ["b"], if_match=tag)
     assert settings.get("module_data.m.items") == ["a"]
     assert settings.etag == live.get("/settings").headers["ETag"] != before
+
+
+def test_a_reader_waits_for_the_save_under_way_not_for_the_next_one(live, monkeypatch):
+    """A read finding the file renamed by a save under way waits for that save. It waited
+    until no save ran at all: with writers back to back, up to 5 s (SHUTDOWN_GRACE)."""
+    real, entered, proceed = os.fsync, threading.Semaphore(0), threading.Semaphore(0)
+
+    def fsync(fd):  # the directory's, after a save's rename: each waits for a release
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            entered.release()
+            assert proceed.acquire(timeout=10)
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    settings, reads, threads = live.server.settings, [], []
+    try:
+        for target in (lambda: settings.put("poll_interval", 1),  # renamed, then held
+                       lambda: reads.append(settings.get("poll_interval")),  # waits for it
+                       lambda: settings.put("poll_interval", 2)):  # queued behind it
+            threads.append(threading.Thread(target=target))
+            threads[-1].start()
+            if len(threads) == 1:
+                assert entered.acquire(timeout=5)
+            time.sleep(0.2)
+        proceed.release()  # the first save ends; the second starts and is held after its rename
+        assert entered.acquire(timeout=5)
+        threads[1].join(3)
+        assert reads == [1]  # answered with the first save's version, the second still held
+    finally:
+        for _ in threads:
+            proceed.release()
+        for thread in threads:
+            thread.join(10)
+    assert settings.get("poll_interval") == 2
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX modes")
+def test_a_file_system_without_modes_still_starts_and_saves(tmp_path, monkeypatch):
+    """FAT (a USB stick) refuses chmod: the 0600 after the umask is skipped there."""
+    def chmod(path, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "chmod", chmod)
+    live = start(tmp_path)
+    try:
+        assert live.put("/settings", "poll_interval", 4).status == 200
+        assert live.doc("settings.json")["poll_interval"] == 4
+    finally:
+        stop(live)
 
 
 def test_persistence_across_restart(tmp_path):
@@ -4631,6 +4681,36 @@ def test_feed_subscriber_gets_a_change_saved_after_shutdown(live):
     live.server.settings.put("poll_interval", 5)
     feed_wait_for(arrived, lambda: len(seen) == 1)
     assert seen == [feed_event("settings", ["poll_interval"], live.server.settings.etag)]
+
+
+def test_feed_a_thread_that_cannot_start_fails_no_change_and_the_next_event_starts_it(
+        live, monkeypatch):
+    """publish() starts the subscribers' thread again after a close; when no thread can
+    start (none left, or the interpreter exiting), the change is still a success, and
+    the next event starts it (the feed had recorded it as running: no call ever after)."""
+    seen = []
+    arrived = threading.Condition()
+
+    def callback(event):
+        with arrived:
+            seen.append(event)
+            arrived.notify_all()
+
+    live.server.subscribe(callback)
+    live.server.shutdown()  # the subscribers' thread ends
+    time.sleep(0.2)
+    real = threading.Thread.start
+
+    def start_none(thread):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", start_none)
+    assert live.server.settings.put("poll_interval", 5) == 5
+    first = live.server.settings.etag
+    monkeypatch.setattr(threading.Thread, "start", real)
+    assert live.server.settings.put("poll_interval", 6) == 6
+    feed_wait_for(arrived, lambda: len(seen) == 2)
+    assert seen == [feed_event("settings", ["poll_interval"], first),
+                    feed_event("settings", ["poll_interval"], live.server.settings.etag)]
 
 
 def test_feed_unsubscribe_stops_the_calls_and_nothing_is_replayed(live):

@@ -2089,25 +2089,21 @@ _CLIENT_COMMANDS = {  # command -> its arguments; a ? makes one optional
     "import": "doc file", "watch": ""}
 
 
-def _client(argv):
+def _client(command, argv):
     """Run a client command (get, set, patch, export, import, watch); the exit status."""
     import argparse
     import http.client
-    parser = argparse.ArgumentParser(prog="qabel_rest", description="A client of a running "
-                                     "qabel_rest server (without a command: the server).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, arguments in _CLIENT_COMMANDS.items():
-        command = commands.add_parser(name)
-        command.add_argument("--url", default=os.environ.get("QABEL_REST_URL")
-                             or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
-        command.add_argument("--api-key", help="default: $QABEL_REST_API_KEY, else the "
-                                               "key file in the data dir")
-        command.add_argument("--data-dir", help="the server's, for its key file")
-        for argument in arguments.split():
-            command.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument else None)
-        if name == "set":
-            command.add_argument("--merge", action="store_true")
-    args, unknown = parser.parse_known_args(argv)
+    parser = argparse.ArgumentParser(prog=f"qabel_rest {command}", description="A client of "
+                                     "a running qabel_rest server (without a command: the server).")
+    parser.add_argument("--url", default=os.environ.get("QABEL_REST_URL")
+                        or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
+    parser.add_argument("--api-key", help="default: $QABEL_REST_API_KEY, else DATA_DIR/api-key")
+    parser.add_argument("--data-dir", help="the server's, for its key file")
+    for argument in _CLIENT_COMMANDS[command].split():
+        parser.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument else None)
+    if command == "set":
+        parser.add_argument("--merge", action="store_true")
+    args, unknown = parser.parse_known_intermixed_args(argv)  # options anywhere, as the server's
     if unknown:  # not shown, as argparse would: a mistyped option may precede the key
         parser.error("unrecognized arguments")
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
@@ -2145,7 +2141,9 @@ def _client(argv):
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
         with (open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE))  # 0600, as
               if name not in (None, "-") else contextlib.nullcontext(sys.stdout.buffer)) as file:
-            file.write(text)  # the server's files: synced holds private keys
+            view = memoryview(text)  # the server's files: synced holds private keys
+            while view:  # a raw stdout (PYTHONUNBUFFERED) may take a part, and not raise
+                view = view[file.write(view):]
             file.flush()
 
     try:
@@ -2158,18 +2156,18 @@ def _client(argv):
         segments = getattr(args, "key", None)  # dotted, or a JSON array (as in a form PUT)
         if segments and segments.startswith("["):
             segments = _parse_json(segments)
-        if args.command in ("get", "export"):
+        if command in ("get", "export"):
             document = call("GET", path)[1]
             write(getattr(args, "file", None), document if segments is None else
                   _lookup(document, parse_key(segments)))
-        elif args.command == "set":
+        elif command == "set":
             value = args.value  # a plain string, unless it is JSON
             with contextlib.suppress(_NotJSON):  # JSON no document holds is refused
                 value = _parse_json(args.value)
             call("PUT", path, {"key": segments, "value": value, "merge": args.merge})
-        elif args.command == "patch":
+        elif command == "patch":
             call("PATCH", path, read(args.file), _PATCH_TYPE)
-        elif args.command == "import":
+        elif command == "import":
             call("POST", path, {"settings": read(args.file)})
         else:  # watch, until SIGINT (also when started with SIGINT ignored, as by `&`)
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -2184,7 +2182,7 @@ def _client(argv):
                     write(None, event, None)
                 cursor = answer["cursor"]
     except (QabelRestError, OSError, KeyError, ValueError, KeyboardInterrupt, AttributeError) as e:
-        if isinstance(e, KeyboardInterrupt) and args.command == "watch":
+        if isinstance(e, KeyboardInterrupt) and command == "watch":
             return 0  # watch ends on SIGINT; another command cut short has failed
         message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))  # 1 line
         print(f"qabel_rest: {message or 'interrupted'}", file=sys.stderr, flush=True)
@@ -2198,7 +2196,7 @@ def main(argv=None):
     if argv[:1] and argv[0] in _CLIENT_COMMANDS:  # what a Ctrl-C cut half built (an
         hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None  # HTTPResponse,
         try:  # a SocketIO) fails in its finalizer: no "Exception ignored" after the one line
-            return _client(argv)
+            return _client(argv[0], argv[1:])
         finally:
             sys.unraisablehook = hook
     argv = argv[1:] if argv[:1] == ["serve"] else argv
@@ -2237,7 +2235,9 @@ def main(argv=None):
     where = "file" if os.path.isabs(server.key_source) else "from"
     with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
         sys.stdout.reconfigure(errors="backslashreplace")  # a path the encoding lacks: no crash
-    print(f"qabel_rest listening on {server.url} (API key {where} {server.key_source})", flush=True)
+    with contextlib.suppress(OSError):  # stdout full, or a pipe nobody reads: serving all the same
+        print(f"qabel_rest listening on {server.url} (API key {where} {server.key_source})",
+              flush=True)
     try:
         server.serve_forever()
     finally:

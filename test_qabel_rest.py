@@ -1,6 +1,7 @@
 """Tests of qabel_rest: a real server on port 0 over real HTTP, the real process for
 the command line, and the pure helpers directly."""
 
+import contextlib
 import errno
 import gc
 import http.client
@@ -2212,6 +2213,29 @@ def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
     assert code == 0
     assert key not in out + err + proc.line
     assert json.loads((tmp_path / "settings.json").read_text())["poll_interval"] == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
+def test_process_whose_ready_line_cannot_be_written_serves_all_the_same(tmp_path):
+    """A stdout that is full (or a pipe nobody reads) gave a traceback and exit 1, and left
+    the files the start had made. Nobody reads the line: the server serves."""
+    port = free_port()
+    with open("/dev/full", "w") as full:
+        proc = subprocess.Popen([sys.executable, MODULE, "--port", str(port), "--data-dir",
+                                 str(tmp_path), "--api-key", KEY], stdout=full,
+                                stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                if Client(port).get("/health").status == 200:
+                    break
+            time.sleep(0.05)
+        assert Client(port).put("/settings", "poll_interval", 3).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 def test_process_ready_line_names_a_path_its_output_encoding_lacks(tmp_path):
@@ -5302,6 +5326,37 @@ def test_cli_export_to_a_file_and_to_stdout(live, tmp_path):
         result = cli_on(live, *args)
         assert (result.returncode, result.stderr) == (0, ""), result
         assert json.loads(result.stdout) == served
+
+
+def test_cli_options_may_come_between_doc_and_an_optional_key_or_file(live, tmp_path):
+    """argparse took DOC alone for get and export, then refused the KEY or FILE after an
+    option as "unrecognized arguments" (exit 2)."""
+    options = ("--url", cli_url(live), "--api-key", KEY)
+    result = run_cli("get", "settings", *options, "poll_interval")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "30\n", "")
+    target = tmp_path / "settings-export.json"
+    cli_quiet(run_cli("export", "--url", cli_url(live), "settings", "--api-key", KEY, str(target)))
+    assert json.loads(target.read_text()) == live.get("/settings").json()
+
+
+@pytest.mark.skipif(not POSIX, reason="a pipe closed by its reader: EPIPE")
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_cli_output_cut_by_a_reader_that_left_is_exit_1_and_whole_otherwise(live, unbuffered):
+    """With PYTHONUNBUFFERED, stdout's binary layer is a raw file: a write took a part of the
+    document (a pipe's 64 KiB) without raising, and the command exited 0, the rest lost."""
+    assert live.put("/synced", "module_data.big", {"x": "a" * 200_000}).status == 200
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    env.pop("QABEL_REST_API_KEY", None)
+    command = [sys.executable, MODULE, "export", "synced", "--url", cli_url(live), "--api-key",
+               KEY]
+    whole = subprocess.run(command, capture_output=True, env=env, timeout=TIMEOUT * 3)
+    assert whole.returncode == 0 and json.loads(whole.stdout) == live.get("/synced").json()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(TIMEOUT) == 1
+    assert err.startswith("qabel_rest: ") and err.count("\n") == 1 and "Broken pipe" in err
 
 
 def test_cli_export_then_import_from_stdin_gives_the_same_document(live, tmp_path):

@@ -3860,6 +3860,17 @@ def feed_readable(conns, wait):
     return [conn for conn in conns if conn.sock in ready]
 
 
+def feed_recorder():
+    """(the events a subscriber got, a condition notified at each, the subscriber)."""
+    seen, arrived = [], threading.Condition()
+
+    def callback(event):
+        with arrived:
+            seen.append(event)
+            arrived.notify_all()
+    return seen, arrived, callback
+
+
 def feed_wait_for(condition, predicate, timeout=TIMEOUT):
     with condition:
         assert condition.wait_for(predicate, timeout)
@@ -4261,14 +4272,7 @@ def test_feed_no_op_change_queued_behind_a_save_publishes_nothing(live, monkeypa
 
 @pytest.mark.parametrize("name, when, error, status", SAVE_FAULTS)
 def test_feed_failed_save_publishes_nothing(live, monkeypatch, name, when, error, status):
-    called = []
-    arrived = threading.Condition()
-
-    def callback(event):
-        with arrived:
-            called.append(event)
-            arrived.notify_all()
-
+    called, arrived, callback = feed_recorder()
     live.server.subscribe(callback)
     since = feed_cursor(live)
     assert put_with_fault(live, monkeypatch, name, when, error).status == status
@@ -4691,14 +4695,7 @@ def test_feed_subscribe_calls_back_every_event_in_order_once_it_is_on_disk(live)
 def test_feed_subscriber_gets_a_change_saved_after_shutdown(live):
     """A request in flight at shutdown() finishes, and a change before server_close() is
     saved: its event reached the feed, but no subscriber (their thread had ended)."""
-    seen = []
-    arrived = threading.Condition()
-
-    def callback(event):
-        with arrived:
-            seen.append(event)
-            arrived.notify_all()
-
+    seen, arrived, callback = feed_recorder()
     live.server.subscribe(callback)
     live.server.shutdown()
     time.sleep(0.2)  # the feed's threads see the close
@@ -4712,14 +4709,7 @@ def test_feed_a_thread_that_cannot_start_fails_no_change_and_the_next_event_star
     """publish() starts the subscribers' thread again after a close; when no thread can
     start (none left, or the interpreter exiting), the change is still a success, and
     the next event starts it (the feed had recorded it as running: no call ever after)."""
-    seen = []
-    arrived = threading.Condition()
-
-    def callback(event):
-        with arrived:
-            seen.append(event)
-            arrived.notify_all()
-
+    seen, arrived, callback = feed_recorder()
     live.server.subscribe(callback)
     live.server.shutdown()  # the subscribers' thread ends
     time.sleep(0.2)

@@ -80,9 +80,9 @@ _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not 
 _HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
 # An absolute http(s) URL (RFC 3986; 3987: any script), the same on every Python (urlsplit's
 # checks are not): a user, a host (a name, or an IPv6 address in brackets), a port, the rest.
-_URL = re.compile(r"(?i)https?://(?P<authority>(?:[^\s/?#@\[\]]*@)?"
-                  r"(?:[a-z0-9\-._~!$&'()*+,;=%\u0080-\U0010ffff]+|\[(?P<ip>[0-9a-f:.]+)\]))"
-                  r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
+_URL = (r"(?i:https?)://(?P<authority>(?:[^\s/?#@\[\]]*@)?"  # compiled (0.5 ms) when first used
+        r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=%]|[^\x00-\x7f])+|\[(?P<ip>[0-9A-Fa-f:.]+)\]))"
+        r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -100,10 +100,11 @@ _Map = collections.namedtuple("_Map", "item")
 
 
 def _is_url(value):  # RFC 3986: no spaces or control characters anywhere in a URI
-    match = type(value) is str and value.isprintable() and _URL.fullmatch(value)
+    match = type(value) is str and value.isprintable() and re.fullmatch(_URL, value)
     try:  # NFKC, as IDNA applies it, must not make a delimiter of "\uff20" (CVE-2019-9636)
         return (bool(match) and int(match["port"] or 0) <= 0xFFFF
-                and unicodedata.is_normalized("NFKC", match["authority"])
+                and not re.search(r"[/?#@:\[\]]", unicodedata.normalize(
+                    "NFKC", re.sub(r"[\x00-\x7f]", "", match["authority"])))
                 and (match["ip"] is None or ipaddress.IPv6Address(match["ip"]) is not None))
     except ValueError:  # not an IPv6 address
         return False
@@ -1054,8 +1055,7 @@ class _Feed:
         """Call callback(event) for each later event, in order; return unsubscribe()."""
         with self._changed:
             entry = [self._last, callback]
-            self._subscribers.append(entry)
-            self._start(self._dispatch)
+            self._subscribers.append(entry)  # the first event starts the thread calling them
             self._start(self._serve)  # which looks at the files while anyone follows
             self._changed.notify_all()  # (it may be waiting for a waiter, idle)
 
@@ -1166,7 +1166,8 @@ def _prepare_data_dir(path):
     with _startup_error("cannot create the data dir", path):
         if not os.path.isdir(path):
             os.makedirs(path, mode=_DIR_MODE)
-            os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
+            with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
+                os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
     probe = os.path.join(path, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
     with _startup_error("the data dir is not writable", path):
         os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
@@ -1885,6 +1886,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._next_sweep = 0.0
         self._date = (None, "")  # (a second, its Date header): see date_time_string
         self._feed = _Feed(self._look)
+        self.subscribe = self._feed.subscribe  # callback(event) for each later one, on disk
         settings.publish = lambda key, etag: self._feed.publish("settings", key, etag)
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         hosts = [*map(_normal_host, (*_LOCAL_HOSTS, address[0], *allowed_hosts))]  # a wrong
@@ -1896,10 +1898,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
     def events(self, since=None, timeout=0):
         """What GET /events answers, as a dict; CursorGone where it answers 410."""
         return self._feed.events(since, timeout)
-
-    def subscribe(self, callback):
-        """Call callback(event) for every later event, once on disk; return unsubscribe()."""
-        return self._feed.subscribe(callback)
 
     def _look(self):
         for document in (self.settings, self.synced):
@@ -2093,8 +2091,7 @@ def _client(command, argv):
     """Run a client command (get, set, patch, export, import, watch); the exit status."""
     import argparse
     import http.client
-    parser = argparse.ArgumentParser(prog=f"qabel_rest {command}", description="A client of "
-                                     "a running qabel_rest server (without a command: the server).")
+    parser = argparse.ArgumentParser(f"qabel_rest {command}", description="A qabel_rest client.")
     parser.add_argument("--url", default=os.environ.get("QABEL_REST_URL")
                         or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")
     parser.add_argument("--api-key", help="default: $QABEL_REST_API_KEY, else DATA_DIR/api-key")
@@ -2103,7 +2100,8 @@ def _client(command, argv):
         parser.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument else None)
     if command == "set":
         parser.add_argument("--merge", action="store_true")
-    args, unknown = parser.parse_known_intermixed_args(argv)  # options anywhere, as the server's
+    parse = parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args
+    args, unknown = parse(argv)  # options anywhere (intermixed parsing drops a "--" before DOC)
     if unknown:  # not shown, as argparse would: a mistyped option may precede the key
         parser.error("unrecognized arguments")
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
@@ -2235,9 +2233,11 @@ def main(argv=None):
     where = "file" if os.path.isabs(server.key_source) else "from"
     with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
         sys.stdout.reconfigure(errors="backslashreplace")  # a path the encoding lacks: no crash
-    with contextlib.suppress(OSError):  # stdout full, or a pipe nobody reads: serving all the same
+    with contextlib.suppress(OSError):  # stdout full, or a pipe nobody reads: serve all the same
         print(f"qabel_rest listening on {server.url} (API key {where} {server.key_source})",
               flush=True)
+    with contextlib.suppress(AttributeError, OSError):  # nothing else goes there; and a line
+        sys.stdout.close()  # that could not be written, the exit would try again (status 120)
     try:
         server.serve_forever()
     finally:

@@ -798,7 +798,11 @@ SCHEMA_CASES = [
         "http://a:65536/", "http://a|b/", "http://a{b}/", "http://u @a/", "http://a/\x00",
         "http://[fe80::1%x y]/", "http://[fe80::1%25eth0]/", "http://[v1.x]/",
         # NFKC (as IDNA applies it) would make a delimiter: urlsplit refuses these
-        "http://good.com\uff20evil.com/", "http://a\uff1a80/", "http://u\uff20p@a/")),
+        "http://good.com\uff20evil.com/", "http://a\uff1a80/", "http://u\uff20p@a/",
+        "http://a\u2100b/")),
+    # ...but other text NFKC changes is as good as urlsplit finds it (NFD, superscripts)
+    ("synced", "drop_servers.0.url", "http://cafe\u0301.example/", True),
+    ("synced", "drop_servers.0.url", "http://u:p\u00b2@\uff45xample.com/", True),
     # NAME, KEY, lists
     ("synced", "identities.0.alias", "a", True),
     ("synced", "identities.0.alias", "", False),
@@ -1210,11 +1214,12 @@ def test_a_reader_waits_for_the_save_under_way_not_for_the_next_one(live, monkey
 
 @pytest.mark.skipif(not POSIX, reason="POSIX modes")
 def test_a_file_system_without_modes_still_starts_and_saves(tmp_path, monkeypatch):
-    """FAT (a USB stick) refuses chmod: the 0600 after the umask is skipped there."""
+    """FAT (a USB stick) refuses chmod: the 0600 after the umask is skipped there, and the
+    0700 of a new data dir."""
     def chmod(path, mode):
         raise PermissionError(errno.EPERM, "Operation not permitted")
     monkeypatch.setattr(os, "chmod", chmod)
-    live = start(tmp_path)
+    live = start(tmp_path / "new")
     try:
         assert live.put("/settings", "poll_interval", 4).status == 200
         assert live.doc("settings.json")["poll_interval"] == 4
@@ -2216,14 +2221,17 @@ def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
-def test_process_whose_ready_line_cannot_be_written_serves_all_the_same(tmp_path):
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_process_whose_ready_line_cannot_be_written_serves_all_the_same(tmp_path, unbuffered):
     """A stdout that is full (or a pipe nobody reads) gave a traceback and exit 1, and left
-    the files the start had made. Nobody reads the line: the server serves."""
+    the files the start had made. Nobody reads the line: the server serves, and exits 0
+    (a buffered stdout kept the line, and the exit's flush failed again: status 120)."""
     port = free_port()
     with open("/dev/full", "w") as full:
         proc = subprocess.Popen([sys.executable, MODULE, "--port", str(port), "--data-dir",
                                  str(tmp_path), "--api-key", KEY], stdout=full,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
     try:
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
@@ -5347,6 +5355,15 @@ def test_cli_output_cut_by_a_reader_that_left_is_exit_1_and_whole_otherwise(live
     err = proc.stderr.read().decode()
     assert proc.wait(TIMEOUT) == 1
     assert err.startswith("qabel_rest: ") and err.count("\n") == 1 and "Broken pipe" in err
+
+
+def test_cli_double_dash_before_doc_still_ends_the_options(live):
+    """Intermixed parsing drops a "--" before DOC: `set -- settings K -y` lost its VALUE."""
+    env = {**os.environ, "QABEL_REST_URL": cli_url(live)}
+    for value in ("-y", "-z"):
+        cli_quiet(run_cli("set", "--api-key", KEY, "--", "settings", "module_data.m.flag", value,
+                          env=env))
+        assert live.server.settings.get("module_data.m.flag") == value
 
 
 def test_cli_export_then_import_from_stdin_gives_the_same_document(live, tmp_path):

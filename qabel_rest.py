@@ -78,9 +78,8 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
 # A Host header value (RFC 9110 7.2): a name or a bracketed IPv6 literal, then :port
 _HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
-# An absolute http(s) URL (RFC 3986; 3987: any script), the same on every Python (urlsplit's
-# checks are not): a user, a host (a name, or an IPv6 address in brackets), a port, the rest.
-_URL = (r"(?i:https?)://(?P<authority>(?:[^\s/?#@\[\]]*@)?"  # compiled (0.5 ms) when first used
+# An absolute http(s) URL (RFC 3986, 3987), the same on every Python (urlsplit's checks are not)
+_URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]]*@)?"  # compiled (0.5 ms) when first used
         r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=%]|[^\x00-\x7f])+|\[(?P<ip>[0-9A-Fa-f:.]+)\]))"
         r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
@@ -2100,8 +2099,9 @@ def _client(command, argv):
         parser.add_argument(argument.rstrip("?"), nargs="?" if "?" in argument else None)
     if command == "set":
         parser.add_argument("--merge", action="store_true")
-    parse = parser.parse_known_args if "--" in argv else parser.parse_known_intermixed_args
-    args, unknown = parse(argv)  # options anywhere (intermixed parsing drops a "--" before DOC)
+    after = argv[argv.index("--") + 1:] if "--" in argv else []  # intermixed parsing takes a
+    args, unknown = (parser.parse_known_args if any(a[:1] == "-" for a in after)  # "-x" there
+                     else parser.parse_known_intermixed_args)(argv)  # for an option
     if unknown:  # not shown, as argparse would: a mistyped option may precede the key
         parser.error("unrecognized arguments")
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
@@ -2230,14 +2230,14 @@ def main(argv=None):
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):  # shutdown() returns at once in the serving thread
             signal.signal(getattr(signal, name), lambda signum, frame: server.shutdown())
-    where = "file" if os.path.isabs(server.key_source) else "from"
     with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
         sys.stdout.reconfigure(errors="backslashreplace")  # a path the encoding lacks: no crash
-    with contextlib.suppress(OSError):  # stdout full, or a pipe nobody reads: serve all the same
-        print(f"qabel_rest listening on {server.url} (API key {where} {server.key_source})",
+    try:
+        print(f"qabel_rest listening on {server.url} (API key "
+              f"{'file' if os.path.isabs(server.key_source) else 'from'} {server.key_source})",
               flush=True)
-    with contextlib.suppress(AttributeError, OSError):  # nothing else goes there; and a line
-        sys.stdout.close()  # that could not be written, the exit would try again (status 120)
+    except OSError:  # stdout full, or a pipe nobody reads: serve all the same, stdout to devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit flushes there)
     try:
         server.serve_forever()
     finally:

@@ -799,7 +799,7 @@ SCHEMA_CASES = [
         "http://[fe80::1%x y]/", "http://[fe80::1%25eth0]/", "http://[v1.x]/",
         # NFKC (as IDNA applies it) would make a delimiter: urlsplit refuses these
         "http://good.com\uff20evil.com/", "http://a\uff1a80/", "http://u\uff20p@a/",
-        "http://a\u2100b/")),
+        "http://a\u2100b/", "http\u017f://a/")),
     # ...but other text NFKC changes is as good as urlsplit finds it (NFD, superscripts)
     ("synced", "drop_servers.0.url", "http://cafe\u0301.example/", True),
     ("synced", "drop_servers.0.url", "http://u:p\u00b2@\uff45xample.com/", True),
@@ -5364,6 +5364,9 @@ def test_cli_double_dash_before_doc_still_ends_the_options(live):
         cli_quiet(run_cli("set", "--api-key", KEY, "--", "settings", "module_data.m.flag", value,
                           env=env))
         assert live.server.settings.get("module_data.m.flag") == value
+    # ...and a "--" after the options still lets an optional KEY follow
+    result = run_cli("get", "settings", "--api-key", KEY, "--", "module_data.m.flag", env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, '"-z"\n', "")
 
 
 def test_cli_export_then_import_from_stdin_gives_the_same_document(live, tmp_path):

@@ -1193,6 +1193,8 @@ def _lock_data_dir(directory):
         holder = f" (pid {pid})" if pid.isdigit() else ""
         raise StartupError(f"another qabel_rest{holder} is already using the data dir "
                            f"({directory})") from None
+    with contextlib.suppress(OSError):  # 0600 whatever the umask, as atomic_write (FAT: as is)
+        os.chmod(os.path.join(directory, _LOCK_FILE), _FILE_MODE)
     return fd
 
 
@@ -2044,8 +2046,6 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         _prepare_data_dir(data_dir)
         server._dir_lock = _lock_data_dir(data_dir)
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
-            with contextlib.suppress(OSError):  # whatever the umask, as atomic_write
-                os.chmod(os.path.join(data_dir, _LOCK_FILE), _FILE_MODE)
             os.ftruncate(server._dir_lock, 0)
             os.write(server._dir_lock, f"{os.getpid()}\n".encode())
         # No other instance runs now: files one made since the listing are not this start's.

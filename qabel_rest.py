@@ -701,17 +701,17 @@ class SettingsDocument:
 
     def update(self, key, value, merge=False, if_match=None):
         path = parse_key(key)
-        # Answered before If-Match: a key no document can have, a value wrong on its own (one
-        # to merge, or none, as on the newest document if the key is there; ids not compared).
         node = _node_at(self.schema, path)  # "-" in a list: the node of its items
 
-        def check_alone():
-            if type(merge) is not bool:  # else judged after the key's items, in _assign
-                raise InvalidValue("merge must be true or false")
-            if value is not _MISSING:  # one to merge: JSON, whatever it is merged into
-                validate(value, "any" if merge else node, path)
-            with contextlib.suppress(InvalidKey):  # a key of the client's version: 412
+        def check_alone():  # the answer without If-Match (ids not compared), but for a key
+            try:  # the newest document lacks: the client's version may have it (412)...
                 _assign(self._head, self.schema, path, 0, value, merge, ids=False)
+            except InvalidKey:
+                with contextlib.suppress(InvalidValue):  # ...unless the rest is wrong anyway
+                    if type(merge) is bool and value is not _MISSING:
+                        validate(value, "any" if merge else node, path)  # one to merge: JSON
+                        return
+                raise
         return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),
                             if_match, check_alone)
 

@@ -3496,13 +3496,22 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
                                                   "value": "a"}, headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.x", "value": 1e400}',
                                headers=h), 405),
+    # also wrong on its own under an index no item has: the key's 405, as without If-Match
+    (lambda live, h: live.put("/synced", "identities.5.alias", 5, headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.5.alias", "value": 1e400}',
+                               headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.5.alias"}, headers=h), 405),
+    (lambda live, h: live.put("/synced", "identities.5", {"id": -1}, headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", b"key=storage_servers.0.updated&value=1e400",
+                               headers=h, content_type="application/x-www-form-urlencoded"), 405),
+    (lambda live, h: live.call("PUT", "/settings", b'{"key": "module_data.m.x.y", "value": 1, '
+                               b'"merge": 0}', headers=h), 405),  # m.x is a scalar
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.5.alias", "value": "x",
-                                                  "merge": "yes"}, headers=h), 400),
-    # merged into an item the newest document lacks: still no JSON a document may hold
+                                                  "merge": "yes"}, headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.0", "merge": true, '
-                               b'"value": {"alias": 1e400}}', headers=h), 400),
+                               b'"value": {"alias": 1e400}}', headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.0.keys", "merge": true, '
-                               b'"value": {"a": 1, "a": 2}}', headers=h), 400),
+                               b'"value": {"a": 1, "a": 2}}', headers=h), 405),
     (lambda live, h: live.call("PATCH", "/settings", {"poll_interval": "x"}, headers=h,
                                content_type="application/merge-patch+json"), 400),
     (lambda live, h: live.call("PATCH", "/settings", {"nope": 1}, headers=h,
@@ -3510,9 +3519,12 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     (lambda live, h: live.call("PATCH", "/synced", {"identities": [{"alias": "x"}]}, headers=h,
                                content_type="application/merge-patch+json"), 400),
 ])
-def test_a_request_wrong_on_its_own_gets_its_own_4xx_whatever_if_match(live, call, status):
+@pytest.mark.parametrize("if_match", [None, '"stale"', "*"])
+def test_a_request_wrong_on_its_own_gets_its_own_4xx_whatever_if_match(live, call, status,
+                                                                        if_match):
+    assert live.put("/settings", "module_data.m.x", 1).status == 200
     before = documents(live.data_dir)
-    assert call(live, {"If-Match": '"stale"'}).status == status
+    assert call(live, {} if if_match is None else {"If-Match": if_match}).status == status
     assert documents(live.data_dir) == before
 
 

@@ -266,10 +266,6 @@ class _Unfit(InvalidValue):
         raise self
 
 
-def _parse_int(text):  # int() refuses over 4,300 digits; validate refuses what is over 64 bits
-    return int(text) if len(text) <= _MAX_INT_TEXT else _INT64_MAX + 1
-
-
 def _build_object(pairs):
     result = dict(pairs)
     if len(result) != len(pairs):  # each name given twice holds what no document may
@@ -280,8 +276,9 @@ def _build_object(pairs):
 
 # Shared by every thread. Compact: with indent, json runs its slow Python encoder.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_DECODER = json.JSONDecoder(object_pairs_hook=_build_object, parse_int=_parse_int,
-                            parse_constant=_reject_constant)  # 1e400 is inf: validate refuses
+_DECODER = json.JSONDecoder(  # 1e400 is inf, and a number too long for int() is over 64 bits:
+    object_pairs_hook=_build_object, parse_constant=_reject_constant,  # validate refuses both
+    parse_int=lambda text: int(text) if len(text) <= _MAX_INT_TEXT else _INT64_MAX + 1)
 
 
 def _parse_json(data):
@@ -605,12 +602,13 @@ def _file_signature(path):
 
 def _read_file(path):
     """(signature, content) of a file, (None, None) if it is missing; OSError."""
-    try:  # O_NONBLOCK (POSIX): a FIFO in the file's place must not block the open
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX: a FIFO there must not block the open
+    try:  # by name: open() closes the descriptor when it cannot use it (a directory)
+        file = open(path, "rb", buffering=0, opener=lambda p, f: os.open(p, f | nonblocking))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
         return None, None
-    with open(fd, "rb", buffering=0) as file:  # no buffer: two system calls fewer
-        st = os.fstat(fd)
+    with file:  # no buffer: two system calls fewer
+        st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         return _signature(st), file.read()
@@ -628,8 +626,6 @@ class _Change:
     """A change waiting for its save: apply(document) -> (new document, result, event key)
     never changes its argument; if_match is a tag, "*", a list of them (If-Match), or None."""
 
-    __slots__ = ("apply", "if_match", "result", "key", "tag", "changed", "error", "done", "wake")
-
     def __init__(self, apply, if_match, lock):
         if_match = (if_match,) if isinstance(if_match, str) else if_match
         if if_match is not None and (type(if_match) not in (list, tuple)
@@ -638,8 +634,7 @@ class _Change:
         self.apply = apply
         self.if_match = None if if_match is None else tuple(if_match)
         self.result = self.key = self.tag = None  # tag: the document's after this change
-        self.changed = False  # whether it changed the content: then it is an event
-        self.error = None  # the QabelRestError it failed with
+        self.changed, self.error = False, None  # changed: an event; error: why it failed
         self.done = False  # saved or failed: its writer may return
         self.wake = threading.Condition(lock)  # notified when done, or to save the queue
 
@@ -659,8 +654,8 @@ class SettingsDocument:
         self.name = os.path.basename(path)
         self.schema = schema
         self._defaults = defaults
-        self._etag_prefix = os.urandom(6).hex()  # new per process: tags never repeat
-        self._tags = itertools.count(1)  # next() is atomic: no lock needed
+        prefix, numbers = os.urandom(6).hex(), itertools.count(1)  # new per process: tags
+        self._new_tag = lambda: f'"{prefix}-{next(numbers)}"'  # never repeat (next() is atomic)
         # _lock guards what follows; the writer that set _saving writes the file without it.
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save ends
@@ -895,7 +890,7 @@ class SettingsDocument:
                 return _Version(document, body, tag, signature, body, None), rebased, None
             except _Rewritten:
                 known, base = base, self._read_version(base)
-                if base.etag == known.etag:  # only reformatted: the same version, no rebase
+                if base.etag == known.etag and not base.error:  # only reformatted: no rebase
                     continue
                 rebased = base
             except BaseException as exc:
@@ -925,26 +920,24 @@ class SettingsDocument:
         except OSError as exc:
             _logger().error("could not restore %s: %s", self.path, exc.strerror)
 
-    def _new_tag(self):
-        return f'"{self._etag_prefix}-{next(self._tags)}"'
-
     def _read_version(self, known):
-        """The file's version: known (with the new signature) if the content is the same."""
+        """The file's version; known's document and tag if the content is the same, or unusable."""
+        known = known or _Version(*[None] * 6)
         try:
             signature, raw = _read_file(self.path)
         except OSError as exc:
-            return _Version(None, None, None, ("unreadable", exc.errno), (),
-                            f"cannot read: {exc.strerror}")
+            return known._replace(signature=("unreadable", exc.errno), raw=(),
+                                  error=f"cannot read: {exc.strerror}")
         try:
             if raw is not None and not raw.strip():
                 raise _NotJSON("the file is empty")
             document = {} if raw is None else _parse_json(raw)  # no file: the default document
             validate(document, self.schema)
         except (_NotJSON, QabelRestError) as exc:
-            return _Version(None, None, None, signature, raw, str(exc))
+            return known._replace(signature=signature, raw=raw, error=str(exc))
         document = self._complete(document)
-        if known is not None and known.error is None and _same(document, known.document):
-            return known._replace(signature=signature, raw=raw)  # reformatted, or touched
+        if known.document is not None and _same(document, known.document):
+            return known._replace(signature=signature, raw=raw, error=None)
         return _Version(document, _dump_document(document), self._new_tag(), signature, raw, None)
 
     def _complete(self, document):
@@ -977,8 +970,6 @@ def _event(document, key, etag):
 
 class _Waiter:
     """A request waiting for events: its cursor's number, and how it gets its answer."""
-
-    __slots__ = ("number", "deliver", "answer", "done")
 
     def __init__(self, number, deliver):
         self.number = number
@@ -1945,10 +1936,18 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         for sock, (thread, state, _) in entries:
             if thread is not threading.current_thread():  # a handler may close us
                 thread.join(max(0.0, deadline - time.monotonic()))
-        closed = [document.close(max(0.0, deadline - time.monotonic()))
-                  for document in (self.settings, self.synced)]
-        # A save still under way keeps the data dir locked: no other instance beside it.
-        if self._dir_lock is not None and all(closed):
+        documents = (self.settings, self.synced)
+        if all([document.close(max(0.0, deadline - time.monotonic())) for document in documents]):
+            self._unlock()
+        else:  # a save goes on: the data dir stays locked (no other instance beside it) until
+            with contextlib.suppress(RuntimeError):  # it ends; at exit (3.12) the OS unlocks it
+                threading.Thread(target=self._unlock, args=documents, daemon=True).start()
+
+    def _unlock(self, *saving):
+        """Release the data dir, once the saves of the documents given have ended."""
+        for document in saving:
+            document.close(None)  # waits for its save to end
+        if self._dir_lock is not None:
             os.close(self._dir_lock)  # releases the lock
             self._dir_lock = None
 

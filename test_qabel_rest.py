@@ -2780,6 +2780,16 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     gate.set()
     writer.join(TIMEOUT)
     assert answers == [200]  # the save under way still ended, and was answered
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # and the lock went with it: the data dir can be served again
+        try:
+            again = start(tmp_path)
+            break
+        except qabel_rest.StartupError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert again.get("/settings").json()["poll_interval"] == 3
+    stop(again)
 
 
 @LINUX_FDS
@@ -5085,6 +5095,49 @@ def test_document_replaced_by_a_fifo_is_503_and_never_blocks(live):
     assert response.status == 503
     assert "not a regular file" in response.json()["error"]
     assert live.get("/synced").status == 200
+
+
+@pytest.mark.parametrize("unusable", ["unreadable", "invalid"])
+def test_content_as_before_the_file_was_unusable_keeps_its_tag_and_is_no_event(
+        live, monkeypatch, unusable):
+    document, path = live.server.settings, os.path.join(live.data_dir, "settings.json")
+    tag, cursor = document.etag, live.server.events()["cursor"]
+    with open(path, "rb") as f:
+        raw = f.read()
+    if unusable == "unreadable":  # for a moment: touched, then one read fails
+        os.utime(path, ns=(0, 0))
+        failing_open(monkeypatch, "settings.json", errno.EIO)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"{nope")
+    with pytest.raises(qabel_rest.DocumentUnavailable):
+        document.get()
+    monkeypatch.undo()
+    with open(path, "wb") as f:  # as it was
+        f.write(raw)
+    assert document.etag == tag and live.get("/settings").headers["ETag"] == tag
+    assert live.server.events(cursor)["events"] == []
+    document.put("poll_interval", 9, if_match=tag)
+    assert live.server.events(cursor)["events"][0]["etag"] == document.etag != tag
+
+
+@LINUX_FDS
+def test_document_replaced_by_a_directory_is_503_and_every_read_closes_what_it_opened(live):
+    path = os.path.join(live.data_dir, "settings.json")
+    os.unlink(path)
+    os.mkdir(path)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(qabel_rest.DocumentUnavailable, match="Is a directory"):
+            live.server.settings.get()
+        with pytest.raises(qabel_rest.DocumentUnavailable):
+            live.server.settings.put("poll_interval", 5)
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    os.rmdir(path)
+    with open(path, "w") as f:
+        json.dump({"poll_interval": 7}, f)
+    assert live.get("/settings").json()["poll_interval"] == 7
+
 
 # ---------------------------------------------------------------------------
 # --- Command-line client (SPEC section 9): always the real process

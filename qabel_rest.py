@@ -276,8 +276,8 @@ def _build_object(pairs):
 
 # Shared by every thread. Compact: with indent, json runs its slow Python encoder.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_DECODER = json.JSONDecoder(  # 1e400 is inf, and a number too long for int() is over 64 bits:
-    object_pairs_hook=_build_object, parse_constant=_reject_constant,  # validate refuses both
+_DECODER = json.JSONDecoder(  # 1e400 is inf, a longer integer 2**63: validate refuses both
+    object_pairs_hook=_build_object, parse_constant=_reject_constant,
     parse_int=lambda text: int(text) if len(text) <= _MAX_INT_TEXT else _INT64_MAX + 1)
 
 
@@ -614,7 +614,8 @@ def _read_file(path):
         return _signature(st), file.read()
 
 
-# An immutable version; body: bytes as served, raw: the file's (None: no file), error: why unusable
+# An immutable version; body: bytes as served, raw: the file's (None: no file), error: why it is
+# unusable (then document, body and etag are those of the last usable version read, if any).
 _Version = collections.namedtuple("_Version", "document body etag signature raw error")
 
 
@@ -654,8 +655,8 @@ class SettingsDocument:
         self.name = os.path.basename(path)
         self.schema = schema
         self._defaults = defaults
-        prefix, numbers = os.urandom(6).hex(), itertools.count(1)  # new per process: tags
-        self._new_tag = lambda: f'"{prefix}-{next(numbers)}"'  # never repeat (next() is atomic)
+        prefix, numbers = os.urandom(6).hex(), itertools.count(1)  # a new prefix per process:
+        self._new_tag = lambda: f'"{prefix}-{next(numbers)}"'  # never repeats; next() is atomic
         # _lock guards what follows; the writer that set _saving writes the file without it.
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save ends
@@ -696,16 +697,16 @@ class SettingsDocument:
 
     def update(self, key, value, merge=False, if_match=None):
         path = parse_key(key)
-        node = _node_at(self.schema, path)  # "-" in a list: the node of its items
+        node = _node_at(self.schema, path)  # 405 before If-Match; "-" in a list: its items' node
 
         def check_alone():  # the answer without If-Match (ids not compared), but for a key
             try:  # the newest document lacks: the client's version may have it (412)...
                 _assign(self._head, self.schema, path, 0, value, merge, ids=False)
-            except InvalidKey:
-                with contextlib.suppress(InvalidValue):  # ...unless the rest is wrong anyway
+            except InvalidKey:  # ...unless the rest is wrong anyway: then this 405 (raise)
+                with contextlib.suppress(InvalidValue):
                     if type(merge) is bool and value is not _MISSING:
                         validate(value, "any" if merge else node, path)  # one to merge: JSON
-                        return
+                        return  # right on its own: 412
                 raise
         return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),
                             if_match, check_alone)
@@ -834,7 +835,7 @@ class SettingsDocument:
     def _end(self, batch, disk, rebased, error):
         """Settle a batch whose save left disk on disk and publish its changes; on error the
         queued changes fail too, after a rebase they are re-applied to it. Holds _lock."""
-        if rebased is not None and rebased.error is None and rebased.etag != self._disk.etag:
+        if rebased is not None and rebased.etag != self._disk.etag:  # (unusable since: its tag)
             self.publish(None, rebased.etag)
         self._disk = disk
         if error is not None:
@@ -949,8 +950,7 @@ class SettingsDocument:
 
 EVENTS_KEPT = 1000  # the newest events the feed keeps, and the most one answer holds
 MAX_WAIT = 300  # seconds a request may wait for events
-_LOOK_EVERY = 0.5  # seconds between looks at the files while requests wait or subscribers follow
-_GONE_CHECK = 2.0  # seconds between looks whether a waiting request's client left
+_LOOK_EVERY = 0.5  # seconds between looks at the files, and at whether waiting clients left
 
 
 class CursorGone(QabelRestError):
@@ -969,11 +969,13 @@ def _event(document, key, etag):
 
 
 class _Waiter:
-    """A request waiting for events: its cursor's number, and how it gets its answer."""
+    """A request waiting for events: its cursor's number, how it gets its answer, and
+    whether its client left (then it is answered at once: its connection closes)."""
 
-    def __init__(self, number, deliver):
+    def __init__(self, number, deliver, gone):
         self.number = number
         self.deliver = deliver  # a function the answer goes to
+        self.gone = gone
         self.answer = None  # the answer, the CursorGone it gets, or what deliver returned
         self.done = threading.Event()
 
@@ -1012,7 +1014,7 @@ class _Feed:
             self._closed = True
             self._changed.notify_all()
 
-    def events(self, since=None, timeout=0, deliver=lambda answer: answer, gone=None):
+    def events(self, since=None, timeout=0, deliver=lambda answer: answer, gone=lambda: False):
         """{"cursor", "events"} after since, waiting up to timeout seconds for one; deliver
         gets an answer that waited, in the feed's thread (what it returns is returned)."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
@@ -1024,19 +1026,16 @@ class _Feed:
             answer = self._answer(number)
             if answer["events"] or since is None or self._closed or timeout == 0:
                 return answer
-            waiter = _Waiter(number, deliver)
+            waiter = _Waiter(number, deliver, gone)
             self._waiters.add(waiter)
             self._start(self._serve)
             self._changed.notify_all()  # the feed's thread starts looking at the files
-        deadline = time.monotonic() + timeout
-        while not waiter.done.wait(max(0.0, min(_GONE_CHECK, deadline - time.monotonic()))):
+        if not waiter.done.wait(timeout):
             with self._changed:  # the feed's thread does not take the waiter meanwhile
-                if waiter not in self._waiters:  # it is answering it
-                    break
-                if time.monotonic() >= deadline or gone is not None and gone():
+                if waiter in self._waiters:  # else it is answering it
                     self._waiters.remove(waiter)
                     return answer
-        waiter.done.wait()
+            waiter.done.wait()
         if isinstance(waiter.answer, CursorGone):
             raise waiter.answer
         return waiter.answer
@@ -1087,18 +1086,20 @@ class _Feed:
                 self._threads.add(target.__name__)
 
     def _serve(self):
-        """Until close: answer waiters (all on close); look at files while any wait or follow."""
+        """Until close: answer waiters (all on close, and those whose client left, at once);
+        look at the files while any wait or follow."""
         next_look = 0.0
         while True:
             with self._changed:
                 if not self._closed and not any(w.number < self._last for w in self._waiters):
                     self._changed.wait(_LOOK_EVERY if self._waiters or self._subscribers else None)
-                ready = [w for w in self._waiters if w.number < self._last or self._closed]
+                look = (self._waiters or self._subscribers) and time.monotonic() >= next_look
+                ready = [w for w in self._waiters
+                         if w.number < self._last or self._closed or look and w.gone()]
                 self._waiters.difference_update(ready)
                 for waiter in ready:
                     waiter.answer = self._answer(waiter.number)
                 closed = self._closed
-                look = (self._waiters or self._subscribers) and time.monotonic() >= next_look
             for waiter in ready:  # every answer is sent before any waiter wakes
                 try:
                     waiter.answer = waiter.deliver(waiter.answer)
@@ -1858,8 +1859,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.data_dir = data_dir
         self.key_source = None  # where the API key came from: set by make_server
-        self.settings = settings
-        self.synced = synced
+        self.settings, self.synced = settings, synced
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
@@ -1938,18 +1938,19 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 thread.join(max(0.0, deadline - time.monotonic()))
         documents = (self.settings, self.synced)
         if all([document.close(max(0.0, deadline - time.monotonic())) for document in documents]):
-            self._unlock()
-        else:  # a save goes on: the data dir stays locked (no other instance beside it) until
-            with contextlib.suppress(RuntimeError):  # it ends; at exit (3.12) the OS unlocks it
-                threading.Thread(target=self._unlock, args=documents, daemon=True).start()
+            return self._unlock()
+        # A save goes on: the data dir stays locked (no other instance beside it) until it ends.
+        with contextlib.suppress(RuntimeError):  # at exit (3.12: no thread), the OS unlocks it
+            threading.Thread(target=self._unlock, args=documents, daemon=True).start()
 
     def _unlock(self, *saving):
         """Release the data dir, once the saves of the documents given have ended."""
         for document in saving:
             document.close(None)  # waits for its save to end
-        if self._dir_lock is not None:
-            os.close(self._dir_lock)  # releases the lock
-            self._dir_lock = None
+        with self._state:  # once: a second server_close() may end its wait at the same time
+            lock, self._dir_lock = self._dir_lock, None
+        if lock is not None:
+            os.close(lock)  # releases the lock
 
     def process_request(self, request, client_address):
         """A thread per connection; at the cap, the oldest idle one makes room, or a 503."""

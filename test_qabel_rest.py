@@ -2441,6 +2441,17 @@ def test_write_in_flight_at_shutdown_finishes_and_later_ones_fail(tmp_path, monk
 # Group commit and the cached body
 # ---------------------------------------------------------------------------
 
+def start_once_unlocked(data_dir):
+    """start(data_dir) as soon as the server before it has released the data dir."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return start(data_dir)
+        except qabel_rest.StartupError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
 def hold_first_save(monkeypatch, error=None):
     """Make the first atomic_write wait for a gate (and then fail with error)."""
     real = qabel_rest.atomic_write
@@ -2780,16 +2791,41 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     gate.set()
     writer.join(TIMEOUT)
     assert answers == [200]  # the save under way still ended, and was answered
-    deadline = time.monotonic() + TIMEOUT
-    while True:  # and the lock went with it: the data dir can be served again
-        try:
-            again = start(tmp_path)
-            break
-        except qabel_rest.StartupError:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+    again = start_once_unlocked(tmp_path)  # the lock went with it: it can be served again
     assert again.get("/settings").json()["poll_interval"] == 3
     stop(again)
+
+
+@LINUX_FDS
+def test_server_close_twice_while_a_save_outlasts_both_closes_the_lock_once(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    live = start(tmp_path)
+    lock = [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
+        f"/proc/self/fd/{fd}") == os.path.realpath(tmp_path / "qabel_rest.lock")]
+    entered, gate = hold_first_save(monkeypatch)
+    writer = threading.Thread(target=lambda: live.put("/settings", "poll_interval", 3))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    live.server.server_close()
+    live.server.server_close()  # each leaves the release to a thread, for when the save ends
+    closes, real = [], os.close
+
+    def slow_close(fd):  # both threads would see the lock open, and close it
+        if fd in lock:
+            closes.append(fd)
+            time.sleep(0.2)
+        real(fd)
+    monkeypatch.setattr(os, "close", slow_close)
+    gate.set()
+    writer.join(TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not closes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)  # within the first close: a second one would have begun
+    assert len(lock) == 1 and closes == lock
+    monkeypatch.undo()
+    stop(start_once_unlocked(tmp_path))
 
 
 @LINUX_FDS
@@ -5050,7 +5086,8 @@ def test_subscriber_that_falls_far_behind_loses_no_event(live):
 
 
 @pytest.mark.parametrize("leave", [Conn.close, reset])
-def test_waiting_request_whose_client_left_frees_its_connection(live_with, leave):
+def test_waiting_request_whose_client_left_frees_its_connection(live_with, leave, monkeypatch):
+    monkeypatch.setattr(qabel_rest, "_LOOK_EVERY", 0.05)  # the feed's look finds it gone
     running = live_with(max_connections=2)
     cursor = running.server.events()["cursor"]  # no connection the cap of 2 still counts
     waiters = [feed_wait(running, cursor, 60) for _ in range(2)]
@@ -5064,8 +5101,8 @@ def test_waiting_request_whose_client_left_frees_its_connection(live_with, leave
     while (status := running.get("/health").status) == 503 and \
             time.monotonic() - started < TIMEOUT:
         time.sleep(0.1)
-    assert status == 200  # long before the 60 s timeout
-    assert time.monotonic() - started < TIMEOUT
+    assert status == 200  # long before the 60 s timeout: at the feed's next look
+    assert time.monotonic() - started < 1
 
 
 def test_key_longer_than_the_limit_is_405(live):
@@ -5119,6 +5156,29 @@ def test_content_as_before_the_file_was_unusable_keeps_its_tag_and_is_no_event(
     assert live.server.events(cursor)["events"] == []
     document.put("poll_interval", 9, if_match=tag)
     assert live.server.events(cursor)["events"][0]["etag"] == document.etag != tag
+
+
+def test_a_version_another_program_wrote_during_a_save_is_an_event_though_it_then_turned_invalid(
+        live, monkeypatch):
+    path, cursor = os.path.join(live.data_dir, "settings.json"), live.server.events()["cursor"]
+    other = b'{"poll_interval": 77}'
+    real, rewrites = qabel_rest.atomic_write, [other, b"{nope"]
+
+    def another_program_first(target, data, dir_fd=None, check=lambda: None):
+        def rewrite_then_check():
+            if target == path and rewrites:
+                real(path, rewrites.pop(0))  # just before our rename: our save rebases on it
+            check()
+        return real(target, data, dir_fd, rewrite_then_check)
+    monkeypatch.setattr(qabel_rest, "atomic_write", another_program_first)
+    assert live.put("/settings", "drop_last_update", "x").status == 503  # then it was invalid
+    monkeypatch.undo()
+    with open(path, "wb") as f:  # the other program's version again
+        f.write(other)
+    response = live.get("/settings")
+    assert response.json()["poll_interval"] == 77
+    assert live.server.events(cursor)["events"] == [
+        {"document": "settings", "key": None, "etag": response.headers["ETag"]}]
 
 
 @LINUX_FDS
@@ -6431,9 +6491,9 @@ def test_openapi_json_schema_agrees_with_the_validator_on_every_schema_case(live
 def test_waiting_request_whose_client_stays_is_kept_past_the_gone_check(live):
     cursor = feed_cursor(live)
     started = time.monotonic()
-    response = feed_get(live, cursor, qabel_rest._GONE_CHECK + 0.5)  # looked at, kept
+    response = feed_get(live, cursor, qabel_rest._LOOK_EVERY + 0.5)  # looked at, kept
     assert response.status == 200 and response.json() == {"cursor": cursor, "events": []}
-    assert time.monotonic() - started >= qabel_rest._GONE_CHECK + 0.4
+    assert time.monotonic() - started >= qabel_rest._LOOK_EVERY + 0.4
 
 
 def test_cli_url_with_a_bad_port_is_a_usage_error():

@@ -4932,6 +4932,23 @@ def feed_wait(client, since, timeout=30):
     return conn
 
 
+def test_waiter_whose_timeout_passes_while_its_answer_is_sent_gets_that_answer(
+        live, monkeypatch):
+    cursor = feed_cursor(live)
+    real = qabel_rest.RequestHandler._deliver
+
+    def slow(self, answer):  # the feed's thread is still sending it when the timeout passes
+        time.sleep(1)
+        return real(self, answer)
+    monkeypatch.setattr(qabel_rest.RequestHandler, "_deliver", slow)
+    waiter = feed_wait(live, cursor, 0.5)
+    watch_waiting(live.server)
+    tag = live.put("/settings", "poll_interval", 5).headers["ETag"]
+    answer = waiter.read()
+    assert answer.status == 200 and [e["etag"] for e in answer.json()["events"]] == [tag]
+    assert waiter.request("GET", "/health", headers={"X-API-Key": KEY}).status == 200
+
+
 def test_waiter_that_falls_behind_the_events_kept_gets_410(live, monkeypatch):
     cursor = feed_cursor(live)
     busy, release = hold_deliveries(monkeypatch)

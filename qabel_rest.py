@@ -835,7 +835,7 @@ class SettingsDocument:
     def _end(self, batch, disk, rebased, error):
         """Settle a batch whose save left disk on disk and publish its changes; on error the
         queued changes fail too, after a rebase they are re-applied to it. Holds _lock."""
-        if rebased is not None and rebased.etag != self._disk.etag:  # (unusable since: its tag)
+        if rebased is not None and rebased.etag != self._disk.etag:  # though unusable now
             self.publish(None, rebased.etag)
         self._disk = disk
         if error is not None:
@@ -1015,8 +1015,8 @@ class _Feed:
             self._changed.notify_all()
 
     def events(self, since=None, timeout=0, deliver=lambda answer: answer, gone=lambda: False):
-        """{"cursor", "events"} after since, waiting up to timeout seconds for one; deliver
-        gets an answer that waited, in the feed's thread (what it returns is returned)."""
+        """{"cursor", "events"} after since, waiting up to timeout seconds for one. In the feed's
+        thread, gone() says if the client left; deliver gets the answer (what it returns is)."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         if since is not None:  # another program's rewrite is an event now, not at a later look
@@ -1086,8 +1086,7 @@ class _Feed:
                 self._threads.add(target.__name__)
 
     def _serve(self):
-        """Until close: answer waiters (all on close, and those whose client left, at once);
-        look at the files while any wait or follow."""
+        """Until close: answer waiters (all on close, any whose client left); look at files."""
         next_look = 0.0
         while True:
             with self._changed:
@@ -1413,8 +1412,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if self._linger:
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + _LINGER_SECONDS
-                received = 0
+                deadline, received = time.monotonic() + _LINGER_SECONDS, 0
                 while received < _LINGER_BYTES and time.monotonic() < deadline:
                     self.connection.settimeout(max(0.001, deadline - time.monotonic()))
                     chunk = self.connection.recv(1 << 16)
@@ -1727,16 +1725,18 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self._send_json(HTTPStatus.OK, answer)
 
     def _gone(self):
-        """Whether the client of a request waiting for events closed the connection."""
+        """Whether the client of a request waiting for events closed the connection (or half
+        closed it: a peek cannot tell). Called by the feed's thread, so it never raises."""
         try:
             self.connection.setblocking(False)
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except BlockingIOError:
             return False
-        except OSError:
+        except Exception:  # a reset, or a bug: the request is let go
             return True
         finally:
-            self.connection.setblocking(True)
+            with contextlib.suppress(OSError):
+                self.connection.setblocking(True)
 
     def _deliver(self, answer):
         """From the feed's thread: send what the socket takes at once; return the rest."""

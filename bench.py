@@ -14,7 +14,8 @@ same bytes (checked). Load comes from wrk when installed, else from a built-in
 multi-threaded keep-alive client; the two servers are measured in turn, round after
 round, and each one's median counts. Absolute numbers drift; the ratios of one run hold.
 
-Printed, each with its goal and whether it held:
+Printed, each with its goal and whether it held (and, for each load, the CPU time each
+server process used per request, from /proc):
   - GET /synced, 3.7 KB document: qabel_rest / bare throughput        goal >= 0.90
   - PUT one key (qabel_rest fsyncs, bare keeps it in memory): ratio   goal >= 0.50
   - GET /synced, 1 MB document: ratio                                 goal >= 0.90
@@ -357,6 +358,13 @@ def rss_kb(pid):
                 return int(line.split()[1])
 
 
+def cpu_seconds(pid):
+    """The user and system CPU time a process has used so far (from /proc, as rss_kb)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # from the third field on: the name may
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # hold spaces
+
+
 def imported_rss_kb(document, module_dir, scratch):
     """The ready RSS of qabel_rest run as `python -m qabel_rest`, so from its compiled
     module, as an app that embeds it imports it. As a script (`python qabel_rest.py`)
@@ -430,14 +438,22 @@ def scenario(name, document, methods, args, load, module_dir, scratch, results, 
             # Alternate the two servers and take each one's median: the machine's
             # speed drifts, and a drift then hits both alike.
             runs = {"bare": [], "qabel_rest": []}
+            cpu = {"bare": [0.0, 0.0], "qabel_rest": [0.0, 0.0]}  # server CPU s, requests
             for _ in range(args.rounds):
-                for server, port in (("bare", bare_port), ("qabel_rest", qabel_port)):
-                    runs[server].append(load(port, method, args.duration, args.connections,
-                                             scratch))
+                for server, proc, port in (("bare", bare, bare_port),
+                                           ("qabel_rest", qabel, qabel_port)):
+                    used = cpu_seconds(proc.pid)
+                    rate = load(port, method, args.duration, args.connections, scratch)
+                    cpu[server][0] += cpu_seconds(proc.pid) - used
+                    cpu[server][1] += rate * args.duration
+                    runs[server].append(rate)
             bare_rate, qabel_rate = (statistics.median(runs[s]) for s in ("bare", "qabel_rest"))
             results[f"{method} {name}"] = (bare_rate, qabel_rate)
             print(f"  {method:4s} bare {bare_rate:8,.0f} req/s   qabel_rest "
-                  f"{qabel_rate:8,.0f} req/s   ratio {qabel_rate / bare_rate:.2f}", flush=True)
+                  f"{qabel_rate:8,.0f} req/s   ratio {qabel_rate / bare_rate:.2f}   server CPU "
+                  f"per request: bare {cpu['bare'][0] / cpu['bare'][1] * 1e6:,.0f} us, "
+                  f"qabel_rest {cpu['qabel_rest'][0] / cpu['qabel_rest'][1] * 1e6:,.0f} us",
+                  flush=True)
         if feed:  # after the figures above, so it leaves them as they were
             results["feed"] = feed_figures(qabel_port, args, load, scratch)
             print("  feed PUT -> event p50 {:.2f} ms, p99 {:.2f} ms; GET with 100 waiters "

@@ -69,7 +69,6 @@ SHUTDOWN_GRACE = 5.0  # seconds server_close() waits for requests in flight
 
 MAX_DEPTH = 64  # how deep a value may nest: far below Python's recursion limit
 MAX_KEY_LENGTH = 4096  # characters of a key (a path, not data: events hold it)
-_INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _MAX_INT_TEXT = 20  # digits and sign of a 64-bit integer: int() never sees more
 _MISSING = object()  # a value not given, unlike None (JSON null)
@@ -368,7 +367,7 @@ def validate(value, node, path=()):
             node = _ANY_OBJECT if kind is dict else _List("any")
     elif kind is str and not _is_text(value):
         raise InvalidValue(f"{format_key(path)}: a string is not valid Unicode")
-    elif kind is int and not _INT64_MIN <= value <= _INT64_MAX:
+    elif kind is int and not -_INT64_MAX - 1 <= value <= _INT64_MAX:
         raise InvalidValue(f"{format_key(path)}: an integer is out of the 64-bit range")
     elif kind is float and not math.isfinite(value):
         raise InvalidValue(f"{format_key(path)}: a number is out of range, or not finite")
@@ -661,10 +660,10 @@ class SettingsDocument:
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save ends
         self._disk = None  # _Version on disk: what readers get
-        self._head = None  # the newest accepted document, saved or not yet...
-        self._head_tag = None  # ...and its tag: what If-Match compares with
+        self._head = self._head_tag = None  # newest accepted document and its tag: If-Match's
         self._queue = []  # _Change objects accepted and not yet in a save
         self._saving = self._closed = False
+        self._saves = 0  # saves ended
         self._dir_fd = None  # the data dir, open for fsync once the first save needs it
         self.publish = lambda key, etag: None  # the server's feed: each change on disk, under _lock
 
@@ -730,10 +729,11 @@ class SettingsDocument:
     def current(self):
         """The version on disk (shared: never change it), re-read if the file changed."""
         version = self._disk
-        if _file_signature(self.path) != version.signature:
-            with self._lock:
-                self._saved.wait_for(lambda: not self._saving or self._disk is not version,
-                                     SHUTDOWN_GRACE)  # that save only: later ones would starve it
+        if _file_signature(self.path) != version.signature:  # a save's rename, or a rewrite
+            with self._lock:  # that the next save to begin reads: wait for it, not later ones
+                last = self._saves + (2 if self._saving else 1)  # (one under way: and the next)
+                self._saved.wait_for(lambda: self._saves >= last or not (
+                    self._saving or self._queue), SHUTDOWN_GRACE)
                 version = self._refresh()
         return self._usable(version)
 
@@ -827,6 +827,7 @@ class SettingsDocument:
         finally:
             self._lock.acquire()
             self._saving = False
+            self._saves += 1
             self._end(batch, disk, rebased, error)
             if self._queue:  # the writer of the oldest change queued meanwhile saves them all
                 self._queue[0].wake.notify()
@@ -1860,10 +1861,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self.data_dir = data_dir
         self.key_source = None  # where the API key came from: set by make_server
         self.settings, self.synced = settings, synced
-        self.max_body = max_body
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self.max_connections = max_connections
+        self.max_body, self.max_connections = max_body, max_connections
+        self.idle_timeout, self.request_timeout = idle_timeout, request_timeout
         import hmac  # see _logger()
         self._compare_digest = hmac.compare_digest
         self.logger = _logger()

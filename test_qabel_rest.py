@@ -1179,37 +1179,73 @@ def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monk
     assert settings.etag == live.get("/settings").headers["ETag"] != before
 
 
-def test_a_reader_waits_for_the_save_under_way_not_for_the_next_one(live, monkeypatch):
-    """A read finding the file renamed by a save under way waits for that save. It waited
-    until no save ran at all: with writers back to back, up to 5 s (SHUTDOWN_GRACE)."""
+def held_saves(monkeypatch):
+    """Each save waits after its rename, at its directory's fsync, for a release: (entered,
+    released when one waits; proceed, to release one)."""
     real, entered, proceed = os.fsync, threading.Semaphore(0), threading.Semaphore(0)
 
-    def fsync(fd):  # the directory's, after a save's rename: each waits for a release
+    def fsync(fd):
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             entered.release()
             assert proceed.acquire(timeout=10)
         return real(fd)
     monkeypatch.setattr(os, "fsync", fsync)
+    return entered, proceed
+
+
+def test_a_reader_waits_for_the_save_under_way_and_the_next_not_for_more(live, monkeypatch):
+    """A read finding the file changed while a save runs waits for that save and the next
+    (which reads another program's rewrite), not for later ones: it waited until no save
+    ran at all, with writers back to back up to 5 s (SHUTDOWN_GRACE)."""
+    entered, proceed = held_saves(monkeypatch)
     settings, reads, threads = live.server.settings, [], []
     try:
         for target in (lambda: settings.put("poll_interval", 1),  # renamed, then held
                        lambda: reads.append(settings.get("poll_interval")),  # waits for it
-                       lambda: settings.put("poll_interval", 2)):  # queued behind it
+                       lambda: settings.put("poll_interval", 2),  # queued behind it
+                       lambda: settings.put("poll_interval", 3)):  # and behind that one
             threads.append(threading.Thread(target=target))
             threads[-1].start()
             if len(threads) == 1:
                 assert entered.acquire(timeout=5)
             time.sleep(0.2)
-        proceed.release()  # the first save ends; the second starts and is held after its rename
+            if len(threads) == 3:
+                proceed.release()  # the first save ends; the second is held after its rename
+                assert entered.acquire(timeout=5)
+        assert reads == []
+        proceed.release()  # the second save ends; the third is held after its rename
         assert entered.acquire(timeout=5)
         threads[1].join(3)
-        assert reads == [1]  # answered with the first save's version, the second still held
+        assert reads == [2]
     finally:
         for _ in threads:
             proceed.release()
         for thread in threads:
             thread.join(10)
-    assert settings.get("poll_interval") == 2
+    assert settings.get("poll_interval") == 3
+
+
+def test_a_read_after_another_programs_rewrite_during_saves_gets_it(live, monkeypatch):
+    entered, proceed = held_saves(monkeypatch)
+    settings, reads = live.server.settings, []
+    first = threading.Thread(target=settings.put, args=("module_data.a", {"n": 1}))
+    first.start()
+    assert entered.acquire(timeout=5)  # renamed, and held
+    second = threading.Thread(target=settings.put, args=("module_data.b", {"n": 2}))
+    second.start()  # queued behind it
+    time.sleep(0.2)
+    rewrite = {"poll_interval": 30, "module_data": {"a": {"n": 1}, "other": {}}}
+    with open(settings.path + ".new", "w") as f:  # another program
+        json.dump(rewrite, f)
+    os.replace(settings.path + ".new", settings.path)
+    reader = threading.Thread(target=lambda: reads.append(settings.get("module_data")))
+    reader.start()
+    for _ in range(2):  # the first save ends; the second, which reads the rewrite, too
+        proceed.release()
+    reader.join(TIMEOUT)
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert reads == [{"a": {"n": 1}, "other": {}, "b": {"n": 2}}]
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX modes")

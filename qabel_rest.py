@@ -646,8 +646,9 @@ class SettingsDocument:
     """One settings document: its file, schema, and current version. Thread-safe.
 
     Group commit: changes are validated and queued; a writer finding no save running writes them
-    all (the newest document) with one fsync; each returns once durable. A reader waits only
-    when the file changed during a save: for the save, which takes in another program's rewrite."""
+    all (the newest document) with one fsync; each returns once durable. A reader that finds the
+    file changed while saves run waits for the save under way and the next one (5 s at most),
+    which takes in another program's rewrite."""
 
     def __init__(self, path, schema, defaults):
         self.path = path
@@ -658,7 +659,7 @@ class SettingsDocument:
         self._new_tag = lambda: f'"{prefix}-{next(numbers)}"'  # never repeats; next() is atomic
         # _lock guards what follows; the writer that set _saving writes the file without it.
         self._lock = threading.Lock()
-        self._saved = threading.Condition(self._lock)  # notified when a save ends
+        self._saved = threading.Condition(self._lock)  # notified when a save or the queue ends
         self._disk = None  # _Version on disk: what readers get
         self._head = self._head_tag = None  # newest accepted document and its tag: If-Match's
         self._queue = []  # _Change objects accepted and not yet in a save
@@ -831,7 +832,6 @@ class SettingsDocument:
             self._end(batch, disk, rebased, error)
             if self._queue:  # the writer of the oldest change queued meanwhile saves them all
                 self._queue[0].wake.notify()
-            self._saved.notify_all()  # readers and close() waiting for the save to end
 
     def _end(self, batch, disk, rebased, error):
         """Settle a batch whose save left disk on disk and publish its changes; on error the
@@ -852,6 +852,7 @@ class SettingsDocument:
             change.wake.notify()
             if change.error is None and change.changed:
                 self.publish(change.key, change.tag)
+        self._saved.notify_all()  # readers and close() waiting for a save or the queue to end
 
     def _reapply(self, changes, document, tag):
         """Apply changes again to another document and its tag, each that changes it with a

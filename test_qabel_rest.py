@@ -1248,6 +1248,46 @@ def test_a_read_after_another_programs_rewrite_during_saves_gets_it(live, monkey
     assert reads == [{"a": {"n": 1}, "other": {}, "b": {"n": 2}}]
 
 
+def test_a_reader_waiting_when_the_document_closes_is_answered_when_the_queue_fails(
+        live, monkeypatch):
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 60)  # a reader left waiting: a failure
+    entered, proceed = held_saves(monkeypatch)
+    init = qabel_rest._Change.__init__
+
+    class SlowWake(threading.Condition):  # a queued writer slow to take the lock back: the
+        def wait(self, timeout=None):  # reader woken by the same end of a save goes first
+            woken = super().wait(timeout)
+            if woken:
+                self.release()
+                time.sleep(0.1)
+                self.acquire()
+            return woken
+
+    def slow_to_wake(self, apply, if_match, lock):
+        init(self, apply, if_match, lock)
+        self.wake = SlowWake(lock)
+    monkeypatch.setattr(qabel_rest._Change, "__init__", slow_to_wake)
+    settings, answers = live.server.settings, []
+
+    def queued():
+        with pytest.raises(qabel_rest.DocumentUnavailable):
+            settings.put("poll_interval", 12)
+        answers.append("refused")
+    first = threading.Thread(target=settings.put, args=("poll_interval", 11))
+    first.start()
+    assert entered.acquire(timeout=5)  # renamed, and held
+    threads = [threading.Thread(target=queued),
+               threading.Thread(target=lambda: answers.append(settings.get("poll_interval"))),
+               threading.Thread(target=settings.close, args=(TIMEOUT,))]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    proceed.release()  # the first save ends; the queued change fails: closed, no save
+    for thread in threads + [first]:
+        thread.join(TIMEOUT)
+    assert answers == ["refused", 11]  # the reader was woken, not left to wait 60 s
+
+
 @pytest.mark.skipif(not POSIX, reason="POSIX modes")
 def test_a_file_system_without_modes_still_starts_and_saves(tmp_path, monkeypatch):
     """FAT (a USB stick) refuses chmod: the 0600 after the umask is skipped there, and the

@@ -2020,8 +2020,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     StartupError if the server cannot start: then no file was changed or created."""
     if type(max_body) is not int or max_body < 1:
         raise StartupError("max_body must be a positive integer")
-    if isinstance(allowed_hosts, str):  # one name, not its letters
-        allowed_hosts = (allowed_hosts,)
+    allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
     data_dir = os.path.abspath(data_dir or default_data_dir())
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
@@ -2070,7 +2069,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     except BaseException:
         if server._dir_lock is not None:  # ours alone: remove what this start made
             for name in set(os.listdir(data_dir)) - (existed or set()):
-                os.unlink(os.path.join(data_dir, name))
+                with contextlib.suppress(OSError):  # Windows: the open lock file stays
+                    os.unlink(os.path.join(data_dir, name))
         server.server_close()
         if new_dir:  # made by this start, unless another one's files are in it
             with contextlib.suppress(OSError):

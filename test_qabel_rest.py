@@ -3321,6 +3321,28 @@ def test_start_failing_after_it_created_files_removes_them(tmp_path, monkeypatch
     assert os.listdir(data_dir) == ["keep"]
 
 
+def test_start_failing_where_an_open_file_cannot_be_removed_is_still_a_startup_error(
+        tmp_path, monkeypatch):
+    """Windows refuses to remove a file that is open: the lock file, while the failing start
+    holds it. The start still fails with its own error, and frees the port and the lock."""
+    real = os.unlink
+
+    def unlink(path, *args, **kw):
+        if str(path).endswith("qabel_rest.lock"):
+            raise PermissionError(errno.EACCES, "The process cannot access the file")
+        return real(path, *args, **kw)
+    monkeypatch.setattr(os, "unlink", unlink)
+    disk_full_at(monkeypatch, "api-key")
+    with socket.socket() as probe:  # a free port, to bind again afterwards
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(qabel_rest.StartupError, match="cannot write the key file"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=port)
+    assert sorted(os.listdir(tmp_path)) == ["qabel_rest.lock"]  # the rest is removed
+    monkeypatch.undo()  # the port and the lock were released:
+    qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port).server_close()
+
+
 @pytest.mark.skipif(ROOT or not POSIX, reason="root writes any directory")
 def test_read_only_data_dir_is_a_startup_error(tmp_path):  # pragma: no cover - not as root
     stop(start(tmp_path))

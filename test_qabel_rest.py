@@ -4550,26 +4550,19 @@ def test_feed_subscriber_learns_of_a_file_rewritten_by_another_program(live, wai
 
 def test_feed_poll_during_a_save_answers_without_waiting_for_the_save(live, monkeypatch):
     since = feed_cursor(live)
-    real, gate, held = os.fsync, threading.Event(), threading.Event()
-
-    def fsync(fd):  # the directory's, after the rename: the file is new, the save not done
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and not gate.is_set():
-            held.set()
-            gate.wait(10)
-        return real(fd)
-    monkeypatch.setattr(os, "fsync", fsync)
+    entered, proceed = held_saves(monkeypatch)  # renamed, the save not done
     put = threading.Thread(target=lambda: results.append(live.put("/settings", "poll_interval",
                                                                   7)))
     results = []
     put.start()
-    assert held.wait(5)
+    assert entered.acquire(timeout=5)
     polls = []
     poll = threading.Thread(target=lambda: polls.append((feed_get(live, since, 0),
                                                          live.server.events(since, 0))))
     poll.start()
     poll.join(3)  # a save may take this long: the poll does not wait for it (nor 5 s)
     answered = not poll.is_alive()
-    gate.set()
+    proceed.release()
     put.join(5)
     poll.join(5)
     assert answered and results[0].status == 200

@@ -564,7 +564,9 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
             view = view[os.write(fd, view):]
         try:  # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-        except (AttributeError, OSError):  # not macOS (Windows: no fcntl), or not on this FS
+        except (AttributeError, OSError) as exc:  # not macOS (Windows: no fcntl), or not on
+            if getattr(exc, "errno", None) not in (None, errno.ENOTSUP, errno.ENOTTY, errno.EINVAL):
+                raise  # this FS (SMB: ENOTSUP). EIO is lost data, which a retried fsync hides
             os.fsync(fd)
         check()
         if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
@@ -1359,11 +1361,8 @@ def _openapi(url):
 # --- HTTP handler -------------------------------------------------------------
 
 _ROUTES = MappingProxyType({  # a path's methods, as Allow lists them (RFC 9110 10.2.1)
-    "/settings": ("GET", "PUT", "POST", "PATCH", "HEAD", "OPTIONS"),
-    "/synced": ("GET", "PUT", "POST", "PATCH", "HEAD", "OPTIONS"),
-    "/events": ("GET", "HEAD", "OPTIONS"),
-    "/health": ("GET", "HEAD", "OPTIONS"),
-    "/openapi.json": ("GET", "HEAD", "OPTIONS"),
+    **dict.fromkeys(("/settings", "/synced"), ("GET", "PUT", "POST", "PATCH", "HEAD", "OPTIONS")),
+    **dict.fromkeys(("/events", "/health", "/openapi.json"), ("GET", "HEAD", "OPTIONS")),
 })
 _OPEN = ("/health", "/openapi.json")  # the paths GET needs no key for
 _JSON_TYPE = "application/json"

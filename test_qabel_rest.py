@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 from http.client import parse_headers
 
@@ -1573,6 +1574,35 @@ def test_failed_save_answers_5xx_and_changes_nothing(live, monkeypatch, name, wh
     assert snapshot(live.data_dir) == before  # byte-identical, no temp file left
     assert live.get("/settings").json()["poll_interval"] == 5  # memory unchanged too
     assert live.put("/settings", "poll_interval", 7).status == 200
+
+
+@pytest.mark.parametrize("error, status", [(errno.EIO, 500), (errno.ENOTSUP, 200),
+                                           (errno.ENOTTY, 200), (errno.EINVAL, 200)])
+def test_macos_full_fsync_not_supported_falls_back_to_fsync_and_failing_fails_the_save(
+        live, monkeypatch, error, status):
+    """macOS: F_FULLFSYNC that the file system does not support (SMB) falls back to fsync;
+    any other failure fails the save, since a retried fsync would not bring the data back."""
+    fsynced, full = [], []
+
+    def fake_fcntl(fd, command):
+        full.append(command)
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(qabel_rest, "fcntl", types.SimpleNamespace(F_FULLFSYNC=51,
+                                                                   fcntl=fake_fcntl))
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real(fd))
+    before = snapshot(live.data_dir)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == status and full == [51]
+    if status == 500:
+        assert response.json() == {"error": f"could not save settings.json: {os.strerror(error)}"}
+        assert fsynced == [] and snapshot(live.data_dir) == before
+        assert live.get("/settings").json()["poll_interval"] == 30
+    else:  # the file's fsync, then the directory's
+        disk = json.loads(snapshot(live.data_dir)["settings.json"])
+        assert len(fsynced) == 2 and disk["poll_interval"] == 6
 
 
 def test_replace_refused_is_retried_then_500(live, monkeypatch):

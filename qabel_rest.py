@@ -1253,7 +1253,7 @@ def _openapi(url):
 
     def answer(description, schema=None, *headers):
         response = {"description": description, "headers": {name: ref("headers", name) for name
-                    in ("Cache-Control", "X-Content-Type-Options", "Keep-Alive", *headers)}}
+                    in (*common, *headers)}}
         if schema is not None:
             response["content"] = {_JSON_TYPE: {"schema": schema}}
         return response
@@ -1266,6 +1266,8 @@ def _openapi(url):
         return {"parameters": [if_match], "requestBody": {"required": True, "content": content},
                 "responses": {"200": answer(description, schema, "ETag"), **failed}}
 
+    common = ("Content-Length", "Cache-Control", "X-Content-Type-Options",  # every answer's,
+              "Keep-Alive", "Connection")  # but Keep-Alive or Connection: close (and Date, Server)
     text = {"type": "string"}
     error = ref("schemas", "Error")
     refusals = {"400": answer("a malformed request line, header block or framing", error),
@@ -1342,8 +1344,7 @@ def _openapi(url):
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                                 "bearer": {"type": "http", "scheme": "bearer"}},
             "headers": {name: {"schema": text} for name in (
-                "ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After",
-                "Cache-Control", "X-Content-Type-Options", "Keep-Alive")},
+                "ETag", "Allow", "Accept-Patch", "WWW-Authenticate", "Retry-After", *common)},
             "schemas": {
                 "LocalSettings": _json_schema(LOCAL_SCHEMA, served=True),
                 "SyncedSettings": _json_schema(SYNCED_SCHEMA, served=True),
@@ -1878,6 +1879,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._date = (None, "")  # (a second, its Date header): see date_time_string
         self._feed = _Feed(self._look)
         self.subscribe = self._feed.subscribe  # callback(event) for each later one, on disk
+        self.events = lambda since=None, timeout=0: self._feed.events(since, timeout)  # GET /events
         settings.publish = lambda key, etag: self._feed.publish("settings", key, etag)
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         hosts = [*map(_normal_host, (*_LOCAL_HOSTS, address[0], *allowed_hosts))]  # a wrong
@@ -1885,10 +1887,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.allowed_hosts = frozenset((*hosts, _normal_host(host)))
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def events(self, since=None, timeout=0):
-        """What GET /events answers, as a dict; CursorGone where it answers 410."""
-        return self._feed.events(since, timeout)
 
     def _look(self):
         for document in (self.settings, self.synced):
@@ -2080,6 +2078,10 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
 
 # --- Command line -------------------------------------------------------------
 
+def _one_line(text):  # control characters escaped (\n): a path may hold one, a file an ESC
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 _CLIENT_COMMANDS = {  # command -> its arguments; a ? makes one optional
     "get": "doc key?", "set": "doc key value", "patch": "doc file", "export": "doc file?",
     "import": "doc file", "watch": ""}
@@ -2105,18 +2107,19 @@ def _client(command, argv):
         parser.error("unrecognized arguments")
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
         parser.error("DOC must be settings or synced")  # may be a key after a mistyped option
-    if not _is_url(args.url) or urllib.parse.urlsplit(args.url).scheme != "http":
-        parser.error("--url must be an http:// URL")
-    url = urllib.parse.urlsplit(args.url)
+    url = urllib.parse.urlsplit(args.url) if _is_url(args.url) else None  # (split: it parses)
+    if url is None or url.scheme != "http" or url.path.strip("/") or url.query or url.fragment:
+        parser.error("--url must be an http:// URL with no path")  # never silently dropped
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
             if body is not None:  # what no document may hold is refused, never sent
                 body = json.dumps(body, default=_Unfit.refuse, allow_nan=False).encode()
-            connection.request(method, path, body, {"X-API-Key": key, "Content-Type": media})
-            with connection.getresponse() as response:  # closed now: closed by its
-                data = response.read()  # finalizer, it would swallow a Ctrl-C (a watch's end)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a body refused
+                connection.request(method, path, body, {"X-API-Key": key, "Content-Type": media})
+            with connection.getresponse() as response:  # unread (413): its answer came. Closed
+                data = response.read()  # now: by its finalizer, it would swallow a Ctrl-C
         except (OSError, http.client.HTTPException, UnicodeError) as exc:  # (IDNA: the host)
             raise QabelRestError(f"cannot reach {args.url}: {exc}") from None
         answer = None  # if not JSON: not a qabel_rest answer (a proxy's error page, say)
@@ -2181,8 +2184,7 @@ def _client(command, argv):
     except (QabelRestError, OSError, KeyError, ValueError, KeyboardInterrupt, AttributeError) as e:
         if isinstance(e, KeyboardInterrupt) and command == "watch":
             return 0  # watch ends on SIGINT; another command cut short has failed
-        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))  # 1 line
-        print(f"qabel_rest: {message or 'interrupted'}", file=sys.stderr, flush=True)
+        print(f"qabel_rest: {_one_line(e) or 'interrupted'}", file=sys.stderr, flush=True)
         return 1  # (an AttributeError: no stdin or stdout, closed)
     return 0
 
@@ -2224,7 +2226,7 @@ def main(argv=None):
         server = make_server(args.data_dir, args.api_key, args.host, args.port,
                              max_body=args.max_body, allowed_hosts=args.allowed_host)
     except StartupError as exc:
-        print(f"qabel_rest: {exc}", file=sys.stderr, flush=True)
+        print(f"qabel_rest: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
         if hasattr(signal, name):  # shutdown() returns at once in the serving thread
@@ -2232,9 +2234,8 @@ def main(argv=None):
     with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
         sys.stdout.reconfigure(errors="backslashreplace")  # a path the encoding lacks: no crash
     try:
-        print(f"qabel_rest listening on {server.url} (API key "
-              f"{'file' if os.path.isabs(server.key_source) else 'from'} {server.key_source})",
-              flush=True)
+        source = f"{'file' if os.path.isabs(server.key_source) else 'from'} {server.key_source}"
+        print(f"qabel_rest listening on {server.url} (API key {_one_line(source)})", flush=True)
     except OSError:  # stdout full, or a pipe nobody reads: serve all the same, stdout to devnull
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit flushes there)
     try:

@@ -2366,6 +2366,26 @@ def test_process_ready_line_names_a_path_its_output_encoding_lacks(tmp_path):
     assert code == 0, err
 
 
+@pytest.mark.skipif(not POSIX, reason="a newline in a file name")
+def test_process_ready_line_and_startup_error_are_one_line_with_control_characters_escaped(
+        tmp_path):
+    """A path, or a name another program wrote into a document, may hold a newline or a
+    terminal escape: the ready line and a startup failure stay one line, escaped."""
+    data_dir = tmp_path / "q\nx\x1b[2J"
+    proc = Process(data_dir)
+    try:
+        assert proc.port and "q\\nx\\x1b[2J" in proc.line and proc.line.endswith(")\n")
+    finally:
+        code, out, err = proc.finish(signal.SIGTERM)
+    assert code == 0 and out == ""
+    (data_dir / "settings.json").write_text(json.dumps({"module_data": {"a\nb\x1b[2J": 5}}))
+    result = run_cli("--port", "0", "--data-dir", str(data_dir))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+    assert "module_data.a\\nb\\x1b[2J: must be an object (" in result.stderr
+    assert "q\\nx\\x1b[2J" in result.stderr
+
+
 @pytest.mark.skipif(not POSIX, reason="SIGINT delivery")
 def test_process_stops_on_sigint_with_keep_alive_connection_open(tmp_path):
     proc = Process(tmp_path, "--api-key", KEY, "--max-body", "1000",
@@ -6524,7 +6544,7 @@ def test_openapi_declares_every_status_and_header_the_server_answers(live, tmp_p
         ("GET", "/openapi.json", {"key": None}),
     ]
     contract = {"etag", "allow", "accept-patch", "www-authenticate", "retry-after", "keep-alive",
-                "cache-control", "x-content-type-options"}
+                "cache-control", "x-content-type-options", "content-length", "connection"}
     seen = set()
 
     def declared(method, target, response):
@@ -6653,6 +6673,24 @@ def test_waiting_request_whose_client_stays_is_kept_past_the_gone_check(live):
     response = feed_get(live, cursor, qabel_rest._LOOK_EVERY + 0.5)  # looked at, kept
     assert response.status == 200 and response.json() == {"cursor": cursor, "events": []}
     assert time.monotonic() - started >= qabel_rest._LOOK_EVERY + 0.4
+
+
+@pytest.mark.parametrize("url", ["/prefix", "/prefix/", "/?x=1", "/#top"])
+def test_cli_url_with_a_path_or_query_is_a_usage_error_not_dropped(live, url):
+    cli_usage_error(run_cli("get", "settings", "--url", cli_url(live) + url, "--api-key", KEY))
+    ok = run_cli("get", "settings", "--url", cli_url(live) + "/", "--api-key", KEY)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["poll_interval"] == 30
+
+
+def test_cli_body_refused_unread_is_the_servers_413_not_a_broken_pipe(live, monkeypatch,
+                                                                      tmp_path):
+    monkeypatch.setattr(qabel_rest, "_LINGER_BYTES", 1 << 16)  # then the server closes
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"module_data": {"m": {"x": "a" * (16 << 20)}}}))
+    before = snapshot(live.data_dir)
+    result = cli_on(live, "import", "settings", str(huge))
+    assert cli_line(result) == "413 the body is larger than 1048576 bytes"
+    assert snapshot(live.data_dir) == before
 
 
 def test_cli_url_with_a_bad_port_is_a_usage_error():

@@ -57,6 +57,10 @@ def _logger():
     return logging.getLogger("qabel_rest")
 
 
+def _one_line(text):  # for a terminal or a log: a path or a name in a file may hold "\n", ESC
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 # --- Constants and schema -----------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
@@ -565,8 +569,8 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
         try:  # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does
             fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
         except (AttributeError, OSError) as exc:  # not macOS (Windows: no fcntl), or not on
-            if getattr(exc, "errno", None) not in (None, errno.ENOTSUP, errno.ENOTTY, errno.EINVAL):
-                raise  # this FS (SMB: ENOTSUP). EIO is lost data, which a retried fsync hides
+            if getattr(exc, "errno", None) in (errno.EIO, *_DISK_FULL):  # this FS (SMB). But
+                raise  # EIO or a full disk is data lost, which a retried fsync would hide
             os.fsync(fd)
         check()
         if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
@@ -939,7 +943,7 @@ class SettingsDocument:
             document = {} if raw is None else _parse_json(raw)  # no file: the default document
             validate(document, self.schema)
         except (_NotJSON, QabelRestError) as exc:
-            return known._replace(signature=signature, raw=raw, error=str(exc))
+            return known._replace(signature=signature, raw=raw, error=_one_line(exc))  # logged too
         document = self._complete(document)
         if known.document is not None and _same(document, known.document):
             return known._replace(signature=signature, raw=raw, error=None)
@@ -1417,10 +1421,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 deadline, received = time.monotonic() + _LINGER_SECONDS, 0
                 while received < _LINGER_BYTES and time.monotonic() < deadline:
                     self.connection.settimeout(max(0.001, deadline - time.monotonic()))
-                    chunk = self.connection.recv(1 << 16)
-                    if not chunk:
-                        break
-                    received += len(chunk)
+                    received += len(self.connection.recv(1 << 16)) or _LINGER_BYTES  # 0: closed
         super().finish()
 
     def version_string(self):
@@ -2078,10 +2079,6 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
 
 # --- Command line -------------------------------------------------------------
 
-def _one_line(text):  # control characters escaped (\n): a path may hold one, a file an ESC
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
-
 _CLIENT_COMMANDS = {  # command -> its arguments; a ? makes one optional
     "get": "doc key?", "set": "doc key value", "patch": "doc file", "export": "doc file?",
     "import": "doc file", "watch": ""}
@@ -2107,19 +2104,22 @@ def _client(command, argv):
         parser.error("unrecognized arguments")
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
         parser.error("DOC must be settings or synced")  # may be a key after a mistyped option
-    url = urllib.parse.urlsplit(args.url) if _is_url(args.url) else None  # (split: it parses)
-    if url is None or url.scheme != "http" or url.path.strip("/") or url.query or url.fragment:
-        parser.error("--url must be an http:// URL with no path")  # never silently dropped
+    if not (_is_url(args.url) and re.fullmatch(r"(?i:http)://[^/?#@]+/?", args.url)):
+        parser.error("--url (or $QABEL_REST_URL) must be http://HOST[:PORT]")  # no path: the
+    url = urllib.parse.urlsplit(args.url)  # server answers at its root (a proxy's prefix too)
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
 
     def call(method, path, body=None, media=_JSON_TYPE, allow=()):
         try:
             if body is not None:  # what no document may hold is refused, never sent
                 body = json.dumps(body, default=_Unfit.refuse, allow_nan=False).encode()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a body refused
+            try:
                 connection.request(method, path, body, {"X-API-Key": key, "Content-Type": media})
-            with connection.getresponse() as response:  # unread (413): its answer came. Closed
-                data = response.read()  # now: by its finalizer, it would swallow a Ctrl-C
+            except (BrokenPipeError, ConnectionResetError):  # a body refused unread (413): its
+                if connection.sock is None:  # answer came (unless the connect itself failed)
+                    raise
+            with connection.getresponse() as response:  # closed now: closed by its finalizer,
+                data = response.read()  # it would swallow a Ctrl-C (a watch's end)
         except (OSError, http.client.HTTPException, UnicodeError) as exc:  # (IDNA: the host)
             raise QabelRestError(f"cannot reach {args.url}: {exc}") from None
         answer = None  # if not JSON: not a qabel_rest answer (a proxy's error page, say)

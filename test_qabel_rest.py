@@ -1976,6 +1976,30 @@ def test_idle_connections_make_room_for_new_ones(live_with):
         conn.close()
 
 
+def test_request_arriving_as_its_connection_is_closed_for_room_is_refused_whole(
+        live, monkeypatch):
+    """The race of a request's first byte with the cap closing its idle connection (made
+    certain here): the request gets the 503 for load, never half an answer."""
+    real = qabel_rest.QabelRestServer._move
+
+    def move(self, sock, old, new, seconds):
+        if (old, new) == (qabel_rest._IDLE, qabel_rest._BUSY):  # as process_request does
+            self._connections[sock][1] = qabel_rest._CLOSING
+        return real(self, sock, old, new, seconds)
+
+    monkeypatch.setattr(qabel_rest.QabelRestServer, "_move", move)
+    conn = live.conn()
+    response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert response.status == 503 and response.json() == {"error": "too many connections"}
+    assert_common_headers(response)
+    assert response.headers["Retry-After"] == "1" and conn.closed()
+    conn.close()
+    monkeypatch.undo()
+    assert live.doc("settings.json")["poll_interval"] == 30  # never served
+    assert live.get("/settings").status == 200
+
+
 def test_unexpected_error_is_a_json_500_and_the_server_lives(live, monkeypatch):
     def broken(self, document, body, form):
         raise RuntimeError("bug")

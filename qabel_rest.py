@@ -403,11 +403,11 @@ def validate(value, node, path=()):
 
 
 def _json_copy(value):
-    """A deep copy of a value to store; InvalidValue if it cannot be copied: not JSON."""
-    try:  # anything JSON can be; the rest is judged with the key, as over HTTP
+    """A deep copy of a value to store; an _Unfit if it cannot be copied: not JSON."""
+    try:  # anything JSON can be; the rest is judged after the key, as over HTTP
         return copy.deepcopy(value)
     except Exception:  # an object of its own, or nesting deeper than copying can go
-        raise InvalidValue("the value is not JSON") from None
+        return _Unfit("the value is not JSON")
 
 
 def _check_ids(items, node, path, only=None):
@@ -496,7 +496,8 @@ def _assign(node_value, node, path, depth, value, merge, ids=True):
             raise InvalidValue("the value is missing")
         if type(merge) is not bool:  # judged after the key, as the value is
             raise InvalidValue("merge must be true or false")
-        if merge:
+        if merge:  # (in process, a value may hold itself: merging it would never end)
+            validate(value, "any", here)
             value = _merge_patch(old, value, null_removes=False)
         validate(value, child, here)
         result[slot] = stored = value
@@ -723,6 +724,7 @@ class SettingsDocument:
         return self._change(lambda _: (complete, complete, None), if_match)
 
     def merge_patch(self, patch, if_match=None):
+        validate(patch, "any")  # its names too, though null removes; in process, not a cycle
         if type(patch) is not dict:
             raise InvalidValue("a merge patch must be a JSON object")
 
@@ -981,9 +983,7 @@ class _Waiter:
     whether its client left (then it is answered at once: its connection closes)."""
 
     def __init__(self, number, deliver, gone):
-        self.number = number
-        self.deliver = deliver  # a function the answer goes to
-        self.gone = gone
+        self.number, self.deliver, self.gone = number, deliver, gone  # deliver(answer)
         self.answer = None  # the answer, the CursorGone it gets, or what deliver returned
         self.done = threading.Event()
 

@@ -3801,7 +3801,7 @@ def test_a_change_that_keeps_the_content_keeps_the_tag(live):
         assert json.dumps(live.doc("settings.json")["module_data"]["m"]["x"]) == json.dumps(then)
 
 
-def test_in_process_values_that_cannot_be_copied_raise_invalid_value(live):
+def test_in_process_values_that_cannot_be_copied_raise_invalid_value_after_the_key(live):
     class Uncopyable:
         def __deepcopy__(self, memo):
             raise TypeError("not copyable")
@@ -3813,15 +3813,54 @@ def test_in_process_values_that_cannot_be_copied_raise_invalid_value(live):
     settings, synced = live.server.settings, live.server.synced
     for change, message in (
             (lambda: settings.put("module_data.x", {"v": threading.Lock()}),
-             "the value is not JSON"),
+             "module_data.x: the value is not JSON"),
             (lambda: synced.replace({"module_data": {"x": {"v": Uncopyable()}}}),
-             "the value is not JSON"),
-            (lambda: settings.patch({"module_data": {"x": deep}}), "the value is not JSON"),
-            (lambda: settings.put("module_data.x", deep), "the value is not JSON"),
+             "(document): the value is not JSON"),
+            (lambda: settings.patch({"module_data": {"x": deep}}),
+             "(document): the value is not JSON"),
+            (lambda: settings.put("module_data.x", deep), "module_data.x: the value is not JSON"),
+            (lambda: settings.put("module_data.x", deep, merge=True),
+             "module_data.x: the value is not JSON"),
             (lambda: settings.put("module_data.x", (1, 2)), "module_data.x: not a JSON value")):
         with pytest.raises(qabel_rest.InvalidValue) as info:
             change()
         assert str(info.value) == message
+    for value in (deep, threading.Lock(), Uncopyable()):  # the key first, as over HTTP (405)
+        with pytest.raises(qabel_rest.InvalidKey):
+            settings.put("nope", value)
+    assert documents(live.data_dir) == before
+
+
+def test_in_process_value_that_holds_itself_is_invalid_value_for_merge_and_patch(live):
+    """Merging it would never end: it is refused as nested too deep, whatever If-Match says,
+    and the document stays as it was."""
+    loop = {}
+    loop["a"] = loop
+    before = documents(live.data_dir)
+    settings = live.server.settings
+    for if_match in (None, '"stale"', "*"):
+        for change in (lambda: settings.patch({"module_data": {"m": loop}}, if_match),
+                       lambda: settings.put("module_data.m", loop, True, if_match),
+                       lambda: settings.put("module_data.m", loop, False, if_match),
+                       lambda: settings.replace({"module_data": {"m": loop}}, if_match)):
+            with pytest.raises(qabel_rest.InvalidValue, match="nested deeper than 64 levels"):
+                change()
+    assert documents(live.data_dir) == before
+    assert live.put("/settings", "module_data.m", {"a": 1}).status == 200
+
+
+@pytest.mark.parametrize("member", ['"\\ud800"', '"a\\udfffb"'])
+def test_merge_patch_member_name_that_is_not_valid_unicode_is_400_though_null(live, member):
+    before = documents(live.data_dir)
+    body = '{"poll_interval": 7, %s: null}' % member
+    response = live.call("PATCH", "/settings", body,
+                         content_type="application/merge-patch+json")
+    assert response.status == 400
+    assert response.json() == {"error": "(document): object keys must be strings"}
+    assert documents(live.data_dir) == before
+    for bad in ({1: None, "poll_interval": 7}, {b"x": None}, {"\ud800": None}):
+        with pytest.raises(qabel_rest.InvalidValue):
+            live.server.settings.patch(bad)
     assert documents(live.data_dir) == before
 
 

@@ -6100,6 +6100,9 @@ def watch_start(client, *args, env=None):
     return watcher, cursors
 
 
+# watch_stop_point: a SIGINT that lands while the client frees its previous answer (a
+# finalizer, which cannot raise) is lost, and the watch polls on: a known, rare race of the
+# product. These tests are not about it, so their SIGINT comes while the watch waits.
 def watch_waiting(server, count=1):
     """Wait until count requests wait on the change feed (the feed's own waiter set:
     no request has a public sign of it)."""
@@ -6124,6 +6127,7 @@ def test_watch_prints_one_json_line_per_event_of_both_documents(live):
             ("settings", ["poll_interval"]), ("synced", None), ("synced", ["identities", "1"]),
             ("settings", None), ("settings", None)]
         lines = [watcher.line() for _ in expected]
+        watch_waiting(live.server)  # the SIGINT comes while it waits (see watch_stop_point)
     finally:
         code, rest, err = watcher.finish(signal.SIGINT)
     assert [json.loads(line) for line in lines] == expected
@@ -6206,6 +6210,7 @@ def test_watch_resumes_after_a_410_from_the_new_cursor_and_says_so(live, monkeyp
         watch_waiting(live.server)  # it goes on: waiting again, from the current cursor
         assert live.put("/synced", "module_data.m", {"after": True}).status == 200
         line = watcher.line()
+        watch_waiting(live.server)  # the SIGINT comes while it waits (see watch_stop_point)
     finally:
         release.set()  # never leave the feed's thread held
         code, rest, err = watcher.finish(signal.SIGINT)
@@ -6238,6 +6243,7 @@ def test_watch_line_survives_a_console_that_is_not_utf8(live):
         assert live.put("/settings", "module_data.чат.звук", "✓").status == 200
         assert live.put("/settings", "poll_interval", 8).status == 200
         lines = [watcher.line() for _ in range(2)]
+        watch_waiting(live.server)  # the SIGINT comes while it waits (see watch_stop_point)
     finally:
         code, rest, err = watcher.finish(signal.SIGINT)
     assert None not in lines, (code, b"".join(err).decode())  # it died: its traceback

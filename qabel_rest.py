@@ -1224,9 +1224,8 @@ def _host_name(value):
 
 
 def _normal_host(name):
-    """A host name as it appears in a Host header: lower case, IPv6 in brackets."""
-    name = name.strip(_OWS).lower()
-    return f"[{name}]" if ":" in name and not name.startswith("[") else name
+    """A host name as a Host header has it: lower case, IPv6 in brackets, a port dropped."""
+    return _host_name(name) or f"[{name.strip(_OWS).lower()}]"  # an IPv6 address (or none)
 
 
 # --- API description ----------------------------------------------------------
@@ -1373,7 +1372,6 @@ _OPEN = ("/health", "/openapi.json")  # the paths GET needs no key for
 _JSON_TYPE = "application/json"
 _FORM_TYPE = "application/x-www-form-urlencoded"
 _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
-_MAX_FORM_FIELDS = 16
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
@@ -1826,7 +1824,7 @@ def _parse_form(body):
     """The fields of a form-encoded body; 400 for bad encoding or a repeated field."""
     try:
         pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
-                                       errors="strict", max_num_fields=_MAX_FORM_FIELDS)
+                                       errors="strict")  # as many fields as max_body allows
     except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
     fields = dict(pairs)

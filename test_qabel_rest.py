@@ -575,6 +575,17 @@ def test_form_post(live):
     assert live.doc("settings.json")["poll_interval"] == 3
 
 
+def test_form_fields_beyond_those_read_are_ignored_however_many(live):
+    form = "application/x-www-form-urlencoded"
+    extra = "".join(f"&extra{n}=x" for n in range(40)) + "&" * 40
+    response = live.call("PUT", "/settings", "key=poll_interval&value=42" + extra,
+                         content_type=form)
+    assert response.status == 200 and live.doc("settings.json")["poll_interval"] == 42
+    body = "settings=" + urllib.parse.quote(json.dumps({"poll_interval": 43})) + extra
+    assert live.call("POST", "/settings", body, content_type=form).status == 200
+    assert live.doc("settings.json")["poll_interval"] == 43
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "",
                                           "application/json; charset=latin-1",
                                           "multipart/form-data; boundary=x"])
@@ -630,9 +641,9 @@ def test_refused_body_that_keeps_coming_is_dropped_for_a_bounded_time(live_with,
 def test_json_put_merge_deep_merges_objects(live):
     live.put("/settings", "module_data.chat", {"a": 1, "nested": {"x": 1, "y": 2}})
     response = live.call("PUT", "/settings", {"key": "module_data.chat", "merge": True,
-                                              "value": {"b": 2, "nested": {"y": 3}}})
+                                              "value": {"b": 2, "nested": {"y": 3, "x": None}}})
     assert response.status == 200
-    expected = {"a": 1, "b": 2, "nested": {"x": 1, "y": 3}}
+    expected = {"a": 1, "b": 2, "nested": {"x": None, "y": 3}}  # null stored, not removed
     assert response.json()["value"] == expected
     assert live.doc("settings.json")["module_data"]["chat"] == expected
     # without merge the value replaces the object
@@ -641,6 +652,10 @@ def test_json_put_merge_deep_merges_objects(live):
     bad = live.call("PUT", "/settings", {"key": "module_data.chat", "merge": "yes",
                                          "value": {}})
     assert bad.status == 400
+    form = "key=module_data.chat&merge=true&value=" + urllib.parse.quote('{"d": 4}')
+    assert live.call("PUT", "/settings", form,  # a form's merge is a field like any other
+                     content_type="application/x-www-form-urlencoded").status == 200
+    assert live.doc("settings.json")["module_data"]["chat"] == {"d": 4}
 
 
 def test_merge_into_a_list_item_keeps_schema_rules(live):
@@ -1016,9 +1031,11 @@ def test_host_allowlist(live, host, status):
 
 
 def test_allowed_host_option_and_bound_host(live_with):
-    live = live_with(allowed_hosts=["Qabel.Local", "::2"])
+    live = live_with(allowed_hosts=["Qabel.Local", "::2", "app.test:8080", "[::3]:1"])
     assert live.get("/settings", host="qabel.local:9696").status == 200
     assert live.get("/settings", host="[::2]").status == 200
+    for host in ("app.test:8080", "app.test", "app.test:1", "[::3]"):  # a port given: any port
+        assert live.get("/settings", host=host).status == 200
     assert live.get("/settings", host="other.local").status == 403
 
 

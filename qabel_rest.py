@@ -1447,8 +1447,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 if self.rfile.peek(1)[:1] in (b"\r", b"\n"):  # RFC 9112 2.2: ignore an empty
                     self.rfile.readline(2)  # line, still idle (its LF may come later; bare CR: 400)
                 start = self.rfile.peek(1)
-            if not start:
-                self.close_connection = True
+            if not start:  # never busy: the finally's move fails and closes the connection
                 return
             if self.server._move(self.connection, _IDLE, _BUSY, self.server.request_timeout):
                 super().handle_one_request()
@@ -1964,19 +1963,12 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                     _shut(idle)
                     entries[idle][1] = _CLOSING
             entries[request] = [thread, state, time.monotonic() + self.idle_timeout]
-        try:
-            thread.start()
-        except BaseException:  # no thread to be had: socketserver closes the socket
-            with self._state:
-                del entries[request]
-            raise
+        thread.start()  # no thread to be had: socketserver shuts the request down, as below
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._state:
-                self._connections.pop(request, None)
+    def shutdown_request(self, request):  # the end of every connection, served or not
+        super().shutdown_request(request)
+        with self._state:
+            self._connections.pop(request, None)
 
     def service_actions(self):
         """Close connections idle past idle_timeout or busy past request_timeout (a client

@@ -549,8 +549,12 @@ def _open_dir(directory):
     return os.open(directory, os.O_RDONLY) if os.name == "posix" else None
 
 
-def _signature(st):  # what changes when another program rewrites a file
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _signature(st, content):
+    """What changes when another program rewrites a file, and content() while a rewrite in place
+    may keep all that: within the time stamps' tick (whole seconds: HFS+, FAT; else a few ms)."""
+    tick = 2 * 10**9 if st.st_mtime_ns % 10**9 == 0 else 5 * 10**7
+    racy = time.time_ns() - st.st_mtime_ns < tick and content()  # as git's "racily clean"
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, racy)
 
 
 def atomic_write(path, data, dir_fd=None, check=lambda: None):
@@ -578,7 +582,7 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
             os.close(fd)
             fd = None
         _replace_file(temp, path)
-        signature = _signature(os.fstat(fd) if fd is not None else os.stat(path))
+        signature = _signature(os.fstat(fd) if fd is not None else os.stat(path), lambda: data)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -599,7 +603,7 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
 def _file_signature(path):
     """The signature of the file at path; None if it is missing."""
     try:
-        return _signature(os.stat(path))
+        return _signature(os.stat(path), lambda: _read_file(path)[1])
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
@@ -617,7 +621,8 @@ def _read_file(path):
         st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        return _signature(st), file.read()
+        content = file.read()
+        return _signature(st, lambda: content), content
 
 
 # An immutable version; body: bytes as served, raw: the file's (None: no file), error: why it is
@@ -939,6 +944,8 @@ class SettingsDocument:
         except OSError as exc:
             return known._replace(signature=("unreadable", exc.errno), raw=(),
                                   error=f"cannot read: {exc.strerror}")
+        if raw is not None and raw == known.raw:  # as read or written before: no parse
+            return known._replace(signature=signature)
         try:
             if raw is not None and not raw.strip():
                 raise _NotJSON("the file is empty")

@@ -1399,6 +1399,34 @@ def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
     assert live.doc("settings.json")["poll_interval"] == 4
 
 
+def test_rewrite_in_place_within_the_time_stamps_tick_is_read_and_an_event(live, monkeypatch):
+    # HFS+, FAT and ext2 keep whole seconds: a same-size rewrite in place within the second
+    # of a save keeps every stat field. Here every stamp of the test is the next second's.
+    tick = (time.time_ns() // 10**9 + 1) * 10**9
+
+    def coarse(real):
+        def stat(*args, **kwargs):
+            st = real(*args, **kwargs)
+            fields = {name: getattr(st, name) for name in dir(st) if name.startswith("st_")}
+            return os.stat_result(st[:10], {**fields, "st_mtime_ns": tick, "st_ctime_ns": tick})
+        return stat
+    monkeypatch.setattr(os, "stat", coarse(os.stat))
+    monkeypatch.setattr(os, "fstat", coarse(os.fstat))
+    put = live.put("/settings", "drop_last_update", "aaaa")
+    assert put.status == 200
+    since = feed_cursor(live)
+    path = os.path.join(live.data_dir, "settings.json")
+    with open(path, "r+b") as f:  # in place: the same inode, size and (here) stamps
+        f.write(live.file("settings.json").replace(b"aaaa", b"bbbb"))
+    assert os.stat(path).st_mtime_ns == tick and os.stat(path).st_size == len(live.file(
+        "settings.json"))
+    tag = live.server.settings.etag  # a read: it notices
+    assert tag != put.headers["ETag"]
+    assert feed_events(live, since) == [feed_event("settings", None, tag)]
+    response = live.get("/settings")
+    assert response.json()["drop_last_update"] == "bbbb" and response.headers["ETag"] == tag
+
+
 def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
     path = os.path.join(live.data_dir, "synced.json")
@@ -4019,6 +4047,8 @@ def test_failed_first_save_of_a_missing_file_removes_it_again(tmp_path, monkeypa
 
 def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
+    time.sleep(0.05)  # past the stamps' tick (not whole seconds here): a read only stats the file
+    live.get("/synced")  # (within it, a read reads it too)
     path = os.path.join(live.data_dir, "synced.json")
     reached, gate = hold_reads(monkeypatch, path)  # the first save's comparison read
     validated = count_validations(monkeypatch)

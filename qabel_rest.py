@@ -80,7 +80,7 @@ _MISSING = object()  # a value not given, unlike None (JSON null)
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not str.strip's
 # A Host header value (RFC 9110 7.2): a name or a bracketed IPv6 literal, then :port
-_HOST = re.compile(r"(\[[^\]]*\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
+_HOST = re.compile(r"(\[[^\]]+\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
 # An absolute http(s) URL (RFC 3986, 3987), the same on every Python (urlsplit's checks are not)
 _URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]]*@)?"  # compiled (0.5 ms) when first used
         r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=%]|[^\x00-\x7f])+|\[(?P<ip>[0-9A-Fa-f:.]+)\]))"
@@ -552,8 +552,9 @@ def _open_dir(directory):
 def _signature(st, content):
     """What changes when another program rewrites a file, and content() while a rewrite in place
     may keep all that: within the time stamps' tick (whole seconds: HFS+, FAT; else a few ms)."""
-    tick = 2 * 10**9 if st.st_mtime_ns % 10**9 == 0 else 5 * 10**7
-    racy = time.time_ns() - st.st_mtime_ns < tick and content()  # as git's "racily clean"
+    stamp = max(st.st_mtime_ns, st.st_ctime_ns)  # a rewrite may set the mtime back, not ctime
+    tick = 3 * 10**9 if stamp % 10**9 == 0 else 10**8  # with a margin: the stamps' clock lags
+    racy = time.time_ns() - stamp < tick and content()  # as git's "racily clean"
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, racy)
 
 
@@ -601,22 +602,22 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
 
 
 def _file_signature(path):
-    """The signature of the file at path; None if it is missing."""
+    """The signature of the file at path; () if it is missing."""
     try:
         return _signature(os.stat(path), lambda: _read_file(path)[1])
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return ()
     except OSError as exc:
         return ("unreadable", exc.errno)
 
 
 def _read_file(path):
-    """(signature, content) of a file, (None, None) if it is missing; OSError."""
+    """(signature, content) of a file, ((), None) if it is missing; OSError."""
     nonblocking = getattr(os, "O_NONBLOCK", 0)  # POSIX: a FIFO there must not block the open
     try:  # by name: open() closes the descriptor when it cannot use it (a directory)
         file = open(path, "rb", buffering=0, opener=lambda p, f: os.open(p, f | nonblocking))
     except (FileNotFoundError, NotADirectoryError):  # a missing file or data dir
-        return None, None
+        return (), None
     with file:  # no buffer: two system calls fewer
         st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):
@@ -742,10 +743,11 @@ class SettingsDocument:
 
     def current(self):
         """The version on disk (shared: never change it), re-read if the file changed."""
-        version = self._disk
-        if _file_signature(self.path) != version.signature:  # a save's rename, or a rewrite
-            with self._lock:  # that the next save to begin reads: wait for it, not later ones
-                last = self._saves + (2 if self._saving else 1)  # (one under way: and the next)
+        version, signature = self._disk, _file_signature(self.path)
+        if signature != version.signature:  # a save's rename, a rewrite, or the tick has ended
+            with self._lock:  # that the next save to begin reads: wait for it (and one under way)
+                ticked = signature[:-1] == version.signature[:-1] and not signature[-1]  # no wait
+                last = self._saves + (0 if ticked else 2 if self._saving else 1)  # not later ones
                 self._saved.wait_for(lambda: self._saves >= last or not (
                     self._saving or self._queue), SHUTDOWN_GRACE)
                 version = self._refresh()
@@ -1973,9 +1975,9 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         thread.start()  # no thread to be had: socketserver shuts the request down, as below
 
     def shutdown_request(self, request):  # the end of every connection, served or not
-        super().shutdown_request(request)
         with self._state:
             self._connections.pop(request, None)
+        super().shutdown_request(request)
 
     def service_actions(self):
         """Close connections idle past idle_timeout or busy past request_timeout (a client

@@ -1031,7 +1031,8 @@ def test_host_allowlist(live, host, status):
 
 
 def test_allowed_host_option_and_bound_host(live_with):
-    live = live_with(allowed_hosts=["Qabel.Local", "::2", "app.test:8080", "[::3]:1"])
+    live = live_with(allowed_hosts=["Qabel.Local", "::2", "app.test:8080", "[::3]:1", ""])
+    assert live.get("/settings", host="[]").status == 403  # no name: nothing more allowed
     assert live.get("/settings", host="qabel.local:9696").status == 200
     assert live.get("/settings", host="[::2]").status == 200
     for host in ("app.test:8080", "app.test", "app.test:1", "[::3]"):  # a port given: any port
@@ -1399,31 +1400,88 @@ def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
     assert live.doc("settings.json")["poll_interval"] == 4
 
 
+def coarse_stamps(monkeypatch, path, mtime_ns, ctime_ns=None):
+    """Make os.stat and os.fstat of the file at path (by identity: not pytest's) report these
+    time stamps, whatever is written: a file system that keeps them coarse."""
+    real_stat, real_fstat = os.stat, os.fstat
+
+    def coarse(st):  # the fields the server reads (the others are None)
+        if not os.path.samestat(st, real_stat(path)):
+            return st
+        stamps = {"st_mtime_ns": mtime_ns, "st_ctime_ns": ctime_ns or mtime_ns}
+        return os.stat_result(st[:10], stamps)
+    monkeypatch.setattr(os, "stat", lambda *args, **kwargs: coarse(real_stat(*args, **kwargs)))
+    monkeypatch.setattr(os, "fstat", lambda fd: coarse(real_fstat(fd)))
+
+
+def rewrite_in_place(live, old, new):
+    """Another program rewrites settings.json in place: the same inode and size."""
+    with open(os.path.join(live.data_dir, "settings.json"), "r+b") as f:
+        f.write(live.file("settings.json").replace(old, new))
+
+
 def test_rewrite_in_place_within_the_time_stamps_tick_is_read_and_an_event(live, monkeypatch):
     # HFS+, FAT and ext2 keep whole seconds: a same-size rewrite in place within the second
     # of a save keeps every stat field. Here every stamp of the test is the next second's.
     tick = (time.time_ns() // 10**9 + 1) * 10**9
     path = os.path.join(live.data_dir, "settings.json")
-    real_stat, real_fstat = os.stat, os.fstat
-
-    def coarse(st):  # the settings file only, not pytest's; the fields the server reads
-        if not os.path.samestat(st, real_stat(path)):
-            return st
-        return os.stat_result(st[:10], {"st_mtime_ns": tick, "st_ctime_ns": tick})
-    monkeypatch.setattr(os, "stat", lambda *args, **kwargs: coarse(real_stat(*args, **kwargs)))
-    monkeypatch.setattr(os, "fstat", lambda fd: coarse(real_fstat(fd)))
+    coarse_stamps(monkeypatch, path, tick)
     put = live.put("/settings", "drop_last_update", "aaaa")
     assert put.status == 200
     since = feed_cursor(live)
-    with open(path, "r+b") as f:  # in place: the same inode, size and (here) stamps
-        f.write(live.file("settings.json").replace(b"aaaa", b"bbbb"))
-    assert os.stat(path).st_mtime_ns == tick and os.stat(path).st_size == len(live.file(
-        "settings.json"))
+    size = os.stat(path).st_size
+    rewrite_in_place(live, b"aaaa", b"bbbb")
+    assert os.stat(path).st_mtime_ns == tick and os.stat(path).st_size == size
     tag = live.server.settings.etag  # a read: it notices
     assert tag != put.headers["ETag"]
     assert feed_events(live, since) == [feed_event("settings", None, tag)]
     response = live.get("/settings")
     assert response.json()["drop_last_update"] == "bbbb" and response.headers["ETag"] == tag
+
+
+def test_rewrite_in_place_that_sets_the_mtime_back_is_read_within_the_ctime_tick(
+        live, monkeypatch):
+    # cp -p, rsync --inplace -t, a sync client keeping the remote mtime: only the ctime,
+    # which no program can set, is recent. Two rewrites here share its second.
+    path = os.path.join(live.data_dir, "settings.json")
+    assert live.put("/settings", "drop_last_update", "aaaa").status == 200
+    coarse_stamps(monkeypatch, path, 1_600_000_000 * 10**9, (time.time_ns() // 10**9 + 1) * 10**9)
+    rewrite_in_place(live, b"aaaa", b"bbbb")
+    assert live.get("/settings").json()["drop_last_update"] == "bbbb"
+    rewrite_in_place(live, b"bbbb", b"cccc")
+    assert live.get("/settings").json()["drop_last_update"] == "cccc"
+
+
+def test_rewrite_in_place_within_the_tick_is_read_after_it_without_waiting(live, monkeypatch):
+    # Stamps in milliseconds (Linux before 6.13, NTFS): the tick is 100 ms. A rewrite within
+    # it and no read until it has ended: the first read after it compares the content.
+    stamp = (time.time_ns() // 10**9 + 1) * 10**9 + 123_456_789
+    path = os.path.join(live.data_dir, "settings.json")
+    coarse_stamps(monkeypatch, path, stamp)
+    put = live.put("/settings", "drop_last_update", "aaaa")
+    rewrite_in_place(live, b"aaaa", b"bbbb")
+    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: stamp + 10**9)  # the tick is over
+    response = live.get("/settings")
+    assert response.json()["drop_last_update"] == "bbbb"
+    assert response.headers["ETag"] != put.headers["ETag"]
+    assert live.get("/settings").headers["ETag"] == response.headers["ETag"]
+
+
+def test_read_after_the_tick_does_not_wait_for_a_save_under_way(live, monkeypatch):
+    # Its first read compares the content, as above; the file is not a save's rename.
+    put = live.put("/settings", "drop_last_update", "aaaa")
+    entered, gate = hold_first_save(monkeypatch)
+    writer = threading.Thread(target=live.put, args=("/settings", "drop_last_update", "bbbb"))
+    writer.start()  # within the tick of the save before
+    assert entered.wait(TIMEOUT)
+    real = time.time_ns
+    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: real() + 10**10)  # the tick is over
+    reader, answers = read_during_a_held_save(live)
+    gate.set()
+    writer.join(TIMEOUT)
+    reader.join(TIMEOUT)
+    assert answers and answers[0].json()["drop_last_update"] == "aaaa"  # before the save
+    assert answers[0].headers["ETag"] == put.headers["ETag"]
 
 
 def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
@@ -2672,7 +2730,7 @@ def hold_first_save(monkeypatch, error=None):
             gate.wait(TIMEOUT)
             if error:
                 raise error
-        real(path, data, *args)
+        return real(path, data, *args)
 
     monkeypatch.setattr(qabel_rest, "atomic_write", write)
     return entered, gate
@@ -2717,7 +2775,7 @@ def test_changes_waiting_during_a_save_share_the_next_one(live, monkeypatch):
     saves = []
     real = qabel_rest.atomic_write
     monkeypatch.setattr(qabel_rest, "atomic_write",
-                        lambda p, d, *args: (saves.append(d), real(p, d, *args)))
+                        lambda p, d, *args: saves.append(d) or real(p, d, *args))
     results = {}
 
     def put(name, value):
@@ -4046,9 +4104,10 @@ def test_failed_first_save_of_a_missing_file_removes_it_again(tmp_path, monkeypa
 
 def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
-    time.sleep(0.05)  # past the stamps' tick (not whole seconds here): a read only stats the file
-    live.get("/synced")  # (within it, a read reads it too)
     path = os.path.join(live.data_dir, "synced.json")
+    whole = max(os.stat(path).st_mtime_ns, os.stat(path).st_ctime_ns) % 10**9 == 0
+    time.sleep(3.1 if whole else 0.15)  # past the stamps' tick: a read stats the file, and
+    live.get("/synced")  # within it reads it too (and the first read after it)
     reached, gate = hold_reads(monkeypatch, path)  # the first save's comparison read
     validated = count_validations(monkeypatch)
     answers = {}

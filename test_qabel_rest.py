@@ -1378,9 +1378,18 @@ def test_file_rewritten_by_another_program_is_taken_as_current(live):
     assert live.doc("settings.json")["poll_interval"] == 77
 
 
-def hide_rewrites_from_stat(monkeypatch, path):
-    """Make os.stat of path report the file as it is now, whatever is written later:
-    a rewrite on a file system with coarse timestamps, or within one tick."""
+def reads_stat_only(monkeypatch, live):
+    """Make every time stamp look long past its tick: a read then compares the file's stat
+    fields alone, as a moment after a write, and only a save's comparison reads the file."""
+    real = time.time_ns
+    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: real() + 10**12)
+    assert live.server.settings.etag and live.server.synced.etag  # read once more: settled
+
+
+def hide_rewrites_from_stat(monkeypatch, live, path):
+    """Make os.stat of path report the file as it is now, whatever is written later, and
+    reads compare nothing else: only a save's comparison of the content sees a rewrite."""
+    reads_stat_only(monkeypatch, live)
     real, stale = os.stat, os.stat(path)
     monkeypatch.setattr(os, "stat", lambda p, *a, **kw: stale if p == path else real(p, *a, **kw))
 
@@ -1390,7 +1399,7 @@ def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
     # keeps every stat field; the content comparison before each save still sees it.
     live.put("/settings", "drop_last_update", "aaaa")
     path = os.path.join(live.data_dir, "settings.json")
-    hide_rewrites_from_stat(monkeypatch, path)
+    hide_rewrites_from_stat(monkeypatch, live, path)
     data = live.file("settings.json").replace(b"aaaa", b"bbbb")
     with open(path, "r+b") as f:
         f.write(data)
@@ -1487,7 +1496,7 @@ def test_read_after_the_tick_does_not_wait_for_a_save_under_way(live, monkeypatc
 def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
     path = os.path.join(live.data_dir, "synced.json")
-    hide_rewrites_from_stat(monkeypatch, path)
+    hide_rewrites_from_stat(monkeypatch, live, path)
     with open(path, "w") as f:  # another program drops the second account
         json.dump({"accounts": [item(1)]}, f)
     response = live.put("/synced", "accounts.1.user", "bob")
@@ -1497,9 +1506,10 @@ def test_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeyp
     assert live.get("/synced").json()["accounts"] == [item(1)]
 
 
-def hold_reads(monkeypatch, path, times=1):
-    """Make the next `times` opens of path for reading wait for a gate; return the
-    events (reached, gate)."""
+def hold_reads(monkeypatch, live, path, times=1):
+    """Make the next `times` opens of path for reading wait for a gate (reads only stat it);
+    return the events (reached, gate)."""
+    reads_stat_only(monkeypatch, live)
     real = os.open
     reached, gate = threading.Event(), threading.Event()
     held = []
@@ -1528,7 +1538,7 @@ def read_during_a_held_save(live):
 def test_file_rewritten_while_changes_wait_gets_them_applied_on_top(live, monkeypatch):
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")
-    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
     document = live.server.settings
     result = []
     writer = threading.Thread(target=lambda: result.append(
@@ -1552,7 +1562,7 @@ def test_change_the_rewritten_file_already_holds_keeps_its_tag_and_is_no_event(l
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")
     cursor = feed_cursor(live)
-    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
     result = []
     writer = threading.Thread(target=lambda: result.append(
         live.server.settings.update("poll_interval", 60)))
@@ -3252,7 +3262,7 @@ def test_file_rewritten_during_every_try_of_a_save_is_409(live, monkeypatch):
 
 def test_file_rewritten_invalid_during_a_save_is_503_and_kept(live, monkeypatch):
     path = os.path.join(live.data_dir, "settings.json")
-    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
     answers = []
     writer = threading.Thread(target=lambda: answers.append(
         live.put("/settings", "poll_interval", 3)))
@@ -4105,10 +4115,7 @@ def test_failed_first_save_of_a_missing_file_removes_it_again(tmp_path, monkeypa
 def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
     path = os.path.join(live.data_dir, "synced.json")
-    whole = max(os.stat(path).st_mtime_ns, os.stat(path).st_ctime_ns) % 10**9 == 0
-    time.sleep(3.1 if whole else 0.15)  # past the stamps' tick: a read stats the file, and
-    live.get("/synced")  # within it reads it too (and the first read after it)
-    reached, gate = hold_reads(monkeypatch, path)  # the first save's comparison read
+    reached, gate = hold_reads(monkeypatch, live, path)  # the first save's comparison read
     validated = count_validations(monkeypatch)
     answers = {}
 
@@ -4141,7 +4148,7 @@ def test_stale_if_match_beats_errors_that_depend_on_the_document(live):
 def test_change_made_again_on_another_programs_rewrite_fails_its_if_match(live, monkeypatch):
     path = os.path.join(live.data_dir, "settings.json")
     tag = live.get("/settings").headers["ETag"]
-    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
     answers = []
     writer = threading.Thread(target=lambda: answers.append(live.post(
         "/settings", {"poll_interval": 5}, headers={"If-Match": tag})))
@@ -4847,7 +4854,7 @@ def test_feed_rewrite_found_during_a_save_comes_before_the_change_made_on_top(
     before = live.get("/settings").headers["ETag"]
     since = feed_cursor(live)
     path = os.path.join(live.data_dir, "settings.json")
-    reached, gate = hold_reads(monkeypatch, path)  # the save's comparison read
+    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
     answers = []
     writer = threading.Thread(target=lambda: answers.append(
         live.put("/settings", "module_data.chat", {"a": 1})))

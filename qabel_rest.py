@@ -1234,7 +1234,7 @@ def _host_name(value):
 
 def _normal_host(name):
     """A host name as a Host header has it: lower case, IPv6 in brackets, a port dropped."""
-    return _host_name(name) or f"[{name.strip(_OWS).lower()}]"  # an IPv6 address (or none)
+    return _host_name(name) or f"[{name.strip(_OWS).lower()}]"  # IPv6, or what none matches
 
 
 # --- API description ----------------------------------------------------------

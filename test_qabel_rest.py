@@ -1378,12 +1378,23 @@ def test_file_rewritten_by_another_program_is_taken_as_current(live):
     assert live.doc("settings.json")["poll_interval"] == 77
 
 
+def ticks_over(monkeypatch):
+    """Make every time stamp look long past its tick, from now on."""
+    real = time.time_ns
+    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: real() + 10**12)
+
+
 def reads_stat_only(monkeypatch, live):
     """Make every time stamp look long past its tick: a read then compares the file's stat
     fields alone, as a moment after a write, and only a save's comparison reads the file."""
-    real = time.time_ns
-    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: real() + 10**12)
+    ticks_over(monkeypatch)
     assert live.server.settings.etag and live.server.synced.etag  # read once more: settled
+
+
+def rewrite_in_place(live, old, new):
+    """Another program rewrites settings.json in place: the same inode and size."""
+    with open(os.path.join(live.data_dir, "settings.json"), "r+b") as f:
+        f.write(live.file("settings.json").replace(old, new))
 
 
 def hide_rewrites_from_stat(monkeypatch, live, path):
@@ -1400,9 +1411,7 @@ def test_rewrite_invisible_to_stat_is_not_overwritten(live, monkeypatch):
     live.put("/settings", "drop_last_update", "aaaa")
     path = os.path.join(live.data_dir, "settings.json")
     hide_rewrites_from_stat(monkeypatch, live, path)
-    data = live.file("settings.json").replace(b"aaaa", b"bbbb")
-    with open(path, "r+b") as f:
-        f.write(data)
+    rewrite_in_place(live, b"aaaa", b"bbbb")
     response = live.put("/settings", "poll_interval", 4)
     assert response.status == 200
     assert live.doc("settings.json")["drop_last_update"] == "bbbb"
@@ -1421,12 +1430,6 @@ def coarse_stamps(monkeypatch, path, mtime_ns, ctime_ns=None):
         return os.stat_result(st[:10], stamps)
     monkeypatch.setattr(os, "stat", lambda *args, **kwargs: coarse(real_stat(*args, **kwargs)))
     monkeypatch.setattr(os, "fstat", lambda fd: coarse(real_fstat(fd)))
-
-
-def rewrite_in_place(live, old, new):
-    """Another program rewrites settings.json in place: the same inode and size."""
-    with open(os.path.join(live.data_dir, "settings.json"), "r+b") as f:
-        f.write(live.file("settings.json").replace(old, new))
 
 
 def test_rewrite_in_place_within_the_time_stamps_tick_is_read_and_an_event(live, monkeypatch):
@@ -1483,8 +1486,7 @@ def test_read_after_the_tick_does_not_wait_for_a_save_under_way(live, monkeypatc
     writer = threading.Thread(target=live.put, args=("/settings", "drop_last_update", "bbbb"))
     writer.start()  # within the tick of the save before
     assert entered.wait(TIMEOUT)
-    real = time.time_ns
-    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: real() + 10**10)  # the tick is over
+    ticks_over(monkeypatch)
     answers = []
     reader = threading.Thread(target=lambda: answers.append(live.get("/settings")))
     reader.start()

@@ -128,7 +128,7 @@ _LEAVES = MappingProxyType({
     "str": ("a string", lambda v: type(v) is str, {"type": "string"}),
     "bool": ("true or false", lambda v: type(v) is bool, {"type": "boolean"}),
     "url": ("an absolute http or https URL", _is_url,
-            {"type": "string", "format": "uri", "description": "an absolute http(s) URL"}),
+            {"type": "string", "format": "iri", "description": "an absolute http(s) URL"}),
     "name": ("a non-empty string", lambda v: type(v) is str and v != "",
              {"type": "string", "minLength": 1}),
 })
@@ -1258,7 +1258,7 @@ def _json_schema(node, served=False):
             "required": sorted(node.fields if served else node.required)}
 
 
-def _openapi(url):
+def _openapi():
     """The OpenAPI 3.1 description of the API, as GET /openapi.json serves it."""
     def ref(kind, name):
         return {"$ref": f"#/components/{kind}/{name}"}
@@ -1349,7 +1349,6 @@ def _openapi(url):
         "openapi": "3.1.0",
         "info": {"title": "qabel_rest", "version": __version__,
                  "description": "The local REST server of the Qabel desktop client."},
-        "servers": [{"url": url}],
         "security": [{"apiKey": []}, {"bearer": []}],
         "paths": paths,
         "components": {
@@ -1637,7 +1636,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         elif path == "/events":
             self._do_events()
         elif path == "/openapi.json":
-            self._send_json(HTTPStatus.OK, _openapi(self.server.url))
+            self._send_json(HTTPStatus.OK, _openapi())
         else:
             document = self.server.settings if path == "/settings" else self.server.synced
             if method == "GET":

@@ -6624,6 +6624,9 @@ def test_openapi_is_3_1_with_every_path_and_method_the_server_serves(live):
         {"get", "head", "put", "post", "patch", "options"}
     assert {method for method in api["paths"]["/events"] if method in OA_METHODS} == \
         {"get", "head", "options"}
+    # no server URL of its own: relative to where the description was read (a server bound
+    # to 0.0.0.0, reached as localhost or through an --allowed-host, is not at its bind URL)
+    assert api.get("servers", [{"url": "/"}]) == [{"url": "/"}]
 
 
 def test_openapi_every_keyed_operation_declares_401_and_every_one_403(live):
@@ -6835,6 +6838,11 @@ def test_openapi_components_schemas_are_the_two_documents_as_get_serves_them(liv
             assert items["properties"][field]["type"] == "integer"
             assert items["properties"][field]["minimum"] == 0
             assert items["properties"][field]["maximum"] == OA_INT64_MAX
+    # a URL the server takes and serves may be an IRI (RFC 3987): a format checker passes it
+    iri = "http://b\u00fccher.example/\u00e4"
+    assert live.put("/synced", "drop_servers.-", {"id": 99, "url": iri}).status == 200
+    url = synced["properties"]["drop_servers"]["items"]["properties"]["url"]
+    assert url["format"] == "iri" and live.get("/synced").json()["drop_servers"][-1]["url"] == iri
     keys = synced["properties"]["identities"]["items"]["properties"]["keys"]
     assert keys["additionalProperties"] is False and sorted(keys["properties"]) == sorted(
         ["private_primary_key", "public_primary_key", "private_enc_key", "public_enc_key",

@@ -1168,13 +1168,14 @@ def default_data_dir(environ=None, platform=None):
     return os.path.join(base, "qabel-rest")
 
 
-def _prepare_data_dir(path):
-    """Create the data dir if needed; check that saves can create their temp files in it."""
+def _prepare_data_dir(path, server):
+    """Create the data dir if needed, lock it, check that saves can create temp files in it."""
     with _startup_error("cannot create the data dir", path):
-        if not os.path.isdir(path):
-            os.makedirs(path, mode=_DIR_MODE)
+        if not os.path.isdir(path):  # another start may be creating it too
+            os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
             with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
                 os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
+    server._dir_lock = _lock_data_dir(path)  # first: a start refused by it leaves no trace
     probe = os.path.join(path, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
     with _startup_error("the data dir is not writable", path):
         os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
@@ -1219,10 +1220,10 @@ def _find_api_key(key, data_dir):
         if raw is None:
             return None, source
         key = raw.decode("ascii", "replace").strip()
-    # printable ASCII without spaces: it has to travel in a header
-    if type(key) is not str or not (key.isascii() and key.isprintable()) or " " in key or not key:
-        raise StartupError(f"the API key from {source} must be printable ASCII "
-                           "without spaces, and not empty")
+    # printable ASCII without spaces: it has to travel in a header (65,536 bytes at most)
+    if type(key) is not str or not re.fullmatch(r"[!-~]{1,4096}", key):
+        raise StartupError(f"the API key from {source} must be 1 to 4096 characters of "
+                           "printable ASCII without spaces")
     return key, source
 
 
@@ -2038,8 +2039,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
     try:
-        _prepare_data_dir(data_dir)
-        server._dir_lock = _lock_data_dir(data_dir)
+        _prepare_data_dir(data_dir, server)
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
             os.ftruncate(server._dir_lock, 0)
             os.write(server._dir_lock, f"{os.getpid()}\n".encode())

@@ -2383,10 +2383,31 @@ def test_allowed_hosts_may_be_one_name_and_a_wrong_one_raises_before_binding(tmp
 
 
 def test_second_server_on_same_data_dir_refused(live):
+    os.utime(live.data_dir, ns=(0, 0))  # a file made or removed in it would set its mtime
+    listing = sorted(os.listdir(live.data_dir))
     with pytest.raises(qabel_rest.StartupError, match="already using") as info:
         qabel_rest.make_server(data_dir=live.data_dir, api_key=KEY, port=0)
     assert live.data_dir in str(info.value)
     assert str(os.getpid()) in str(info.value)
+    # no trace a folder watcher could see (a sync module beside the app)
+    assert sorted(os.listdir(live.data_dir)) == listing
+    assert os.stat(live.data_dir).st_mtime_ns == 0
+
+
+def test_a_data_dir_another_start_creates_at_the_same_moment_is_used(tmp_path, monkeypatch):
+    data_dir, real = tmp_path / "new", os.makedirs
+
+    def racing(path, *args, **kwargs):  # the other start makes it after this one looked
+        monkeypatch.setattr(os, "makedirs", real)
+        real(path, 0o700)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "makedirs", racing)
+    live = start(data_dir)
+    try:
+        assert live.put("/settings", "poll_interval", 5).status == 200
+        assert sorted(os.listdir(data_dir)) == ["qabel_rest.lock", "settings.json", "synced.json"]
+    finally:
+        stop(live)
 
 
 def test_startup_errors_for_bad_options(tmp_path):
@@ -2395,6 +2416,10 @@ def test_startup_errors_for_bad_options(tmp_path):
         qabel_rest.make_server(data_dir=str(tmp_path / "file" / "sub"), api_key=KEY, port=0)
     with pytest.raises(qabel_rest.StartupError, match="API key"):
         qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key="has space", port=0)
+    # one no request could carry: a header line holds 65,536 bytes at most (else 431)
+    with pytest.raises(qabel_rest.StartupError, match="API key .* 1 to 4096 characters"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key="k" * 4097, port=0)
+    stop(start(tmp_path / "k", api_key="k" * 4096))
     with pytest.raises(qabel_rest.StartupError, match="max_body"):
         qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key=KEY, port=0, max_body=0)
     (tmp_path / "e").mkdir()
@@ -3590,13 +3615,13 @@ def failing_listdir(monkeypatch, directory, listing=None):
 def before_the_lock(monkeypatch, action):
     """Run action() once, in the next start: after it listed the data dir and created it
     if needed, before it takes the lock."""
-    real = qabel_rest._prepare_data_dir
+    real = qabel_rest._lock_data_dir
 
-    def prepare(path):
-        real(path)
-        monkeypatch.setattr(qabel_rest, "_prepare_data_dir", real)
+    def lock(path):
+        monkeypatch.setattr(qabel_rest, "_lock_data_dir", real)
         action()
-    monkeypatch.setattr(qabel_rest, "_prepare_data_dir", prepare)
+        return real(path)
+    monkeypatch.setattr(qabel_rest, "_lock_data_dir", lock)
 
 
 @pytest.mark.parametrize("endswith", [".tmp", "qabel_rest.lock"])
@@ -5590,7 +5615,7 @@ def test_document_replaced_by_a_directory_is_503_and_every_read_closes_what_it_o
 import queue  # noqa: E402 (this part of the suite reads a watching process's lines)
 
 CLI_SECRET = "cli-secret-key-for-leak-checks-0123456789"  # distinctive: searched for in output
-CLI_KEY_RULE = "must be printable ASCII without spaces, and not empty"  # _check_api_key's words
+CLI_KEY_RULE = "must be 1 to 4096 characters of printable ASCII without spaces"  # the server's
 
 
 def cli_url(client):
@@ -6019,6 +6044,7 @@ def test_cli_unusable_key_is_refused_before_sending_with_the_servers_words(tmp_p
         (["--api-key", ""], {}, {"api_key": ""}),
         (["--api-key", "k\xe9y"], {}, {"api_key": "k\xe9y"}),
         (["--api-key", "tab\tkey"], {}, {"api_key": "tab\tkey"}),
+        (["--api-key", "k" * 4097], {}, {"api_key": "k" * 4097}),
         ([], {"QABEL_REST_API_KEY": "env key"}, {"env": "env key"}),
         (["--data-dir", str(keyed)], {}, {"data_dir": str(keyed)}),
     ]

@@ -1874,12 +1874,10 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         import hmac  # see _logger()
         self._compare_digest = hmac.compare_digest
         self.logger = _logger()
-        self._api_key = None  # bytes: set by make_server, never logged or shown
-        self._dir_lock = None  # the descriptor of the data dir's lock file
+        self._api_key = self._dir_lock = None  # make_server's: key (bytes, never shown), lock fd
         # Guards what follows; reentrant: shutdown() may run in a signal handler holding it.
         self._state = threading.RLock()
-        self._stopping = False  # shutdown() was called
-        self._closing = False  # server_close() was called
+        self._stopping = self._closing = False  # shutdown(), server_close() was called
         self._serving = None  # the thread that called serve_forever()
         self._connections = {}  # socket -> [thread, state, deadline], oldest first
         self._next_sweep = 0.0
@@ -2137,9 +2135,11 @@ def _client(command, argv):
 
     def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
-        with (open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE))  # 0600, as
-              if name not in (None, "-") else contextlib.nullcontext(sys.stdout.buffer)) as file:
-            view = memoryview(text)  # the server's files: synced holds private keys
+        if name not in (None, "-") and (os.path.isfile(name) or not os.path.exists(name)):
+            return atomic_write(os.path.realpath(name), text)  # all or nothing; 0600: keys
+        with (open(name, "wb") if name not in (None, "-")  # a device or a pipe (/dev/fd/3)
+              else contextlib.nullcontext(sys.stdout.buffer)) as file:
+            view = memoryview(text)
             while view:  # a raw stdout (PYTHONUNBUFFERED) may take a part, and not raise
                 view = view[file.write(view):]
             file.flush()

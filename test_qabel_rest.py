@@ -5860,6 +5860,29 @@ def test_cli_export_to_a_file_and_to_stdout(live, tmp_path):
         assert json.loads(result.stdout) == served
 
 
+@pytest.mark.skipif(not POSIX, reason="a file size limit (RLIMIT_FSIZE) makes the write fail")
+def test_cli_export_that_fails_keeps_the_file_it_replaces_and_a_link_stays_a_link(
+        live, tmp_path):
+    import resource
+    backup, out = tmp_path / "out" / "backup.json", tmp_path / "out"
+    out.mkdir()
+    cli_quiet(cli_on(live, "export", "synced", str(backup)))
+    before = backup.read_bytes()
+    assert live.post("/synced", full_synced()).status == 200  # now larger than the limit
+    limit = len(before) + 16
+    result = subprocess.run(  # as on a full disk, or cut short by Ctrl-C
+        [sys.executable, MODULE, "export", "synced", str(backup), "--url", cli_url(live),
+         "--api-key", KEY], capture_output=True, text=True, timeout=TIMEOUT * 3,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert "File too large" in cli_line(result)
+    assert backup.read_bytes() == before and os.listdir(out) == ["backup.json"]
+    link = out / "link.json"  # a backup reached through a link: the file it names is written
+    link.symlink_to(backup)
+    cli_quiet(cli_on(live, "export", "synced", str(link)))
+    assert link.is_symlink() and json.loads(backup.read_bytes()) == live.get("/synced").json()
+    assert sorted(os.listdir(out)) == ["backup.json", "link.json"]
+
+
 def test_cli_options_may_come_between_doc_and_an_optional_key_or_file(live, tmp_path):
     """argparse took DOC alone for get and export, then refused the KEY or FILE after an
     option as "unrecognized arguments" (exit 2)."""

@@ -2218,8 +2218,6 @@ def main(argv=None):
         parser.error("--max-body must be a positive number of bytes")
     import logging
     logging.basicConfig(level="INFO", format="%(asctime)s qabel_rest %(levelname)s %(message)s")
-    if hasattr(signal, "SIGXFSZ"):  # over a file size limit a write fails with EFBIG (507): no kill
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         server = make_server(args.data_dir, args.api_key, args.host, args.port,
                              max_body=args.max_body, allowed_hosts=args.allowed_host)

@@ -1774,6 +1774,8 @@ def test_replace_refused_briefly_succeeds(live, monkeypatch):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX resource limits")
 def test_file_size_limit_in_a_real_process(tmp_path):
+    """Python ignores SIGXFSZ from its start, so a write past the limit fails with EFBIG
+    (507) instead of the signal killing the server."""
     import resource
 
     def limit():

@@ -1168,18 +1168,13 @@ def default_data_dir(environ=None, platform=None):
     return os.path.join(base, "qabel-rest")
 
 
-def _prepare_data_dir(path, server):
-    """Create the data dir if needed, lock it, check that saves can create temp files in it."""
+def _prepare_data_dir(path):
+    """Create the data dir if needed (another start may be creating it too)."""
     with _startup_error("cannot create the data dir", path):
-        if not os.path.isdir(path):  # another start may be creating it too
+        if not os.path.isdir(path):
             os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
             with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
                 os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
-    server._dir_lock = _lock_data_dir(path)  # first: a start refused by it leaves no trace
-    probe = os.path.join(path, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
-    with _startup_error("the data dir is not writable", path):
-        os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
-        os.unlink(probe)
 
 
 def _lock_data_dir(directory):
@@ -2037,13 +2032,18 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
     try:
-        _prepare_data_dir(data_dir, server)
-        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
-            os.ftruncate(server._dir_lock, 0)
-            os.write(server._dir_lock, f"{os.getpid()}\n".encode())
+        _prepare_data_dir(data_dir)
+        server._dir_lock = _lock_data_dir(data_dir)  # before any write: refused, no trace
         # No other instance runs now: files one made since the listing are not this start's.
         with _startup_error("the data dir is not readable", data_dir):
             existed = (existed or set()) | set(os.listdir(data_dir)) - {_LOCK_FILE}
+        probe = os.path.join(data_dir, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
+        with _startup_error("the data dir is not writable", data_dir):  # for saves' temp files
+            os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
+            os.unlink(probe)
+        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
+            os.ftruncate(server._dir_lock, 0)
+            os.write(server._dir_lock, f"{os.getpid()}\n".encode())
         prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
         for name in existed:  # temp files of a process killed mid-write: never current
             if name.startswith(prefixes) and name.endswith(".tmp"):
@@ -2135,11 +2135,9 @@ def _client(command, argv):
 
     def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
-        if name not in (None, "-") and (os.path.isfile(name) or not os.path.exists(name)):
-            return atomic_write(os.path.realpath(name), text)  # all or nothing; 0600: keys
-        with (open(name, "wb") if name not in (None, "-")  # a device or a pipe (/dev/fd/3)
-              else contextlib.nullcontext(sys.stdout.buffer)) as file:
-            view = memoryview(text)
+        with (open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE))  # 0600, as
+              if name not in (None, "-") else contextlib.nullcontext(sys.stdout.buffer)) as file:
+            view = memoryview(text)  # the server's files: synced holds private keys
             while view:  # a raw stdout (PYTHONUNBUFFERED) may take a part, and not raise
                 view = view[file.write(view):]
             file.flush()

@@ -1545,9 +1545,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _Malformed("more than one Host header")
         if not self.path.startswith("/"):  # absolute-form, authority-form, asterisk
             raise _Malformed("the request target must be a path")
-        # http.server only knows a Connection header that is just "close"
-        if "close" in map(str.lower, self._elements("connection")):
-            self.close_connection = True
+        tokens = {token.lower() for token in self._elements("connection")}  # on any line (RFC
+        if tokens & {"close", "keep-alive"}:  # 9112 9.3): http.server reads the first one, whole
+            self.close_connection = "close" in tokens
         for value in fields.get("expect", ()):
             if value.strip(_OWS).lower() != "100-continue":
                 raise _Malformed("unsupported expectation", HTTPStatus.EXPECTATION_FAILED)

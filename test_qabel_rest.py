@@ -1877,15 +1877,21 @@ def test_http_1_0_with_transfer_encoding_is_400(live):
     conn.close()
 
 
-def test_http_1_0_keep_alive(live):
+@pytest.mark.parametrize("connection", [
+    b"Connection: keep-alive", b"Connection: foo, Keep-Alive",  # a token of the list (RFC 9112
+    b"Connection: foo\r\nConnection: keep-alive"])  # 9.3), on any of its lines
+def test_http_1_0_keep_alive(live, connection):
     conn = live.conn()
-    request = b"GET /health HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n"
-    conn.send(request)
+    conn.send(b"GET /health HTTP/1.0\r\nHost: localhost\r\n" + connection + b"\r\n\r\n")
     first = conn.read()
     assert first.status == 200 and first.headers["Connection"] == "keep-alive"
     conn.send(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
     assert conn.read().status == 200
     assert conn.closed()
+    conn.close()
+    conn = live.conn()  # close wins over keep-alive
+    conn.send(b"GET /health HTTP/1.0\r\nHost: localhost\r\n" + connection + b", close\r\n\r\n")
+    assert conn.read().headers["Connection"] == "close" and conn.closed()
     conn.close()
 
 

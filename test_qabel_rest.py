@@ -294,10 +294,7 @@ def test_fresh_data_dir_serves_complete_default_documents(live):
 
 
 def test_default_document_that_cannot_be_written_stops_the_start(tmp_path, monkeypatch):
-    def full(path, data, *args):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(qabel_rest, "atomic_write", full)
+    monkeypatch.setattr(qabel_rest, "atomic_write", no_space_left)
     with pytest.raises(qabel_rest.StartupError, match="cannot write settings.json"):
         qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
     monkeypatch.undo()
@@ -1354,11 +1351,7 @@ def test_atomic_write_unit(tmp_path):
 def test_atomic_write_failure_leaves_target_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "doc.json"
     target.write_bytes(b"original")
-
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "write", no_space_left)
     with pytest.raises(OSError):
         qabel_rest.atomic_write(str(target), b"new")
     monkeypatch.undo()
@@ -3536,6 +3529,11 @@ def test_reformat_during_a_save_keeps_the_version_and_the_if_match_change(live, 
         (["module_data", "chat"], response.headers["ETag"])]  # no event for the reformat
 
 
+def no_space_left(*args):
+    """In place of a system call that writes: the disk is full."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def disk_full_at(monkeypatch, endswith):
     """atomic_write fails with ENOSPC for a path ending in endswith."""
     real = qabel_rest.atomic_write
@@ -3644,9 +3642,7 @@ def test_data_dir_refusing_new_files_is_a_startup_error_that_creates_nothing(
 
 def test_lock_file_that_cannot_take_the_pid_is_a_startup_error_that_leaves_nothing(
         tmp_path, monkeypatch):
-    def full(fd, length):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(os, "ftruncate", full)  # the disk filled up after the lock
+    monkeypatch.setattr(os, "ftruncate", no_space_left)  # the disk filled up after the lock
     data_dir = tmp_path / "new" / "data"
     descriptors = os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []
     with pytest.raises(qabel_rest.StartupError, match=r"^cannot write the lock file: "
@@ -3688,37 +3684,26 @@ def test_two_first_starts_on_one_new_data_dir_the_loser_leaves_the_winners_files
         stop(winner[0])
 
 
-def test_a_start_failing_late_keeps_the_files_an_instance_made_before_its_lock(
-        tmp_path, monkeypatch):
-    def another_run():  # another instance starts, saves a change and stops
-        other = start(tmp_path)
-        assert other.put("/settings", "poll_interval", 5).status == 200
-        stop(other)
-    before_the_lock(monkeypatch, another_run)
-    disk_full_at(monkeypatch, "api-key")  # then this start fails, writing its key file
-    with pytest.raises(qabel_rest.StartupError, match="cannot write the key file"):
-        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
-    assert {"settings.json", "synced.json"} <= set(os.listdir(tmp_path))
-    assert json.loads((tmp_path / "settings.json").read_bytes())["poll_interval"] == 5
-
-
-@pytest.mark.parametrize("failing", ["probe", "pid"])
-def test_a_start_failing_right_after_its_lock_keeps_the_files_an_instance_made_before_it(
-        tmp_path, monkeypatch, failing):
-    def full(*args):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
+@pytest.mark.parametrize("failing, message", [
+    ("probe", "the data dir is not writable"),  # the check that the data dir takes new files
+    ("pid", "cannot write the lock file"),  # the pid written into the lock file
+    ("key file", "cannot write the key file"),  # a new key file, later
+])
+def test_a_start_failing_after_its_lock_keeps_the_files_an_instance_made_before_it(
+        tmp_path, monkeypatch, failing, message):
     def another_run():  # another instance starts, saves a change and stops; then the disk fills
         other = start(tmp_path)
         assert other.put("/settings", "poll_interval", 5).status == 200
         stop(other)
-        if failing == "probe":  # the check that the data dir takes new files
+        if failing == "probe":
             failing_open(monkeypatch, ".tmp", errno.ENOSPC)
-        else:  # the pid written into the lock file
-            monkeypatch.setattr(os, "ftruncate", full)
+        elif failing == "pid":
+            monkeypatch.setattr(os, "ftruncate", no_space_left)
     before_the_lock(monkeypatch, another_run)
-    with pytest.raises(qabel_rest.StartupError, match="No space left on device"):
-        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    if failing == "key file":
+        disk_full_at(monkeypatch, "api-key")
+    with pytest.raises(qabel_rest.StartupError, match=f"^{message}: No space left on device"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)  # no key given: it writes one
     monkeypatch.undo()
     assert {"settings.json", "synced.json"} <= set(os.listdir(tmp_path))
     assert json.loads((tmp_path / "settings.json").read_bytes())["poll_interval"] == 5

@@ -2182,6 +2182,8 @@ def _client(command, argv):
             return 0  # watch ends on SIGINT; another command cut short has failed
         print(f"qabel_rest: {_one_line(e) or 'interrupted'}", file=sys.stderr, flush=True)
         return 1  # (an AttributeError: no stdin or stdout, closed)
+    finally:  # not left to its finalizer: python -X dev would warn of it on stderr
+        connection.close()
     return 0
 
 

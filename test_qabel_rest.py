@@ -6322,6 +6322,17 @@ def test_client_closes_each_answer_so_no_finalizer_can_swallow_a_ctrl_c(live, mo
     assert len(answers) == 2 and all(answer.closed for answer in answers)
 
 
+def test_cli_in_python_development_mode_prints_nothing_but_its_answer(live):
+    # -X dev shows a ResourceWarning on stderr for a socket left to its finalizer.
+    def run(*args):
+        return subprocess.run([sys.executable, "-X", "dev", MODULE, *args, "--url", cli_url(live),
+                               "--api-key", KEY], capture_output=True, text=True,
+                              timeout=TIMEOUT * 3)
+    cli_quiet(run("set", "settings", "poll_interval", "7"))
+    result = run("get", "settings", "poll_interval")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "7\n", "")
+
+
 @pytest.mark.parametrize("cut", ["HTTPResponse", "SocketIO"])
 def test_client_interrupted_while_an_answer_is_built_prints_one_line_only(live, monkeypatch,
                                                                          capsys, cut):

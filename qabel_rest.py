@@ -680,6 +680,7 @@ class SettingsDocument:
         self._saves = 0  # saves ended
         self._dir_fd = None  # the data dir, open for fsync once the first save needs it
         self.publish = lambda key, etag: None  # the server's feed: each change on disk, under _lock
+        self._refresh()  # read the file now, as every method expects
 
     def get(self, key=None):
         """A copy of the whole document, or of the value at key."""
@@ -912,12 +913,12 @@ class SettingsDocument:
                     continue
                 rebased = base
             except BaseException as exc:
-                self._put_back(base, body)
+                undone = self._put_back(base, body)
                 if not isinstance(exc, OSError):
                     raise  # a bug, or an interrupt: _save_queue fails the batch
                 _logger().error("could not save %s: %s", self.path, exc.strerror)
                 return base, rebased, SaveError(
-                    f"could not save {self.name}: {exc.strerror or 'error'}",
+                    f"could not save {self.name}: {exc.strerror or 'error'}{undone}",
                     HTTPStatus.INSUFFICIENT_STORAGE if exc.errno in _DISK_FULL else None)
             if base.error:
                 return base, rebased, DocumentUnavailable(
@@ -928,7 +929,8 @@ class SettingsDocument:
         return base, rebased, DocumentChanged(f"{self.name} keeps being changed by another program")
 
     def _put_back(self, base, body):
-        """Undo a failed save whose rename happened (the directory fsync failed): put base back."""
+        """Undo a failed save whose rename happened (the directory fsync failed): put base back.
+        What the error adds: "" unless the file may still hold the change (read as a rewrite)."""
         try:
             if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
@@ -937,6 +939,8 @@ class SettingsDocument:
                     atomic_write(self.path, base.raw, self._dir_fd)
         except OSError as exc:
             _logger().error("could not restore %s: %s", self.path, exc.strerror)
+            return "; undoing it failed too, so the file may hold it"
+        return ""
 
     def _read_version(self, known):
         """The file's version; known's document and tag if the content is the same, or unusable."""

@@ -2290,6 +2290,17 @@ def test_in_process_api(live):
     assert issubclass(qabel_rest.StartupError, qabel_rest.QabelRestError)
 
 
+def test_settings_document_made_by_hand_reads_its_file_at_once(tmp_path):
+    (tmp_path / "settings.json").write_text('{"poll_interval": 5}')
+    document = qabel_rest.SettingsDocument(str(tmp_path / "settings.json"),
+                                           qabel_rest.LOCAL_SCHEMA, qabel_rest.LOCAL_DEFAULTS)
+    assert document.get("poll_interval") == 5 and document.etag.startswith('"')
+    assert document.get() == {"poll_interval": 5, "drop_last_update": "", "module_data": {}}
+    missing = qabel_rest.SettingsDocument(str(tmp_path / "missing.json"),
+                                          qabel_rest.SYNCED_SCHEMA, qabel_rest.SYNCED_DEFAULTS)
+    assert missing.get("identities") == [] and not (tmp_path / "missing.json").exists()
+
+
 def test_two_servers_in_one_process_are_independent(tmp_path):
     one = start(tmp_path / "one", api_key="key-one")
     two = start(tmp_path / "two", api_key="key-two")
@@ -3404,6 +3415,38 @@ def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monke
     assert response.status == 500
     assert live.file("settings.json") == before  # the failed change is not kept
     assert live.get("/settings").json()["poll_interval"] == 5
+
+
+@LINUX_FDS
+def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, monkeypatch):
+    # The directory fsync fails after the rename, then the file system refuses the write
+    # that would put the old content back (as ext4 remounted read-only after an error).
+    live.put("/settings", "poll_interval", 5)
+    cursor = live.get("/events").json()["cursor"]
+    real_fsync, real_open, failed = os.fsync, os.open, []
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    def open_(path, flags, *args, **kwargs):
+        if failed and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "open", open_)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 500
+    assert response.json() == {"error": "could not save settings.json: Input/output error; "
+                                        "undoing it failed too, so the file may hold it"}
+    assert live.doc("settings.json")["poll_interval"] == 6
+    answer = live.get("/settings")  # then taken as another program's rewrite, as README says
+    assert answer.json()["poll_interval"] == 6
+    events = live.get(f"/events?since={cursor}&timeout=0").json()["events"]
+    assert events == [{"document": "settings", "key": None, "etag": answer.headers["ETag"]}]
 
 
 def run_puts(live, names):

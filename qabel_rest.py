@@ -673,7 +673,7 @@ class SettingsDocument:
         # _lock guards what follows; the writer that set _saving writes the file without it.
         self._lock = threading.Lock()
         self._saved = threading.Condition(self._lock)  # notified when a save or the queue ends
-        self._disk = None  # _Version on disk: what readers get
+        self._disk = _Version(*[None] * 6)  # _Version on disk: what readers get (none read yet)
         self._head = self._head_tag = None  # newest accepted document and its tag: If-Match's
         self._queue = []  # _Change objects accepted and not yet in a save
         self._saving = self._closed = False
@@ -789,11 +789,11 @@ class SettingsDocument:
         """The version on disk, re-read if changed (unless ours to write now). Holds _lock."""
         if self._queue or self._saving:
             return self._disk
-        if self._disk is None or _file_signature(self.path) != self._disk.signature:
+        if _file_signature(self.path) != self._disk.signature:
             old, self._disk = self._disk, self._read_version(self._disk)
             if self._disk.error is None:
                 self._head, self._head_tag = self._disk.document, self._disk.etag
-                if old is not None and self._disk.etag != old.etag:
+                if self._disk.etag != old.etag:
                     self.publish(None, self._disk.etag)
         return self._disk
 
@@ -944,7 +944,6 @@ class SettingsDocument:
 
     def _read_version(self, known):
         """The file's version; known's document and tag if the content is the same, or unusable."""
-        known = known or _Version(*[None] * 6)
         try:
             signature, raw = _read_file(self.path)
         except OSError as exc:
@@ -1665,6 +1664,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if len(body) < self._unread:
             raise _Malformed("the body ended early")
         self._unread = 0
+        self.server._move(self.connection, _BUSY, _BUSY, MAX_WAIT)  # saving: not the client's time
         return body
 
     def _do_read(self, document):
@@ -1937,6 +1937,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         for sock, (thread, state, _) in entries:
             if thread is not threading.current_thread():  # a handler may close us
                 thread.join(max(0.0, deadline - time.monotonic()))
+                _shut(sock)  # past the grace: a request stalled by its client too
         documents = (self.settings, self.synced)
         if all([document.close(max(0.0, deadline - time.monotonic())) for document in documents]):
             return self._unlock()
@@ -2086,8 +2087,7 @@ _CLIENT_COMMANDS = {  # command -> its arguments; a ? makes one optional
 
 def _client(command, argv):
     """Run a client command (get, set, patch, export, import, watch); the exit status."""
-    import argparse
-    import http.client
+    import argparse  # (http.client: http.server imports it)
     parser = argparse.ArgumentParser(f"qabel_rest {command}", description="A qabel_rest client.")
     parser.add_argument("--url", default=os.environ.get("QABEL_REST_URL")
                         or f"http://{DEFAULT_HOST}:{DEFAULT_PORT}")

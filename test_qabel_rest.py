@@ -2040,6 +2040,23 @@ def test_trickling_client_is_cut_off_at_the_request_deadline(live_with):
     assert live.get("/health").status == 200
 
 
+def test_a_save_slower_than_the_request_deadline_is_still_answered(live_with, monkeypatch):
+    # The deadline bounds the client's part, sending its request: once read, saving it is
+    # the server's time. Cut there, the change would be saved, and a client retrying an
+    # append would append twice.
+    live = live_with(request_timeout=0.5)
+    real = os.fsync
+
+    def slow_fsync(fd):
+        time.sleep(0.75)  # the file's and the directory's: three deadlines in all
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    response = live.call("PUT", "/synced", {"key": "drop_servers.-", "value": {"id": 7}})
+    monkeypatch.undo()
+    assert response.status == 200 and response.json()["value"] == {"id": 7}
+    assert live.doc("synced.json")["drop_servers"] == [{"id": 7}]
+
+
 def test_hundreds_of_open_connections_are_all_served(live):
     conns = [live.conn() for _ in range(300)]  # a pooling client's sockets, all open
     request = build_request("GET", "/settings", headers={"X-API-Key": KEY})
@@ -3098,21 +3115,49 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     entered, gate = hold_first_save(monkeypatch)
     answers = []
     writer = threading.Thread(target=lambda: answers.append(
-        live.put("/settings", "poll_interval", 3).status))
+        live.put("/settings", "poll_interval", 3)))
     writer.start()
     assert entered.wait(TIMEOUT)
     live.server.shutdown()
     started = time.monotonic()
     live.server.server_close()
     assert time.monotonic() - started < 3
-    with pytest.raises(qabel_rest.StartupError, match="already using"):
-        start(tmp_path)  # the save is still under way: the data dir stays locked
-    gate.set()
     writer.join(TIMEOUT)
-    assert answers == [200]  # the save under way still ended, and was answered
+    assert answers == [None]  # past the grace its connection was closed, unanswered...
+    with pytest.raises(qabel_rest.StartupError, match="already using"):
+        start(tmp_path)  # ...but the save is still under way: the data dir stays locked
+    gate.set()
     again = start_once_unlocked(tmp_path)  # the lock went with it: it can be served again
     assert again.get("/settings").json()["poll_interval"] == 3
     stop(again)
+
+
+@pytest.mark.parametrize("stall", [b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: "
+                                   + KEY.encode() + b"\r\nContent-Length: 50\r\n\r\n{",
+                                   b"GET /health HTTP/1.1\r\nHost: loc"], ids=["body", "headers"])
+def test_server_close_ends_a_request_its_client_stalls_once_the_grace_is_over(
+        tmp_path, monkeypatch, stall):
+    # Nothing enforces the request deadline once serve_forever() has returned: the
+    # connection and its thread would stay until the client left (on Windows, with the port).
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.5)
+    live = start(tmp_path)
+    before = set(threading.enumerate())
+    conn = live.conn()
+    conn.send(stall)
+    deadline = time.monotonic() + TIMEOUT
+    while not (threads := [thread for thread in set(threading.enumerate()) - before
+                           if thread.name == "qabel_rest connection"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)  # its thread is reading what is still to come
+    started = time.monotonic()
+    stop(live)
+    assert conn.closed()
+    assert time.monotonic() - started < 3
+    threads[0].join(TIMEOUT)
+    assert not threads[0].is_alive()
+    conn.close()
+    assert json.loads(live.file("settings.json"))["poll_interval"] == 30
 
 
 @LINUX_FDS

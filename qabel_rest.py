@@ -1345,11 +1345,9 @@ def _openapi():
         operations["options"] = {"responses": {"200": answer("the methods", methods, *headers),
                                                **keyed}}
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.1.0", "security": [{"apiKey": []}, {"bearer": []}], "paths": paths,
         "info": {"title": "qabel_rest", "version": __version__,
                  "description": "The local REST server of the Qabel desktop client."},
-        "security": [{"apiKey": []}, {"bearer": []}],
-        "paths": paths,
         "components": {
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                                 "bearer": {"type": "http", "scheme": "bearer"}},
@@ -1664,7 +1662,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if len(body) < self._unread:
             raise _Malformed("the body ended early")
         self._unread = 0
-        self.server._move(self.connection, _BUSY, _BUSY, MAX_WAIT)  # saving: not the client's time
+        self.server._move(self.connection, _BUSY, _BUSY, math.inf)  # saving: not the client's time
         return body
 
     def _do_read(self, document):
@@ -1769,7 +1767,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile = wfile
             self.connection.setblocking(True)
 
-    def _send_json(self, status, payload, headers=()):
+    def _send_json(self, status, payload, headers=()):  # a save's answer: the client's time again
+        self.server._move(self.connection, _BUSY, _BUSY, self.server.request_timeout)
         self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):
@@ -1937,7 +1936,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         for sock, (thread, state, _) in entries:
             if thread is not threading.current_thread():  # a handler may close us
                 thread.join(max(0.0, deadline - time.monotonic()))
-                _shut(sock)  # past the grace: a request stalled by its client too
+                if self._connections.get(sock, (0, 0, 0))[2] < math.inf:  # not saving: its
+                    _shut(sock)  # answer follows the save; others end, stalled ones too
         documents = (self.settings, self.synced)
         if all([document.close(max(0.0, deadline - time.monotonic())) for document in documents]):
             return self._unlock()

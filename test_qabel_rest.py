@@ -2057,6 +2057,27 @@ def test_a_save_slower_than_the_request_deadline_is_still_answered(live_with, mo
     assert live.doc("synced.json")["drop_servers"] == [{"id": 7}]
 
 
+def test_a_client_that_never_reads_the_answers_to_its_changes_is_cut_at_the_deadline(
+        live_with):
+    # Once saved, the answer is the client's time again: one sending changes and never
+    # reading would otherwise hold its connection and thread (at the cap: room for no other).
+    live = live_with(request_timeout=0.5, max_connections=1)
+    body = json.dumps({"key": "module_data.m.big", "value": "x" * 900_000}).encode()
+    request = build_request("PUT", "/settings", body, {"X-API-Key": KEY})
+    silent = socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT)
+
+    def send():
+        with contextlib.suppress(OSError):  # until the server closes the connection
+            silent.sendall(request * 16)  # answers of 14 MB: more than the sockets hold
+    threading.Thread(target=send, daemon=True).start()
+    time.sleep(1.5)  # it is now writing an answer that is never read
+    deadline = time.monotonic() + TIMEOUT
+    while (status := live.get("/health").status) == 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    silent.close()
+    assert status == 200
+
+
 def test_hundreds_of_open_connections_are_all_served(live):
     conns = [live.conn() for _ in range(300)]  # a pooling client's sockets, all open
     request = build_request("GET", "/settings", headers={"X-API-Key": KEY})
@@ -3115,18 +3136,18 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     entered, gate = hold_first_save(monkeypatch)
     answers = []
     writer = threading.Thread(target=lambda: answers.append(
-        live.put("/settings", "poll_interval", 3)))
+        live.put("/settings", "poll_interval", 3).status))
     writer.start()
     assert entered.wait(TIMEOUT)
     live.server.shutdown()
     started = time.monotonic()
     live.server.server_close()
     assert time.monotonic() - started < 3
-    writer.join(TIMEOUT)
-    assert answers == [None]  # past the grace its connection was closed, unanswered...
     with pytest.raises(qabel_rest.StartupError, match="already using"):
-        start(tmp_path)  # ...but the save is still under way: the data dir stays locked
+        start(tmp_path)  # the save is still under way: the data dir stays locked
     gate.set()
+    writer.join(TIMEOUT)
+    assert answers == [200]  # the save under way still ended, and was answered
     again = start_once_unlocked(tmp_path)  # the lock went with it: it can be served again
     assert again.get("/settings").json()["poll_interval"] == 3
     stop(again)

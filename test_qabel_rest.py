@@ -667,6 +667,29 @@ def test_merge_into_a_list_item_keeps_schema_rules(live):
     assert bad.status == 400
 
 
+def test_form_put_of_an_empty_value_stores_the_empty_string(live):
+    # `value=` is the empty string (a STR field cleared), not a missing value.
+    assert live.put("/settings", "drop_last_update", "stamp").status == 200
+    answer = live.call("PUT", "/settings", b"key=drop_last_update&value=",
+                       content_type="application/x-www-form-urlencoded")
+    assert answer.status == 200, answer
+    assert live.doc("settings.json")["drop_last_update"] == ""
+
+
+def test_charset_utf8_without_the_dash_is_accepted(live):
+    # "utf8" is a common alias of UTF-8 (Python and MySQL spell it so).
+    answer = live.call("PUT", "/settings", {"key": "poll_interval", "value": 12},
+                       content_type="application/json; charset=utf8")
+    assert answer.status == 200, answer
+
+
+def test_a_quoted_charset_is_accepted(live):
+    # charset="utf-8" (a quoted-string, RFC 9110 5.6.4) is UTF-8.
+    answer = live.call("PUT", "/settings", {"key": "poll_interval", "value": 12},
+                       content_type='application/json; charset="UTF-8"')
+    assert answer.status == 200, answer
+
+
 # ---------------------------------------------------------------------------
 # Dotted keys
 # ---------------------------------------------------------------------------
@@ -747,6 +770,17 @@ def test_unique_ids_on_put(live):
     assert live.put("/synced", "accounts.1", item(7)).status == 200
     assert live.put("/synced", "accounts.0.id", 1).status == 200  # itself: no clash
     assert [a["id"] for a in live.doc("synced.json")["accounts"]] == [1, 7]
+
+
+def test_no_key_goes_below_a_string_field_even_where_it_is_missing(live):
+    # A key below a scalar field the item lacks is 405; it never stores an object in a URL/STR
+    # field.
+    assert live.put("/synced", "drop_servers.-", {"id": 1}).status == 200
+    before = live.file("synced.json")
+    answer = live.put("/synced", "drop_servers.0.url.x", {})
+    assert answer.status == 405, answer
+    assert live.file("synced.json") == before
+    assert live.get("/synced").status == 200
 
 
 # ---------------------------------------------------------------------------
@@ -907,6 +941,17 @@ def test_validate_unit():
         qabel_rest.validate({"module_data": {"m": {"s": {1, 2}}}}, qabel_rest.LOCAL_SCHEMA)
 
 
+def test_a_put_that_duplicates_an_id_is_refused(live):
+    # A PUT (append or replace) giving an item the id another item of its list has is 400; the
+    # file stays.
+    assert live.put("/synced", "drop_servers.-", {"id": 1}).status == 200
+    assert live.put("/synced", "drop_servers.-", {"id": 2}).status == 200
+    before = live.file("synced.json")
+    assert live.put("/synced", "drop_servers.-", {"id": 1}).status == 400
+    assert live.put("/synced", "drop_servers.1.id", 1).status == 400
+    assert live.file("synced.json") == before
+
+
 # ---------------------------------------------------------------------------
 # Hostile JSON
 # ---------------------------------------------------------------------------
@@ -1009,6 +1054,14 @@ def test_parse_json_unit():
     assert qabel_rest._parse_json(b'{"a": [1, 2.5, "\\u00e9"]}') == {"a": [1, 2.5, "\u00e9"]}
     with pytest.raises(qabel_rest._NotJSON, match="line 2 column 1"):
         qabel_rest._parse_json(b'{"a":\n}')
+
+
+def test_a_duplicate_name_error_names_the_duplicated_field(live):
+    # The 400 names the field given twice, not the first field of the object.
+    body = b'{"key": "module_data.m", "value": {"a": 1, "b": 2, "b": 3}}'
+    answer = live.call("PUT", "/settings", body, content_type="application/json")
+    assert answer.status == 400
+    assert answer.json()["error"].startswith("module_data.m.b:"), answer.json()
 
 
 # ---------------------------------------------------------------------------
@@ -2293,6 +2346,65 @@ def test_concurrent_puts_are_all_applied(live):
     assert data == {f"w{n}": {f"v{i}": i for i in range(10)} for n in range(8)}
 
 
+def test_a_refused_body_of_exactly_max_body_bytes_is_drained_and_keeps_the_connection(live_with):
+    # A body the server did not read that is within the limit (exactly max_body bytes) is
+    # drained; the connection stays open.
+    live = live_with(max_body=100)
+    conn = live.conn()
+    try:
+        body = b'{"key": "poll_interval", "value": 5}'.ljust(100)
+        first = conn.request("PUT", "/settings", body, {"X-API-Key": "wrong-key-0123456789",
+                                                        "Content-Type": "application/json"})
+        assert first.status == 401
+        assert first.headers.get("Connection", "").lower() != "close"
+        second = conn.request("GET", "/health")
+        assert second is not None and second.status == 200
+    finally:
+        conn.close()
+
+
+def test_an_oversized_body_refused_for_its_key_closes_the_connection(live):
+    # A request over the body limit that is refused for another reason first (401) is answered
+    # with Connection: close, so the server never reads (drains) a body it would refuse.
+    conn = live.conn()
+    try:
+        conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                  b"\r\nContent-Length: 50000000\r\n\r\n" + b" " * 1000)
+        answer = conn.read()
+        assert answer.status == 401
+        assert answer.headers.get("Connection", "").lower() == "close", dict(answer.headers)
+    finally:
+        conn.close()
+
+
+def test_an_http_1_0_request_with_expect_gets_no_100_continue(live):
+    # An HTTP/1.0 client does not know 100 Continue (RFC 9110 10.1.1: a server must not send it
+    # one).
+    body = b'{"key": "poll_interval", "value": 13}'
+    conn = live.conn()
+    try:
+        conn.send(b"PUT /settings HTTP/1.0\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode() +
+                  b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        answer = conn.read()
+        assert answer.status == 200, answer
+    finally:
+        conn.close()
+
+
+def test_a_request_http_server_refuses_gets_one_answer_only(live):
+    # The request is not served as well: one answer, then the connection closes.
+    conn = live.conn()
+    try:
+        headers = b"".join(b"X-%d: 1\r\n" % i for i in range(120))  # http.server: 431
+        conn.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n")
+        answer = conn.read()
+        assert answer.status == 431, answer
+        assert conn.closed()
+    finally:
+        conn.close()
+
+
 # ---------------------------------------------------------------------------
 # Embedding
 # ---------------------------------------------------------------------------
@@ -2533,6 +2645,73 @@ def test_import_has_no_side_effects(tmp_path):
                             capture_output=True, text=True, timeout=TIMEOUT * 3)
     assert result.stdout.strip() == "clean", result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_an_app_that_exits_without_shutdown_is_not_held_by_the_feed(tmp_path):
+    # The feed's threads are daemons, so an embedding app that subscribed (or had a long poll)
+    # and exits without shutdown() ends.
+    code = ("import threading, qabel_rest\n"
+            f"s = qabel_rest.make_server(data_dir={str(tmp_path)!r}, api_key='k' * 20, port=0)\n"
+            "threading.Thread(target=s.serve_forever, daemon=True).start()\n"
+            "s.subscribe(lambda event: None)\n"
+            "s.settings.put('poll_interval', 5)\n"
+            "print('done', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(MODULE),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process did not exit: a non-daemon feed thread holds it")
+    assert proc.returncode == 0 and out == b"done\n", err
+
+
+def test_a_change_after_close_is_refused_even_when_it_changes_nothing(tmp_path):
+    # After server_close() the documents refuse every change with DocumentUnavailable, a no-op
+    # one too.
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    server.settings.put("poll_interval", 5)
+    server.server_close()
+    with pytest.raises(qabel_rest.DocumentUnavailable):
+        server.settings.put("poll_interval", 5)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors")
+def test_a_second_server_refused_for_a_locked_data_dir_leaks_no_descriptor(live):
+    # An app that retries make_server on a locked data dir does not leak a descriptor per try.
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+    before = count()
+    for _ in range(5):
+        with pytest.raises(qabel_rest.StartupError):
+            qabel_rest.make_server(data_dir=str(live.data_dir), api_key=KEY, port=0)
+    assert count() <= before
+
+
+def test_a_port_out_of_range_is_a_startup_error_that_says_why(tmp_path):
+    # The reason is given, not "None".
+    with pytest.raises(qabel_rest.StartupError) as info:
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=70000)
+    assert "None" not in str(info.value) and "65535" in str(info.value), str(info.value)
+
+
+def test_a_key_file_with_non_ascii_bytes_is_a_startup_error(tmp_path):
+    # A key file holding non-ASCII bytes is the one-line StartupError, not a LookupError
+    # traceback.
+    (tmp_path / "api-key").write_bytes(b"key-\xff-0123456789abcdef\n")
+    with pytest.raises(qabel_rest.StartupError) as info:
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert "printable ASCII" in str(info.value)
+
+
+def test_a_locked_data_dir_whose_lock_file_holds_non_ascii_is_a_startup_error(live):
+    # The holder's pid text is read leniently: garbage in the lock file still gives the one-line
+    # StartupError.
+    with open(os.path.join(live.data_dir, "qabel_rest.lock"), "r+b") as f:
+        f.write(b"\xff\xfe garbage \x80")
+    with pytest.raises(qabel_rest.StartupError):
+        qabel_rest.make_server(data_dir=str(live.data_dir), api_key=KEY, port=0)
 
 
 # ---------------------------------------------------------------------------
@@ -3036,6 +3215,69 @@ def test_client_sending_a_large_refused_body_still_reads_the_413(live):
     assert response.headers["Connection"] == "close"
     conn.close()
     assert documents(live.data_dir) == live.initial
+
+
+def test_a_change_that_changes_nothing_does_not_rewrite_the_file(live):
+    # A PUT of the value already stored keeps the file as it is (no rename: another program's
+    # watch sees nothing; a full disk does not fail it).
+    assert live.put("/settings", "poll_interval", 7).status == 200
+    path = os.path.join(live.data_dir, "settings.json")
+    before = os.stat(path)
+    answer = live.put("/settings", "poll_interval", 7)
+    assert answer.status == 200
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_change_that_changes_nothing_waits_for_the_save_under_way(live, monkeypatch):
+    # A PUT of the value a save under way is writing is answered only once that save is on disk
+    # (a 200 means on disk).
+    entered, gate = hold_first_save(monkeypatch)
+    settings, done = live.server.settings, []
+    first = threading.Thread(target=lambda: done.append(settings.put("poll_interval", 11)),
+                             daemon=True)
+    first.start()
+    assert entered.wait(TIMEOUT)  # 11 is the newest value, its save held before the write
+    second = threading.Thread(target=lambda: done.append(settings.put("poll_interval", 11)),
+                              daemon=True)
+    second.start()
+    second.join(0.5)
+    early = second.is_alive()
+    gate.set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert early, "a no-op change was answered while the save it depends on was not on disk"
+    assert done == [11, 11] and live.doc("settings.json")["poll_interval"] == 11
+
+
+def test_a_change_queued_behind_a_save_that_rebases_is_saved_and_answered(live, monkeypatch):
+    # A change queued behind a save that finds the file rewritten by another program is
+    # re-applied, saved and answered; it is never dropped (its writer would loop forever).
+    entered, gate = hold_first_save(monkeypatch)
+    settings, errors = live.server.settings, []
+
+    def put(key, value):
+        try:
+            settings.put(key, value)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=put, args=("poll_interval", 11), daemon=True)
+    first.start()
+    assert entered.wait(TIMEOUT)  # the first save is held before it writes
+    second = threading.Thread(target=put, args=("drop_last_update", "queued"), daemon=True)
+    second.start()
+    time.sleep(0.3)  # queued behind the held save
+    feed_rewrite(live.data_dir, "settings", {"poll_interval": 5, "drop_last_update": "other",
+                                              "module_data": {"other": {"x": 1}}})
+    gate.set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert not first.is_alive() and not second.is_alive(), "a writer never got its answer"
+    assert errors == []
+    on_disk = live.doc("settings.json")
+    assert on_disk == {"poll_interval": 11, "drop_last_update": "queued",
+                       "module_data": {"other": {"x": 1}}}
 
 
 # ---------------------------------------------------------------------------
@@ -5732,6 +5974,153 @@ def test_document_replaced_by_a_directory_is_503_and_every_read_closes_what_it_o
     assert live.get("/settings").json()["poll_interval"] == 7
 
 
+def test_a_waiting_feed_request_does_not_spin_a_core(live):
+    # The feed's thread waits on its condition while requests wait, it does not busy-loop.
+    cursor = live.server.events()["cursor"]
+    cpu, wall = time.process_time(), time.monotonic()
+    answer = live.server.events(since=cursor, timeout=1.5)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert answer["events"] == [] and wall >= 1.4
+    print(f"cpu {cpu:.3f} s in {wall:.2f} s")
+    assert cpu < 0.1 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting"
+
+
+def test_a_subscriber_gets_a_change_saved_after_shutdown(live, monkeypatch):
+    # A change in flight when the server shuts down is still saved and still reaches the
+    # subscribers.
+    events, seen = [], threading.Event()
+    live.server.subscribe(lambda event: (events.append(event), seen.set()))
+    live.server.settings.put("poll_interval", 3)  # starts the subscribers' thread
+    assert seen.wait(TIMEOUT)
+    seen.clear()
+    entered, gate = hold_first_save(monkeypatch)
+    writer = threading.Thread(target=live.server.settings.put, args=("poll_interval", 4),
+                              daemon=True)
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    live.server.shutdown()  # the feed closes: its threads end
+    time.sleep(0.3)
+    gate.set()
+    writer.join(TIMEOUT)
+    assert seen.wait(TIMEOUT), "the change saved after shutdown never reached the subscriber"
+    assert events[-1]["document"] == "settings" and events[-1]["key"] == ["poll_interval"]
+
+
+def test_the_subscribers_thread_ends_with_the_server(tmp_path):
+    # After shutdown and server_close no thread of the feed is left.
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    seen = threading.Event()
+    server.subscribe(lambda event: seen.set())
+    server.settings.put("poll_interval", 3)
+    assert seen.wait(TIMEOUT)
+    server.shutdown()
+    server.server_close()
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(
+            t.name == "qabel_rest events" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert [t.name for t in threading.enumerate() if t.name == "qabel_rest events"] == []
+
+
+def test_a_cursor_with_thousands_of_digits_is_gone_not_a_500(live):
+    # int() refuses over 4,300 digits (ValueError); such a cursor is malformed: 410 with the
+    # current one.
+    answer = live.get("/events?since=" + "1" * 5000 + "-0&timeout=0")
+    assert answer.status == 410, answer
+    assert answer.json()["cursor"] == live.get("/events").json()["cursor"]
+    with pytest.raises(qabel_rest.CursorGone):
+        live.server.events(since="9" * 5000 + "-0")
+
+
+@pytest.mark.parametrize("count", [150, 12])  # a rest over and under wbufsize (64 KiB)
+def test_a_long_poll_answer_larger_than_the_socket_takes_at_once_arrives_whole(live, monkeypatch,
+                                                                               count):
+    # The feed's thread sends what the socket takes at once; the request's thread must send the
+    # rest, now.
+    real_setup = qabel_rest.RequestHandler.setup
+
+    def setup(self):  # a small send buffer, as on a slow link: a send takes a part
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        real_setup(self)
+    monkeypatch.setattr(qabel_rest.RequestHandler, "setup", setup)
+    feed = live.server._feed
+    real_look, blocked, release = feed._look, threading.Event(), threading.Event()
+
+    def look():
+        if threading.current_thread().name == "qabel_rest events" and not release.is_set():
+            blocked.set()
+            release.wait(TIMEOUT)
+        return real_look()
+    feed._look = look
+    cursor = live.server.events()["cursor"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow, small window
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", live.port))
+    conn = object.__new__(Conn)
+    conn.sock, conn.file = sock, sock.makefile("rb")
+    try:
+        conn.send(f"GET /events?since={cursor}&timeout=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  f"X-API-Key: {KEY}\r\n\r\n".encode())
+        assert blocked.wait(TIMEOUT)  # the feed's thread is away, looking at the files
+        for i in range(count):  # events of ~4 KB each
+            live.server.settings.put(["module_data", "m", "k" * 4000 + str(i)], i)
+        release.set()
+        answer = conn.read()
+        assert answer is not None and answer.status == 200
+        assert len(answer.json()["events"]) == count
+    finally:
+        release.set()
+        conn.close()
+
+
+def test_a_long_poll_after_an_idle_spell_still_sees_a_rewrite_within_seconds(live):
+    # After a first long poll ended and the feed's thread went idle, a second one still learns
+    # of another program's rewrite within about a second (the thread looks while anyone waits).
+    cursor = live.server.events()["cursor"]
+    live.server.events(since=cursor, timeout=0.3)  # starts the feed's thread; it ends idle
+    time.sleep(1.2)  # no waiter: the thread waits for one, without a timeout
+    result = []
+    waiter = threading.Thread(
+        target=lambda: result.append(live.server.events(since=cursor, timeout=8)), daemon=True)
+    waiter.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    feed_rewrite(live.data_dir, "settings", {"poll_interval": 77})
+    waiter.join(TIMEOUT)
+    assert result and result[0]["events"], result
+    assert time.monotonic() - started < 4, "the rewrite was seen only when the wait ended"
+
+
+def test_a_long_poll_that_timed_out_never_answers_again_on_its_connection(live):
+    # A later event must not make the server write a second, unasked answer on the connection
+    # (the next request's answer would be that stale one).
+    cursor = live.server.events()["cursor"]
+    conn = live.conn()
+    try:
+        first = conn.request("GET", f"/events?since={cursor}&timeout=0.5",
+                             headers={"X-API-Key": KEY})
+        assert first.status == 200 and first.json()["events"] == []
+        live.server.settings.put("poll_interval", 9)  # an event after that timeout
+        time.sleep(1.0)  # the feed's thread answers what it still holds, if anything
+        second = conn.request("GET", "/health")
+        assert second.status == 200 and second.json() == {"status": "ok"}, second
+    finally:
+        conn.close()
+
+
+def test_a_long_poll_after_shutdown_is_answered_at_once(live):
+    # After shutdown() a request for events is answered at once, never left to wait.
+    cursor = live.server.events()["cursor"]
+    live.server.events(since=cursor, timeout=0.2)  # the feed's thread has run
+    live.server.shutdown()
+    started = time.monotonic()
+    answer = live.server.events(since=cursor, timeout=3)
+    assert answer["events"] == [] and time.monotonic() - started < 1
+
+
 # ---------------------------------------------------------------------------
 # --- Command-line client (SPEC section 9): always the real process
 # ---------------------------------------------------------------------------
@@ -6281,8 +6670,10 @@ class WatchProcess:
     """python qabel_rest.py watch ..., its stdout and stderr read line by line."""
 
     def __init__(self, *args, env=None):
+        # Not qabel_rest's variables, nor a PYTHONUNBUFFERED of the caller's shell: the
+        # watch must flush each line itself.
         environment = {name: value for name, value in os.environ.items()
-                       if not name.startswith("QABEL_REST_")}
+                       if not name.startswith("QABEL_REST_") and name != "PYTHONUNBUFFERED"}
         environment.update(env or {})
         # No preexec_fn (unsafe with the server's threads): even where the test runner
         # ignores SIGINT, and the child inherits that, the watch takes it.
@@ -6584,6 +6975,65 @@ def test_serve_command_starts_the_server_exactly_like_no_command(tmp_path):
     assert failures[0].stderr == failures[1].stderr
     assert failures[0].stderr.count("\n") == 1 and "Traceback" not in failures[0].stderr
     assert failures[0].stdout == failures[1].stdout == ""
+
+
+def test_cli_file_that_is_not_json_names_why(live, tmp_path):
+    # The one line for a FILE that is not JSON says where it breaks, not "None".
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"poll_interval": 5,')
+    for command in ("patch", "import"):
+        message = cli_line(cli_on(live, command, "settings", str(broken)))
+        assert "line 1 column" in message and "None" not in message, message
+    missing = tmp_path / "missing.json"
+    message = cli_line(cli_on(live, "import", "settings", str(missing)))
+    assert message.endswith("No such file or directory"), message
+
+
+def test_cli_infinite_value_is_refused_before_sending(live):
+    # `set ... 1e400` is refused by the client (no request: the line has no status), not sent as
+    # `Infinity`.
+    message = cli_line(cli_on(live, "set", "settings", "module_data.m.x", "1e400"))
+    assert not message[:3].isdigit(), message
+
+
+def test_cli_answer_that_is_not_qabel_rest_json_names_its_reason():
+    # A proxy's non-JSON 502 is reported as "502 Bad Gateway", not "502 None".
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>bad gateway</html>"
+            self.send_response(502)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        result = run_cli("get", "settings", "--url", f"http://127.0.0.1:{other.server_address[1]}",
+                         "--api-key", KEY)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert cli_line(result) == "502 Bad Gateway"
+
+
+def test_cli_url_without_a_port_means_port_80(monkeypatch):
+    # http://HOST is port 80.
+    seen = []
+
+    class Refusing(http.client.HTTPConnection):
+        def __init__(self, host, port=None, **kw):
+            seen.append((host, port))
+            super().__init__(host, port, **kw)
+
+        def request(self, *args, **kw):
+            raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(http.client, "HTTPConnection", Refusing)
+    status = qabel_rest.main(["get", "settings", "--url", "http://127.0.0.1", "--api-key", KEY])
+    assert status == 1 and seen == [("127.0.0.1", 80)]
 
 
 # ---------------------------------------------------------------------------

@@ -513,6 +513,22 @@ def test_method_http_does_not_define_is_405_or_404_by_path(live):
     assert live.call("BREW", "/health", key=None).status == 401
 
 
+def test_options_body_lists_the_methods_under_allow(live):
+    # /openapi.json declares the OPTIONS answer as {"allow": [methods]}; a client that reads
+    # the body (not the header) relies on that name.
+    response = live.call("OPTIONS", "/synced")
+    assert response.status == 200
+    assert response.json() == {"allow": ["GET", "PUT", "POST", "PATCH", "HEAD", "OPTIONS"]}
+    assert live.call("OPTIONS", "/health").json() == {"allow": ["GET", "HEAD", "OPTIONS"]}
+
+
+def test_the_server_header_names_qabel_rest_and_its_version(live):
+    # SPEC 3: the Server header, if sent, names no Python version; what it names instead is
+    # the program and its version, which a bug report quotes.
+    response = live.get("/health", key=None)
+    assert response.headers.get_all("Server") == [f"qabel_rest/{qabel_rest.__version__}"]
+
+
 # ---------------------------------------------------------------------------
 # Bodies: JSON, forms, other types, limits
 # ---------------------------------------------------------------------------
@@ -783,6 +799,25 @@ def test_no_key_goes_below_a_string_field_even_where_it_is_missing(live):
     assert live.get("/synced").status == 200
 
 
+def test_a_get_below_a_missing_list_item_names_that_item(live):
+    # The error of a read through an index past the end names the key up to that index, the
+    # part that does not exist: what `qabel_rest get synced drop_servers.3.url` prints.
+    with pytest.raises(qabel_rest.InvalidKey) as caught:
+        live.server.synced.get("drop_servers.3.url")
+    assert str(caught.value) == "drop_servers.3: no such list item"
+    result = run_cli("get", "synced", "drop_servers.3.url", "--url", cli_url(live),
+                     "--api-key", KEY)
+    assert cli_line(result) == "drop_servers.3: no such list item"
+
+
+def test_an_unknown_field_error_names_the_key_up_to_that_field(live):
+    # SPEC 3: errors may name the key; the 405 for a field the schema lacks names the key up
+    # to that field, the part that is wrong.
+    response = live.put("/synced", "drop_servers.0.bogus.x", 1)
+    assert response.status == 405
+    assert response.json() == {"error": "drop_servers.0.bogus: unknown field"}
+
+
 # ---------------------------------------------------------------------------
 # The schema: one case per rule
 # ---------------------------------------------------------------------------
@@ -950,6 +985,16 @@ def test_a_put_that_duplicates_an_id_is_refused(live):
     assert live.put("/synced", "drop_servers.-", {"id": 1}).status == 400
     assert live.put("/synced", "drop_servers.1.id", 1).status == 400
     assert live.file("synced.json") == before
+
+
+def test_the_smallest_64_bit_integer_is_a_valid_value(live):
+    # SPEC 5: integers within signed 64 bits are valid; -2**63 is written with 20
+    # characters, the most any of them has.
+    body = b'{"key": "module_data.m.n", "value": -9223372036854775808}'
+    response = live.call("PUT", "/settings", body)
+    assert response.status == 200, response
+    assert response.json() == {"key": "module_data.m.n", "value": -2**63}
+    assert live.doc("settings.json")["module_data"]["m"]["n"] == -2**63
 
 
 # ---------------------------------------------------------------------------
@@ -2405,6 +2450,110 @@ def test_a_request_http_server_refuses_gets_one_answer_only(live):
         conn.close()
 
 
+JSON_BODY = {"Content-Type": "application/json"}
+FORM_BODY = {"Content-Type": "application/x-www-form-urlencoded"}
+KEY_BYTES = KEY.encode()
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, error", [
+    ("PUT", "/settings", b'{"key":"module_data.m","value":{"a":1,"a":2}}', JSON_BODY, 400, None),
+    ("PUT", "/settings", '\ufeff{"key":"a","value":1}'.encode(), JSON_BODY, 400,
+     "the body is not JSON: starts with a byte order mark"),
+    ("PUT", "/settings", b'{"key":5,"value":1}', JSON_BODY, 405,
+     "the key must be a string or a list of strings"),
+    ("PUT", "/settings", b'{"key":"","value":1}', JSON_BODY, 405, "the key is empty"),
+    ("PUT", "/settings", b'{"key":["module_data",true],"value":1}', JSON_BODY, 405,
+     "key segments must be strings"),
+    ("PUT", "/settings", b'{"key":"module_data..x","value":1}', JSON_BODY, 405,
+     "the key has an empty segment"),
+    ("PUT", "/settings", b'{"key":"module_data.\\ud800","value":1}', JSON_BODY, 405,
+     "the key is not valid Unicode"),
+    ("PUT", "/settings", b'{"key":"module_data.a\\\\b","value":1}', JSON_BODY, 405,
+     "the key has a backslash not followed by . or \\"),
+    ("PUT", "/settings", b'{"key":"drop_last_update"}', JSON_BODY, 400, "the value is missing"),
+    ("PUT", "/settings", b'{"key":"drop_last_update","value":"x","merge":1}', JSON_BODY, 400,
+     "merge must be true or false"),
+    ("PATCH", "/settings", b'[]', {"Content-Type": "application/merge-patch+json"}, 400,
+     "a merge patch must be a JSON object"),
+    ("PUT", "/settings", b'[]', JSON_BODY, 400, "the body must be a JSON object"),
+    ("PUT", "/settings", b'{"value":1}', JSON_BODY, 405, "the key is missing"),
+    ("POST", "/settings", b'{}', JSON_BODY, 405, "settings is missing"),
+    ("PUT", "/settings", b'key=%5B1&value=1', FORM_BODY, 405, "the key is not a valid JSON list"),
+    ("PUT", "/settings", b'key=%ff&value=1', FORM_BODY, 400, "the form body is malformed"),
+    ("PUT", "/settings", b'key=a&key=b&value=1', FORM_BODY, 400, "a form field appears twice"),
+    ("PUT", "/settings", b'{"key":"drop_last_update","value":"x"}',
+     {"Content-Type": "application/json; charset=latin-1"}, 415, "only UTF-8 is accepted"),
+    ("GET", "/nowhere", b"", {}, 404, "no such resource"),
+    ("DELETE", "/settings", b"", {}, 405, "method not allowed"),
+    ("GET", "/settings", b"", {"X-API-Key": "wrong"}, 401, "wrong API key"),
+    ("GET", "/settings", b"", {"Origin": "http://evil.example"}, 403, "origin not allowed"),
+    ("GET", "/settings", b"", {"Expect": "fancy"}, 417, "unsupported expectation"),
+    ("PUT", "/settings", b"", {"Transfer-Encoding": "chunked"}, 400,
+     "both Transfer-Encoding and Content-Length"),
+    ("GET", "/settings", b"", {"Transfer-Encoding": "gzip"}, 501,
+     "transfer coding not supported"),
+    ("PUT", "/settings", b"", {"Content-Length": "+1"}, 400, "malformed Content-Length"),
+    ("GET", "/settings", b"", {"Host": "localhost"}, 400, "more than one Host header"),
+    ("GET", "http://127.0.0.1/settings", b"", {}, 400, "the request target must be a path"),
+    ("GET", "/events?since=bogus", b"", {}, 410,
+     "the cursor is unknown or too old: read the documents again"),
+])
+def test_each_refusal_says_what_is_wrong(live, method, path, body, headers, status, error):
+    # Error bodies are {"error": message} (SPEC 3): the message is what a user of curl or of
+    # the client sees, and it must name the actual problem (or the key), never be empty.
+    conn = live.conn()
+    try:
+        response = conn.request(method, path, body, {"X-API-Key": KEY, **headers})
+    finally:
+        conn.close()
+    assert response.status == status, response
+    if error is None:  # a duplicate name inside a value: the message names the field
+        assert response.json()["error"] == "module_data.m.a: a name appears twice"
+    else:
+        assert response.json()["error"] == error
+
+
+@pytest.mark.parametrize("request_bytes, status, error", [
+    (b"GET /settings\r\n\r\n", 400, "HTTP/0.9 is not supported"),
+    (b"GET  /settings HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "malformed request line"),
+    (b"PUT /settings HTTP/1.0\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nX-API-Key: "
+     + KEY_BYTES + b"\r\n\r\n", 400, "Transfer-Encoding in an HTTP/1.0 request"),
+    (b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nX-API-Key: "
+     + KEY_BYTES + b"\r\n\r\n5\r\nabcde\r\n0\r\n\r\n", 411, "send the body with a Content-Length"),
+    (b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY_BYTES
+     + b"\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "conflicting Content-Length"),
+    (b"GET /settings HTTP/1.1\r\nHost: 127.0.0.1\r\n bad\r\n\r\n", 400, "malformed header line"),
+])
+def test_each_framing_refusal_says_what_is_wrong(live, request_bytes, status, error):
+    # The same for requests refused before any routing: the words a client sees.
+    conn = live.conn()
+    try:
+        conn.send(request_bytes)
+        response = conn.read()
+    finally:
+        conn.close()
+    assert response.status == status, response
+    assert response.json()["error"] == error
+
+
+def test_a_burst_of_connections_waits_in_the_listen_queue_not_in_syn_retries(tmp_path):
+    # SPEC 3: 200 clients sending at once all get their answers. Before the serving thread
+    # accepts them, connections wait in the listen queue; a short queue drops the others'
+    # SYNs, and each of those clients waits a second or more to retry. Here nobody accepts:
+    # 100 connections must all complete their handshake at once.
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    socks = []
+    try:
+        for _ in range(100):
+            socks.append(socket.create_connection(("127.0.0.1", server.server_address[1]),
+                                                  timeout=0.5))
+    finally:
+        for sock in socks:
+            sock.close()
+        server.server_close()
+    assert len(socks) == 100
+
+
 # ---------------------------------------------------------------------------
 # Embedding
 # ---------------------------------------------------------------------------
@@ -2714,6 +2863,109 @@ def test_a_locked_data_dir_whose_lock_file_holds_non_ascii_is_a_startup_error(li
         qabel_rest.make_server(data_dir=str(live.data_dir), api_key=KEY, port=0)
 
 
+def test_a_restart_on_the_same_port_right_after_a_stop_binds(tmp_path):
+    # A server stopped after answering (the server closes those connections first, so
+    # they sit in TIME_WAIT) must be restartable at once on the same port: the desktop
+    # app restarts it on 9696, and "address already in use" would be a failed start.
+    first = start(tmp_path)
+    port = first.port
+    conn = Conn(port)
+    response = conn.request("GET", "/health", headers={"Connection": "close"})
+    assert response.status == 200 and conn.closed()
+    conn.close()
+    stop(first)
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port)
+    try:
+        assert server.server_address[1] == port
+    finally:
+        server.server_close()
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX modes")
+def test_a_new_data_dir_is_0700_whatever_the_umask(tmp_path):
+    # SPEC 1: the data dir is created with mode 0700. A umask that takes the owner's
+    # execute bit (0177) would leave a directory its owner cannot enter: no start at all.
+    data_dir = tmp_path / "new"
+    old = os.umask(0o177)
+    try:
+        server = qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+        server.server_close()
+    finally:
+        os.umask(old)
+    assert os.stat(data_dir).st_mode & 0o777 == 0o700
+
+
+def test_default_data_dir_follows_the_platform_it_runs_on(monkeypatch):
+    # SPEC 1: macOS keeps it in ~/Library/Application Support, Windows in %APPDATA%:
+    # without an argument, the platform is the one the process runs on.
+    home = os.path.expanduser("~")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert qabel_rest.default_data_dir({}) == os.path.join(
+        home, "Library", "Application Support", "qabel-rest")
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert qabel_rest.default_data_dir({"APPDATA": "/appdata"}) == os.path.join(
+        "/appdata", "qabel-rest")
+    assert qabel_rest.default_data_dir({}, "win32") == os.path.join(
+        home, "AppData", "Roaming", "qabel-rest")  # no %APPDATA%: its usual place
+
+
+def test_server_close_lets_a_request_in_flight_finish(tmp_path):
+    # SPEC 1: on stop, requests in flight finish (bounded). A handler still working when
+    # server_close() runs must still send its whole answer.
+    started = threading.Event()
+
+    class Slow(qabel_rest.RequestHandler):
+        def do_GET(self):
+            if self.path == "/health":
+                started.set()
+                time.sleep(0.5)
+            return super().do_GET()
+
+    live = start(tmp_path, handler_class=Slow)
+    conn = Conn(live.port)
+    conn.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert started.wait(TIMEOUT)
+    stop(live)
+    response = conn.read()
+    conn.close()
+    assert response is not None and response.status == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_the_public_names_are_exported(tmp_path):
+    # SPEC 1 names the embedding API: make_server, the errors an app catches, the server
+    # and document classes. `from qabel_rest import *` and API docs take them from __all__.
+    assert sorted(qabel_rest.__all__) == sorted([
+        "QabelRestError", "StartupError", "InvalidKey", "InvalidValue", "DocumentUnavailable",
+        "SaveError", "DocumentChanged", "PreconditionFailed", "CursorGone", "SettingsDocument",
+        "QabelRestServer", "RequestHandler", "make_server", "main"])
+    namespace = {}
+    exec("from qabel_rest import *", namespace)
+    assert namespace["make_server"] is qabel_rest.make_server
+    assert namespace["CursorGone"] is qabel_rest.CursorGone
+
+
+def test_an_app_that_exits_without_shutdown_is_not_held_by_an_open_connection(tmp_path):
+    # Connection threads are daemons: an embedding app that exits without shutdown() ends
+    # at once, even while a client keeps a keep-alive connection open (idle timeout 30 s).
+    code = ("import socket, threading, qabel_rest\n"
+            f"s = qabel_rest.make_server(data_dir={str(tmp_path)!r}, api_key='k' * 20, port=0)\n"
+            "threading.Thread(target=s.serve_forever, daemon=True).start()\n"
+            "c = socket.create_connection(('127.0.0.1', s.server_address[1]))\n"
+            "c.sendall(b'GET /health HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n')\n"
+            "assert c.recv(4096).startswith(b'HTTP/1.1 200')\n"
+            "print('done', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(MODULE),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process did not exit: a connection thread holds it")
+    assert proc.returncode == 0 and out == b"done\n", err
+
+
 # ---------------------------------------------------------------------------
 # The real process: command line
 # ---------------------------------------------------------------------------
@@ -2971,6 +3223,94 @@ def test_write_in_flight_at_shutdown_finishes_and_later_ones_fail(tmp_path, monk
     with pytest.raises(qabel_rest.DocumentUnavailable):
         live.server.settings.put("poll_interval", 43)
     assert live.doc("settings.json")["poll_interval"] == 42
+
+
+def test_the_ready_line_names_the_environment_variable_the_key_came_from(tmp_path):
+    # SPEC 1: the ready line says where the key is, never the key: a key from the
+    # environment is named as the variable a user would look up, with its "$".
+    env = dict(os.environ, QABEL_REST_API_KEY="from-the-environment")
+    proc = subprocess.Popen([sys.executable, MODULE, "--port", "0", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        line = proc.stdout.readline().decode()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)
+    assert line.endswith(" (API key from $QABEL_REST_API_KEY)\n"), line
+    assert "from-the-environment" not in line
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads a process's CPU time")
+def test_an_idle_server_process_uses_no_cpu(tmp_path):
+    # The command-line server sits idle most of its life on a desktop (often a laptop on
+    # battery): waiting for connections must cost no CPU, not spin a core.
+    proc = Process(tmp_path)
+    try:
+        assert proc.port, proc.line
+
+        def cpu_seconds():
+            with open(f"/proc/{proc.proc.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu_seconds()
+        time.sleep(2)
+        used = cpu_seconds() - before
+    finally:
+        assert proc.finish()[0] == 0
+    assert used < 0.2, used
+
+
+def test_max_body_of_one_byte_is_a_valid_setting(tmp_path):
+    # --max-body takes any positive number of bytes (SPEC 1): 1 is the smallest, not a
+    # usage error.
+    proc = Process(tmp_path, "--max-body", "1")
+    try:
+        assert proc.port, proc.line
+        conn = Conn(proc.port)
+        key = (tmp_path / "api-key").read_text().strip()
+        response = conn.request("PUT", "/settings", b"{}", {"X-API-Key": key,
+                                                           "Content-Type": "application/json"})
+        conn.close()
+        assert response.status == 413
+    finally:
+        assert proc.finish()[0] == 0
+
+
+def test_the_ready_line_says_a_key_given_on_the_command_line_came_from_there(tmp_path):
+    # SPEC 1: the ready line says where the key is, never the key itself.
+    proc = Process(tmp_path, "--api-key", KEY)
+    try:
+        assert proc.line.endswith(" (API key from the command line)\n"), proc.line
+        assert KEY not in proc.line
+    finally:
+        assert proc.finish()[0] == 0
+
+
+def test_the_server_process_logs_its_start_and_stop_on_stderr(tmp_path):
+    # Run from a terminal or a service manager, the server's log lines (a new key file,
+    # the stop, any 5xx) are what the user sees of it: one formatted line each, on stderr.
+    proc = Process(tmp_path)
+    assert proc.port, proc.line
+    code, out, err = proc.finish()
+    assert code == 0
+    lines = err.splitlines()
+    assert re.fullmatch(r"\S+ \S+ qabel_rest INFO generated a new API key in .*api-key",
+                        lines[0]), err
+    assert re.fullmatch(r"\S+ \S+ qabel_rest INFO stopped", lines[-1]), err
+
+
+def test_a_usage_error_names_the_program(tmp_path):
+    # A usage error (exit 2) shows the program's name in its usage line and its message,
+    # as the user typed it: qabel_rest.
+    result = run_cli("--max-body", "0", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: qabel_rest "), result.stderr
+    assert result.stderr.endswith(
+        "qabel_rest: error: --max-body must be a positive number of bytes\n"), result.stderr
+    result = run_cli("--no-such-option", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.endswith("qabel_rest: error: unrecognized arguments\n"), result.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -7581,3 +7921,131 @@ def test_waiting_request_answered_by_shutdown_says_it_closes(tmp_path):
     assert answer.status == 200 and answer.headers["Connection"] == "close"
     assert "Keep-Alive" not in answer.headers
     running.server.server_close()
+
+
+def test_the_api_description_states_the_rules_json_schema_cannot(live):
+    # SPEC 10: the rules JSON Schema cannot say (ids unique in a list, the URL rule) are in
+    # `description`: a client generated from /openapi.json learns them there only.
+    schemas = live.get("/openapi.json", key=None).json()["components"]["schemas"]
+    synced = schemas["SyncedSettings"]["properties"]
+    for name in ("accounts", "drop_servers", "storage_servers", "storage_volumes", "identities"):
+        assert synced[name]["description"] == "no two items have the same id", name
+    url = synced["drop_servers"]["items"]["properties"]["url"]
+    assert url == {"type": "string", "format": "iri", "description": "an absolute http(s) URL"}
+    drops = synced["identities"]["items"]["properties"]["drops"]
+    assert drops["items"]["description"] == "an absolute http(s) URL"
+    assert "description" not in drops  # a list of URLs has no ids
+
+
+def test_every_response_in_the_api_description_has_a_description(live):
+    # OpenAPI 3.1 requires `description` in every Response Object: without it, validators
+    # and code generators reject /openapi.json (SPEC 10: an OpenAPI 3.1 document).
+    api = live.get("/openapi.json", key=None).json()
+    for path, operations in api["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                assert set(response) <= {"description", "headers", "content"}, (path, method)
+                assert type(response["description"]) is str and response["description"], \
+                    (path, method, status)
+
+
+def test_the_api_description_requires_key_and_value_in_a_put(live):
+    # SPEC 3: a PUT without its key is 405, without its value 400: the description says
+    # both are required, for the JSON body and the form alike.
+    paths = live.get("/openapi.json", key=None).json()["paths"]
+    for path in ("/settings", "/synced"):
+        content = paths[path]["put"]["requestBody"]["content"]
+        assert content["application/json"]["schema"]["required"] == ["key", "value"]
+        assert content["application/x-www-form-urlencoded"]["schema"]["required"] == \
+            ["key", "value"]
+
+
+def test_every_reference_in_the_api_description_resolves(live):
+    # A $ref that names nothing makes /openapi.json unusable for validators and generators.
+    api = live.get("/openapi.json", key=None).json()
+    refs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name == "$ref":
+                    refs.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(api)
+    assert refs
+    for ref in refs:
+        assert ref.startswith("#/"), ref
+        target = api
+        for part in ref[2:].split("/"):
+            assert isinstance(target, dict) and part in target, ref
+            target = target[part]
+
+
+def test_the_api_description_states_what_each_body_and_answer_requires(live):
+    # SPEC 10: every body and answer of the contract, as a generated client would check
+    # it: request bodies are required; a POST may omit top-level fields (they get their
+    # defaults) while each item still needs its id; a key's segments may be integers;
+    # an events answer always has its cursor and events, a 410 its error and cursor.
+    api = live.get("/openapi.json", key=None).json()
+    for path in ("/settings", "/synced"):
+        for method in ("put", "post", "patch"):
+            assert api["paths"][path][method]["requestBody"]["required"] is True, (path, method)
+        post = api["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        settings = post["schema"]["properties"]["settings"]
+        assert settings["required"] == []
+        put = api["paths"][path]["put"]["requestBody"]["content"]["application/json"]
+        assert put["schema"]["properties"]["key"]["items"] == {"type": ["string", "integer"]}
+    synced = api["paths"]["/synced"]["post"]["requestBody"]["content"]["application/json"]
+    item = synced["schema"]["properties"]["settings"]["properties"]["accounts"]["items"]
+    assert item["required"] == ["id"]
+    schemas = api["components"]["schemas"]
+    assert schemas["CursorGone"]["required"] == ["error", "cursor"]
+    assert schemas["Events"]["required"] == ["cursor", "events"]
+    text = {"type": "string"}
+    assert schemas["Error"]["properties"] == {"error": text}
+    assert schemas["CursorGone"]["properties"] == {"error": text, "cursor": text}
+    assert set(schemas["Events"]["properties"]) == {"cursor", "events"}
+    event = schemas["Events"]["properties"]["events"]["items"]
+    assert set(event["properties"]) == {"document", "key", "etag"}
+    for path, operations in api["paths"].items():  # HEAD: the answers of GET, no body
+        for status, response in operations["head"]["responses"].items():
+            assert "content" not in response, (path, status)
+    assert event["required"] == ["document", "key", "etag"]
+    assert event["properties"]["document"] == {"enum": ["settings", "synced"]}
+    assert event["properties"]["key"] == {"type": ["array", "null"], "items": {"type": "string"}}
+
+
+def test_the_api_description_declares_each_operations_statuses_and_parameters(live):
+    # SPEC 10: every status of every operation and the query parameters, with their types:
+    # what a generated client branches on.
+    paths = live.get("/openapi.json", key=None).json()["paths"]
+    refusals = {"400", "403", "411", "414", "417", "431", "501", "505", "503"}
+    keyed = refusals | {"401"}
+    failed = keyed | {"405", "409", "412", "413", "415", "500", "507"}
+    assert set(paths["/health"]["get"]["responses"]) == refusals | {"200"}
+    assert set(paths["/events"]["get"]["responses"]) == keyed | {"200", "410"}
+    for path in ("/settings", "/synced"):
+        assert set(paths[path]["get"]["responses"]) == keyed | {"200", "304"}
+        for method in ("put", "post", "patch"):
+            assert set(paths[path][method]["responses"]) == failed | {"200"}, (path, method)
+        put = paths[path]["put"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(put["properties"]) == {"key", "value", "merge"}
+        assert put["properties"]["key"]["minLength"] == put["properties"]["key"]["minItems"] == 1
+        assert put["properties"]["merge"] == {"type": "boolean"}
+        post = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(post["properties"]) == {"settings"}
+        assert paths[path]["put"]["parameters"][0]["schema"] == {"type": "string"}  # If-Match
+        assert paths[path]["get"]["parameters"] == [
+            {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}]
+        methods = paths[path]["options"]["responses"]["200"]["content"]["application/json"]
+        assert methods["schema"]["properties"] == {"allow": {"type": "array",
+                                                             "items": {"type": "string"}}}
+    since, timeout = paths["/events"]["get"]["parameters"]
+    assert (since["name"], since["in"], since["schema"]) == ("since", "query", {"type": "string"})
+    assert (timeout["name"], timeout["in"], timeout["schema"]) == (
+        "timeout", "query", {"type": "number", "minimum": 0, "maximum": qabel_rest.MAX_WAIT})

@@ -1767,7 +1767,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile = wfile
             self.connection.setblocking(True)
 
-    def _send_json(self, status, payload, headers=()):  # a save's answer: the client's time again
+    def _send_json(self, status, payload, headers=()):  # the client's time again (after a save)
         self.server._move(self.connection, _BUSY, _BUSY, self.server.request_timeout)
         self._send(status, _dump_document(payload), headers)
 

@@ -1397,6 +1397,8 @@ class _LineReader(io.BufferedReader):
         line = super().readline(limit)  # a LF can only be its last byte
         if _CONTROL.search(line):
             raise _Malformed("a control character in a line")
+        if line[-1:] != b"\n" and len(line) != limit:  # RFC 9112 8: the input ended before
+            raise _Malformed("the request ended early")  # the empty line: incomplete
         return line
 
 

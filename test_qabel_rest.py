@@ -3912,6 +3912,28 @@ def test_body_that_ends_early_is_400(live):
     assert documents(live.data_dir) == live.initial
 
 
+@pytest.mark.parametrize("sent", [
+    b"GET /health HTTP/1.1",  # the request line cut off
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1",  # a header line cut off
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # no empty line after the headers
+    b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode() + b"\r\n",
+])
+def test_a_request_whose_header_block_ends_early_is_400(live, sent):
+    # RFC 9112 8: a message whose header section the end of input cuts off is incomplete,
+    # never served as if it were whole.
+    conn = live.conn()
+    conn.send(sent)
+    conn.sock.shutdown(socket.SHUT_WR)
+    response = conn.read()
+    assert response.status == 400
+    assert response.json() == {"error": "the request ended early"}
+    assert response.headers["Connection"] == "close"
+    assert conn.closed()
+    conn.close()
+    assert documents(live.data_dir) == live.initial
+    assert live.get("/health").status == 200  # and the server serves on
+
+
 def test_file_rewritten_during_every_try_of_a_save_is_409(live, monkeypatch):
     path = os.path.join(live.data_dir, "settings.json")
     real = os.open

@@ -2015,8 +2015,11 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     (and a new key file); return a QabelRestServer. data_dir defaults to $QABEL_REST_DATA_DIR
     or the platform's config dir; api_key to $QABEL_REST_API_KEY, the key file, or a new one.
     StartupError if the server cannot start: then no file was changed or created."""
-    if type(max_body) is not int or max_body < 1:
-        raise StartupError("max_body must be a positive integer")
+    limits = (("max_body", max_body, int), ("max_connections", max_connections, int),
+              ("idle_timeout", idle_timeout, float), ("request_timeout", request_timeout, float))
+    for name, value, kind in limits:  # a float may be given as an int, never as a bool
+        if type(value) not in (int, kind) or not 0 < value < math.inf:  # nor NaN
+            raise StartupError(f"{name} must be a positive " + ("number", "integer")[kind is int])
     allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
     data_dir = os.path.abspath(data_dir or default_data_dir())
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,

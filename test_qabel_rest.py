@@ -8,6 +8,7 @@ import http.client
 import http.server
 import io
 import json
+import math
 import logging
 import os
 import re
@@ -2737,6 +2738,29 @@ def test_startup_errors_for_bad_options(tmp_path):
     (tmp_path / "e" / "api-key").write_text("\n")
     with pytest.raises(qabel_rest.StartupError, match="api-key"):
         qabel_rest.make_server(data_dir=str(tmp_path / "e"), port=0)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("idle_timeout", None), ("idle_timeout", "5"), ("idle_timeout", 0), ("idle_timeout", -1),
+    ("idle_timeout", math.nan), ("idle_timeout", math.inf), ("request_timeout", None),
+    ("request_timeout", 0.0), ("request_timeout", True), ("max_connections", 0),
+    ("max_connections", 2.0), ("max_connections", "5"), ("max_connections", None),
+    ("max_body", 1.5), ("max_body", True),
+])
+def test_startup_error_for_a_limit_that_is_not_a_positive_number(tmp_path, option, value):
+    # Taken, such a limit would fail every request (or every connection) later, or an
+    # infinite timeout every answer's Keep-Alive header: refused before anything is made.
+    with pytest.raises(qabel_rest.StartupError, match=f"^{option} must be a positive "):
+        qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key=KEY, port=0,
+                               **{option: value})
+    assert not (tmp_path / "d").exists()
+
+
+def test_limits_of_the_smallest_positive_values_serve(live_with):
+    live = live_with(idle_timeout=0.5, request_timeout=1, max_connections=1, max_body=1)
+    response = live.get("/settings")
+    assert response.status == 200
+    assert response.headers["Keep-Alive"] == "timeout=0"
 
 
 def test_api_key_sources(tmp_path, monkeypatch):

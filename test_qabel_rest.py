@@ -2996,6 +2996,34 @@ def test_process_ready_line_serves_and_stops_on_sigterm(tmp_path):
     assert json.loads((tmp_path / "settings.json").read_text())["poll_interval"] == 2
 
 
+def test_process_without_arguments_serves_127_0_0_1_port_9696_from_the_data_dir_variable(
+        tmp_path):
+    # SPEC 1: the defaults. Another program may hold port 9696: then the one line names it.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("QABEL")}
+    env["QABEL_REST_DATA_DIR"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, MODULE], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    watchdog = threading.Timer(TIMEOUT, proc.kill)  # a hang fails the test, never blocks it
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()  # the ready line; none if the start failed (exit 1)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    if line:
+        key_file = os.path.join(str(tmp_path), "api-key")
+        assert line.decode() == (f"qabel_rest listening on http://127.0.0.1:9696 "
+                                 f"(API key file {key_file})\n")
+        assert (proc.returncode, out) == (0, b"")
+        assert json.loads((tmp_path / "settings.json").read_text())["poll_interval"] == 30
+        stop(start(tmp_path))  # the data dir was released
+    else:
+        assert err.decode().startswith("qabel_rest: cannot listen on 127.0.0.1:9696: "), err
+        assert proc.returncode == 1
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_process_whose_ready_line_cannot_be_written_serves_all_the_same(tmp_path, unbuffered):

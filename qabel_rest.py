@@ -981,7 +981,7 @@ class CursorGone(QabelRestError):
 
     status = HTTPStatus.GONE
 
-    def __init__(self, message, cursor):
+    def __init__(self, message, cursor=None):  # None: as pickle makes it, then sets cursor
         super().__init__(message)
         self.cursor = cursor
 
@@ -1013,7 +1013,7 @@ class _Feed:
         self._events = collections.deque(maxlen=EVENTS_KEPT)  # (document, key, etag)
         self._last = 0  # the number of the newest event
         self._changed = threading.Condition()  # notified on each event, and on close
-        self._closed = False
+        self._closed = self._final = False
         self._waiters = set()
         self._subscribers = []  # [the last event before it subscribed, callback]
         self._pending = collections.deque()  # (number, event) for the subscribers: all kept
@@ -1028,10 +1028,11 @@ class _Feed:
                 self._start(self._dispatch)
             self._changed.notify_all()
 
-    def close(self):
-        """Answer every waiting request now, and every later one at once."""
+    def close(self, final=False):
+        """Answer every waiting request now, and every later one at once; after a final close
+        (server_close), one that would wait raises DocumentUnavailable instead."""
         with self._changed:
-            self._closed = True
+            self._closed, self._final = True, self._final or final
             self._changed.notify_all()
 
     def events(self, since=None, timeout=0, deliver=lambda answer: answer, gone=lambda: False):
@@ -1044,6 +1045,8 @@ class _Feed:
         with self._changed:
             number = self._number(since)
             answer = self._answer(number)
+            if self._final and not answer["events"] and since is not None and timeout != 0:
+                raise DocumentUnavailable("the server is shutting down")  # a follower stops
             if answer["events"] or since is None or self._closed or timeout == 0:
                 return answer
             waiter = _Waiter(number, deliver, gone)
@@ -1143,10 +1146,10 @@ class _Feed:
                     return
                 number, event = self._pending.popleft()
                 subscribers = list(self._subscribers)
-            for since, callback in subscribers:
-                if number > since:
+            for entry in subscribers:  # none unsubscribed since: it may be torn down
+                if number > entry[0] and any(entry is s for s in self._subscribers):
                     try:
-                        callback(_event(*event))
+                        entry[1](_event(*event))
                     except BaseException:  # SystemExit too: it would end this thread
                         _logger().exception("a subscriber of the change feed failed")
 
@@ -1927,6 +1930,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         """Close the port, end idle connections, let requests in flight finish
         (bounded by SHUTDOWN_GRACE), refuse later changes, release the data dir."""
         self.shutdown()  # serve_forever() too: socketserver's would spin on the closed port
+        self._feed.close(final=True)
         with self._state:
             self._closing = True
             entries = list(self._connections.items())

@@ -5808,6 +5808,23 @@ def test_feed_shutdown_answers_waiting_requests_at_once(tmp_path):
     assert time.monotonic() - started < 2  # nothing left waiting for server_close
 
 
+def test_feed_after_server_close_a_call_that_would_wait_raises_so_a_follower_stops(tmp_path):
+    # After shutdown() a call is answered at once; once the server is closed for good, a
+    # follower's loop would only be answered at once again and again (spinning): it is told.
+    live = start(tmp_path)
+    server = live.server
+    since = server.events()["cursor"]
+    server.settings.put("poll_interval", 5)
+    stop(live)
+    answer = server.events(since, timeout=30)  # what there is comes still...
+    assert [event["key"] for event in answer["events"]] == [["poll_interval"]]
+    assert server.events(answer["cursor"], timeout=0) == {"cursor": answer["cursor"],
+                                                          "events": []}
+    with pytest.raises(qabel_rest.DocumentUnavailable, match="^the server is shutting down$"):
+        server.events(answer["cursor"], timeout=30)  # ...but never a wait
+    assert server.events()["cursor"] == answer["cursor"]
+
+
 def test_after_shutdown_pipelined_requests_are_read_and_dropped_not_reset(tmp_path):
     # Closing a socket with unread input sends a reset, which can destroy the answer
     # before the client reads it (RFC 9112 9.6): the server lingers instead.
@@ -5951,6 +5968,27 @@ def test_feed_unsubscribe_stops_the_calls_and_nothing_is_replayed(live):
     assert second[1] == feed_event("settings", ["poll_interval"], server.settings.etag)
 
 
+def test_feed_no_call_starts_after_unsubscribe_returns_while_an_earlier_subscriber_is_slow(live):
+    # The app may tear down what its callback uses once unsubscribe() has returned.
+    server = live.server
+    slow_started, release, late = threading.Event(), threading.Event(), []
+    server.subscribe(lambda event: (slow_started.set(), release.wait(TIMEOUT)))
+    torn_down = threading.Event()
+    unsubscribe = server.subscribe(lambda event: late.append(torn_down.is_set()))
+    server.settings.put("poll_interval", 7)
+    assert slow_started.wait(TIMEOUT)  # the event is being dispatched, ours not yet called
+    unsubscribe()
+    torn_down.set()
+    follower = []
+    server.subscribe(follower.append)  # in order after the slow one: it tells when all ran
+    release.set()
+    server.settings.put("poll_interval", 8)
+    deadline = time.monotonic() + TIMEOUT
+    while not follower and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert follower and late == []
+
+
 @pytest.mark.parametrize("kind", [RuntimeError, SystemExit, KeyboardInterrupt])
 def test_feed_subscriber_exception_is_logged_and_changes_nothing_else(live, caplog, kind):
     """SystemExit (sys.exit() in a callback) ended the thread calling every subscriber."""
@@ -6030,6 +6068,22 @@ def test_feed_in_process_events_is_what_get_events_answers(live):
     for timeout in (-1, 301, float("nan"), float("inf")):
         with pytest.raises((qabel_rest.QabelRestError, ValueError, TypeError)):
             server.events(since=result[0]["cursor"], timeout=timeout)
+
+
+def test_errors_survive_pickle_and_copy_with_their_status_and_cursor(live):
+    # As a worker process (multiprocessing, concurrent.futures) hands an error back.
+    import copy
+    import pickle
+    with pytest.raises(qabel_rest.CursorGone) as gone:
+        live.server.events(since="1-x")
+    full = qabel_rest.SaveError("could not save settings.json: disk full", 507)
+    for error in (gone.value, full, qabel_rest.InvalidKey("x: no such key")):
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+            assert type(again) is type(error)
+            assert (str(again), again.message, again.status) == (str(error), error.message,
+                                                                  error.status)
+            assert getattr(again, "cursor", None) == getattr(error, "cursor", None)
+    assert FEED_CURSOR.fullmatch(pickle.loads(pickle.dumps(gone.value)).cursor)
 
 
 def feed_block(server):

@@ -1174,15 +1174,6 @@ def default_data_dir(environ=None, platform=None):
     return os.path.join(base, "qabel-rest")
 
 
-def _prepare_data_dir(path):
-    """Create the data dir if needed (another start may be creating it too)."""
-    with _startup_error("cannot create the data dir", path):
-        if not os.path.isdir(path):
-            os.makedirs(path, mode=_DIR_MODE, exist_ok=True)
-            with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
-                os.chmod(path, _DIR_MODE)  # makedirs' mode is filtered by the umask
-
-
 def _lock_data_dir(directory):
     """One server per data dir: lock the lock file (the OS unlocks it if we die), return its
     fd (closing it unlocks). It stays: else a third process could lock another inode."""
@@ -2046,7 +2037,11 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
     try:
-        _prepare_data_dir(data_dir)
+        with _startup_error("cannot create the data dir", data_dir):
+            if not os.path.isdir(data_dir):  # exist_ok: another start may be creating it too
+                os.makedirs(data_dir, mode=_DIR_MODE, exist_ok=True)
+                with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
+                    os.chmod(data_dir, _DIR_MODE)  # makedirs' mode is filtered by the umask
         server._dir_lock = _lock_data_dir(data_dir)  # before any write: refused, no trace
         # No other instance runs now: files one made since the listing are not this start's.
         with _startup_error("the data dir is not readable", data_dir):

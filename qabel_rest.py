@@ -136,10 +136,14 @@ _LEAVES = MappingProxyType({
 _TEXT_LEAVES = frozenset({"str", "url", "name"})
 
 
+def _obj(*required, **fields):
+    """An object node: the fields declared (in order), and which of them are required."""
+    return _Obj(MappingProxyType(fields), frozenset(required))
+
+
 def _item(**fields):
     """An item of a synced list: id (required, unique), time stamps, and fields."""
-    declared = {"id": "id", "updated": "time", "created": "time", "deleted": "time", **fields}
-    return _Obj(MappingProxyType(declared), frozenset({"id"}))
+    return _obj("id", id="id", updated="time", created="time", deleted="time", **fields)
 
 
 _ANY_OBJECT = _Map("any")
@@ -147,24 +151,17 @@ _MODULE_DATA = _Map(_ANY_OBJECT)  # module name -> object, anything JSON inside
 _KEY_NAMES = ("private_primary_key", "public_primary_key", "private_enc_key",
               "public_enc_key", "private_sign_key", "public_sign_key")
 
-LOCAL_SCHEMA = _Obj(MappingProxyType({
-    "poll_interval": "interval",
-    "drop_last_update": "str",
-    "module_data": _MODULE_DATA,
-}), frozenset())
+LOCAL_SCHEMA = _obj(poll_interval="interval", drop_last_update="str", module_data=_MODULE_DATA)
 
-SYNCED_SCHEMA = _Obj(MappingProxyType({
-    "accounts": _List(_item(provider="str", user="str", auth="str")),
-    "drop_servers": _List(_item(url="url", auth="str", active="bool")),
-    "storage_servers": _List(_item(url="url", auth="str")),
-    "storage_volumes": _List(_item(storage_server_id="id", public_identifier="str",
-                                   token="str", revoke_token="str")),
-    "identities": _List(_item(
-        alias="name",
-        keys=_Obj(MappingProxyType({name: "str" for name in _KEY_NAMES}), frozenset()),
-        drops=_List("url"))),
-    "module_data": _MODULE_DATA,
-}), frozenset())
+SYNCED_SCHEMA = _obj(
+    accounts=_List(_item(provider="str", user="str", auth="str")),
+    drop_servers=_List(_item(url="url", auth="str", active="bool")),
+    storage_servers=_List(_item(url="url", auth="str")),
+    storage_volumes=_List(_item(storage_server_id="id", public_identifier="str", token="str",
+                                revoke_token="str")),
+    identities=_List(_item(alias="name", keys=_obj(**dict.fromkeys(_KEY_NAMES, "str")),
+                           drops=_List("url"))),
+    module_data=_MODULE_DATA)
 
 # The documents of a fresh data dir (text: immutable); a stored one gets missing fields here.
 LOCAL_DEFAULTS = '{"poll_interval": 30, "drop_last_update": "", "module_data": {}}'

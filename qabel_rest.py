@@ -806,12 +806,11 @@ class SettingsDocument:
                 check_alone()
                 raise PreconditionFailed(f"{self.name} has changed: If-Match does not name its tag")
             document, change.result, change.key = apply(self._head)
-            if _same(document, self._head):
-                if not self._queue and not self._saving:
-                    return change.result, self._head_tag  # nothing to save
-            else:
+            change.changed = not _same(document, self._head)
+            if change.changed:
                 self._head, self._head_tag = document, self._new_tag()
-                change.changed = True
+            elif not self._queue and not self._saving:
+                return change.result, self._head_tag  # nothing to save
             change.tag = self._head_tag
             self._queue.append(change)
             while not change.done:

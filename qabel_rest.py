@@ -723,8 +723,7 @@ class SettingsDocument:
                             if_match, check_alone)
 
     def substitute(self, document, if_match=None):
-        validate(document, self.schema)
-        complete = self._complete(document)
+        complete = self._validated(document)
         return self._change(lambda _: (complete, complete, None), if_match)
 
     def merge_patch(self, patch, if_match=None):
@@ -733,9 +732,7 @@ class SettingsDocument:
             raise InvalidValue("a merge patch must be a JSON object")
 
         def apply(document):
-            merged = _merge_patch(document, patch)
-            validate(merged, self.schema)
-            merged = self._complete(merged)  # a field removed returns to its default
+            merged = self._validated(_merge_patch(document, patch))  # a field removed: its default
             return merged, merged, None
         return self._change(apply, if_match, lambda: apply(self._head))
 
@@ -950,17 +947,16 @@ class SettingsDocument:
         try:
             if raw is not None and not raw.strip():
                 raise _NotJSON("the file is empty")
-            document = {} if raw is None else _parse_json(raw)  # no file: the default document
-            validate(document, self.schema)
+            document = self._validated({} if raw is None else _parse_json(raw))  # no file: defaults
         except (_NotJSON, QabelRestError) as exc:
             return known._replace(signature=signature, raw=raw, error=_one_line(exc))  # logged too
-        document = self._complete(document)
         if known.document is not None and _same(document, known.document):
             return known._replace(signature=signature, raw=raw, error=None)
         return _Version(document, _dump_document(document), self._new_tag(), signature, raw, None)
 
-    def _complete(self, document):
-        """The document with every missing top-level field at its default."""
+    def _validated(self, document):
+        """Validate the document; return it with missing top-level fields at their defaults."""
+        validate(document, self.schema)
         return {**json.loads(self._defaults), **document}
 
 

@@ -5825,6 +5825,23 @@ def test_feed_after_server_close_a_call_that_would_wait_raises_so_a_follower_sto
     assert server.events()["cursor"] == answer["cursor"]
 
 
+def test_a_connection_made_between_shutdown_and_server_close_is_never_served(tmp_path):
+    live = start(tmp_path)
+    live.server.shutdown()
+    conn = live.conn()  # the port's queue takes it: nobody accepts it now
+    conn.send(build_request("PUT", "/settings", json.dumps(
+        {"key": "poll_interval", "value": 5}).encode(), {"X-API-Key": KEY}))
+    conn.sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        conn.sock.recv(1)
+    conn.sock.settimeout(TIMEOUT)
+    live.server.server_close()  # closes the port: the queued connection is reset
+    assert conn.closed()
+    conn.close()
+    live.thread.join(TIMEOUT)
+    assert documents(live.data_dir) == live.initial
+
+
 def test_after_shutdown_pipelined_requests_are_read_and_dropped_not_reset(tmp_path):
     # Closing a socket with unread input sends a reset, which can destroy the answer
     # before the client reads it (RFC 9112 9.6): the server lingers instead.

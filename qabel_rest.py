@@ -1138,7 +1138,7 @@ class _Feed:
                     return
                 number, event = self._pending.popleft()
                 subscribers = list(self._subscribers)
-            for entry in subscribers:  # none unsubscribed since: it may be torn down
+            for entry in subscribers:  # not one unsubscribed meanwhile (it may be torn down)
                 if number > entry[0] and any(entry is s for s in self._subscribers):
                     try:
                         entry[1](_event(*event))
@@ -1366,7 +1366,7 @@ _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")  # not HTAB, CRLF, LF
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n|\Z)")  # not HTAB, CRLF, LF
 # http.client stops at a malformed header line (a space before the colon, no colon) and
 # takes the rest as a body; a continuation first, or a "From " line (mbox), it drops.
 _HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
@@ -1376,15 +1376,15 @@ _BEARER = (("WWW-Authenticate", "Bearer"),)
 
 
 class _LineReader(io.BufferedReader):
-    """http.server's input, refusing a control character inside a line (RFC 9112 2.2):
-    the email parser behind http.client takes a bare CR for a line break."""
+    """http.server's input, refusing a control character inside a line (RFC 9112 2.2: the
+    email parser behind http.client takes a bare CR for a line break) and a line cut off."""
 
     def readline(self, limit=-1):
         line = super().readline(limit)  # a LF can only be its last byte
         if _CONTROL.search(line):
             raise _Malformed("a control character in a line")
-        if line[-1:] != b"\n" and len(line) != limit:  # RFC 9112 8: the input ended before
-            raise _Malformed("the request ended early")  # the empty line: incomplete
+        if line[-1:] != b"\n" and len(line) != limit:  # not at the limit (414, 431): the input
+            raise _Malformed("the request ended early")  # ended (RFC 9112 8: incomplete)
         return line
 
 
@@ -2005,7 +2005,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     limits = (("max_body", max_body, int), ("max_connections", max_connections, int),
               ("idle_timeout", idle_timeout, float), ("request_timeout", request_timeout, float))
     for name, value, kind in limits:  # a float may be given as an int, never as a bool
-        if type(value) not in (int, kind) or not 0 < value < math.inf:  # nor NaN
+        if (type(value) is bool or not isinstance(value, (int, kind))
+                or not 0 < value <= sys.float_info.max):  # nor NaN, nor past a float's range
             raise StartupError(f"{name} must be a positive " + ("number", "integer")[kind is int])
     allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
     data_dir = os.path.abspath(data_dir or default_data_dir())

@@ -2008,6 +2008,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         if (type(value) is bool or not isinstance(value, (int, kind))
                 or not 0 < value <= sys.float_info.max):  # nor NaN, nor past a float's range
             raise StartupError(f"{name} must be a positive " + ("number", "integer")[kind is int])
+    if not (isinstance(handler_class, type) and issubclass(handler_class, RequestHandler)):
+        raise StartupError("handler_class must be a subclass of RequestHandler")  # else silence
     allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
     data_dir = os.path.abspath(data_dir or default_data_dir())
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,

@@ -2758,6 +2758,16 @@ def test_startup_error_for_a_limit_that_is_not_a_positive_number(tmp_path, optio
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.parametrize("handler_class", [None, object, http.server.BaseHTTPRequestHandler])
+def test_startup_error_for_a_handler_class_not_built_on_request_handler(tmp_path, handler_class):
+    # Taken, every connection would be dropped unanswered, and nothing logged but at DEBUG.
+    with pytest.raises(qabel_rest.StartupError,
+                       match="^handler_class must be a subclass of RequestHandler$"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key=KEY, port=0,
+                               handler_class=handler_class)
+    assert not (tmp_path / "d").exists()
+
+
 def test_limits_of_the_smallest_positive_values_serve(live_with):
     class Seconds(float):  # a float of a library's own (numpy.float64 is one)
         pass

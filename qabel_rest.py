@@ -1027,9 +1027,9 @@ class _Feed:
             self._closed, self._final = True, self._final or final
             self._changed.notify_all()
 
-    def events(self, since=None, timeout=0, deliver=lambda answer: answer, gone=lambda: False):
-        """{"cursor", "events"} after since, waiting up to timeout seconds for one. In the feed's
-        thread, gone() says if the client left; deliver gets the answer (what it returns is)."""
+    def events(self, since=None, timeout=0, deliver=None, gone=lambda: False):
+        """{"cursor", "events"} after since, waiting up to timeout for one. Over HTTP, the feed's
+        thread calls gone() (has the client left?) and deliver(answer) (its result is returned)."""
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_WAIT:
             raise InvalidValue(f"timeout must be a number of seconds from 0 to {MAX_WAIT}")
         if since is not None:  # another program's rewrite is an event now, not at a later look
@@ -1037,11 +1037,11 @@ class _Feed:
         with self._changed:
             number = self._number(since)
             answer = self._answer(number)
-            if self._final and not answer["events"] and since is not None and timeout != 0:
-                raise DocumentUnavailable("the server is shutting down")  # a follower stops
+            if self._final and deliver is None and since and timeout and not answer["events"]:
+                raise DocumentUnavailable("the server is shutting down")  # in process: it stops
             if answer["events"] or since is None or self._closed or timeout == 0:
                 return answer
-            waiter = _Waiter(number, deliver, gone)
+            waiter = _Waiter(number, deliver or (lambda answer: answer), gone)
             self._waiters.add(waiter)
             self._start(self._serve)
             self._changed.notify_all()  # the feed's thread starts looking at the files

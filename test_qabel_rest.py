@@ -5841,6 +5841,33 @@ def test_a_connection_made_between_shutdown_and_server_close_is_never_served(tmp
     assert documents(live.data_dir) == live.initial
 
 
+def test_feed_a_request_that_reaches_the_feed_during_server_close_gets_200_at_once(tmp_path):
+    # SPEC 7: shutdown answers requests on the feed at once, 200 with what there is; an
+    # in-process call at that point raises instead (above), a request over HTTP never.
+    live = start(tmp_path)
+    cursor = feed_cursor(live)
+    conn = live.conn()
+    conn.send(build_request("GET", feed_path(cursor, 30), headers={"X-API-Key": KEY})[:-2])
+    time.sleep(0.3)  # let its thread take it (busy: server_close lets it finish)
+    closer = threading.Thread(target=live.server.server_close)
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:  # until server_close has closed the feed for good
+        with contextlib.suppress(qabel_rest.DocumentUnavailable):
+            live.server.events(cursor, timeout=0.01)
+            continue
+        break
+    conn.send(b"\r\n")  # the empty line: the request reaches the feed now
+    response = conn.read()
+    assert response.status == 200
+    assert response.json() == {"cursor": cursor, "events": []}
+    assert response.headers["Connection"] == "close"
+    conn.close()
+    closer.join(TIMEOUT)
+    live.thread.join(TIMEOUT)
+    assert not closer.is_alive() and not live.thread.is_alive()
+
+
 def test_after_shutdown_pipelined_requests_are_read_and_dropped_not_reset(tmp_path):
     # Closing a socket with unread input sends a reset, which can destroy the answer
     # before the client reads it (RFC 9112 9.6): the server lingers instead.

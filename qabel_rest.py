@@ -1761,7 +1761,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _send_error(self, error):
         """The JSON answer of a QabelRestError; a 405 carries Allow."""
-        if error.status >= 500:
+        if error.status >= 500 and error.status not in (501, 505):  # not the client's doing
             self.server.logger.warning("%s: %d %s", self._what(), error.status, error.message)
         headers = getattr(error, "headers", ())
         payload = {"error": error.message}

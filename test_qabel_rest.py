@@ -2080,6 +2080,19 @@ def test_http_2_is_505_and_long_lines_are_refused(live):
     conn.close()
 
 
+def test_refusals_of_what_a_client_sent_log_no_warning(live, caplog):
+    # A WARNING says the server went wrong; HTTP/2 or a transfer coding is the client's doing.
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+    for request, status in ((b"GET /health HTTP/2.0\r\nHost: localhost\r\n\r\n", 505),
+                            (b"PUT /settings HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Transfer-Encoding: gzip\r\n\r\n", 501)):
+        conn = live.conn()
+        conn.send(request)
+        assert conn.read().status == status
+        conn.close()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_pipelined_requests_answered_in_order(live):
     conn = live.conn()
     key = {"X-API-Key": KEY, "Content-Type": "application/json"}

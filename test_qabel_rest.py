@@ -5009,6 +5009,219 @@ def test_bare_lf_empty_line_before_a_request_is_ignored(live):
     conn.close()
 
 
+def test_a_drained_body_is_not_drained_again_from_the_next_requests(live):
+    # A body answered unread (415) is drained, and the connection serves the next requests.
+    # Each request starts afresh: the length of the body drained before is not read again
+    # from the requests after it (which would eat the third request's first bytes).
+    conn = live.conn()
+    try:
+        conn.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 7}',
+                                {"X-API-Key": KEY, "Content-Type": "text/plain"})
+                  + build_request("GET", "/health") + build_request("GET", "/health"))
+        answers = [conn.read(), conn.read(), conn.read()]
+    finally:
+        conn.close()
+    assert [answer.status for answer in answers] == [415, 200, 200]
+    assert [answer.json() for answer in answers[1:]] == [{"status": "ok"}] * 2
+    assert "Connection" not in answers[1].headers
+
+
+@pytest.mark.parametrize("connection", [
+    b"Connection: foo, close",  # a token of the list (RFC 9112 9.3)...
+    b"Connection: foo\r\nConnection: close"])  # ...on any of its lines
+def test_http_1_1_close_token_anywhere_in_connection_closes(live, connection):
+    conn = live.conn()
+    try:
+        conn.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + connection + b"\r\n\r\n")
+        answer = conn.read()
+        assert answer.status == 200 and answer.headers["Connection"] == "close"
+        assert "Keep-Alive" not in answer.headers
+        assert conn.closed()
+    finally:
+        conn.close()
+
+
+def test_a_read_right_after_another_programs_rewrite_does_not_wait_for_a_save(live, monkeypatch):
+    # With no save under way or queued, a read that finds the file rewritten reads it at once:
+    # it does not wait (up to SHUTDOWN_GRACE) for a save that nobody is making.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 30.0)  # longer than the client waits
+    path = os.path.join(live.data_dir, "settings.json")
+    document = live.doc("settings.json")
+    document["poll_interval"] = 42
+    with open(path, "w") as f:  # another program, in place
+        json.dump(document, f)
+    response = live.get("/settings")  # the client's socket gives up after TIMEOUT (10 s)
+    assert response.status == 200 and response.json()["poll_interval"] == 42
+    assert live.get("/synced").status == 200
+
+
+@pytest.mark.parametrize("extra, after", [
+    (0, 5 * 10**8),  # whole seconds (HFS+, ext2): a rewrite within the same second
+    (0, 15 * 10**8),  # FAT's mtime has a 2-second tick
+    (123_456_789, 5 * 10**7)])  # stamps in milliseconds: within 100 ms
+def test_rewrite_in_place_after_a_save_within_the_stamps_tick_is_read(live, monkeypatch,
+                                                                        extra, after):
+    # The save and the read happen a little after the file's (coarse) time stamp, within its
+    # tick: a same-size rewrite in place between them keeps every stat field, and is seen.
+    stamp = (time.time_ns() // 10**9 + 1) * 10**9 + extra
+    path = os.path.join(live.data_dir, "settings.json")
+    coarse_stamps(monkeypatch, path, stamp)
+    monkeypatch.setattr(qabel_rest.time, "time_ns", lambda: stamp + after)
+    put = live.put("/settings", "drop_last_update", "aaaa")
+    assert put.status == 200
+    rewrite_in_place(live, b"aaaa", b"bbbb")
+    response = live.get("/settings")
+    assert response.json()["drop_last_update"] == "bbbb"
+    assert response.headers["ETag"] != put.headers["ETag"]
+
+
+def test_an_invalid_rewrite_found_during_a_save_is_no_event(live, monkeypatch):
+    # Another program makes the file invalid while a change is being saved: the change fails
+    # (503), the file is left as that program wrote it, and the feed has no event (the
+    # document's tag did not change; an unusable version is never an event).
+    before = live.get("/settings").headers["ETag"]
+    since = feed_cursor(live)
+    path = os.path.join(live.data_dir, "settings.json")
+    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(
+        live.put("/settings", "module_data.chat", {"a": 1})))
+    writer.start()
+    assert reached.wait(TIMEOUT)
+    with open(path + ".other", "wb") as f:  # meanwhile, another program
+        f.write(b"{not json")
+    os.replace(path + ".other", path)
+    gate.set()
+    writer.join(TIMEOUT)
+    monkeypatch.undo()
+    assert answers[0].status == 503
+    assert live.file("settings.json") == b"{not json"
+    assert feed_events(live, since) == []
+    assert live.get("/settings").status == 503
+    with open(path, "wb") as f:  # valid again, as before: the same tag, still no event
+        f.write(live.initial["settings.json"])
+    assert live.get("/settings").headers["ETag"] == before
+    assert feed_events(live, since) == []
+
+
+@pytest.mark.parametrize("lengths", [
+    ["0" * 30 + "{n}"],  # leading zeros: the number is still small (RFC 9110 8.6: 1*DIGIT)
+    ["{n}", "0{n}"]])  # the same number twice, one with a leading zero: not a conflict
+def test_content_length_with_leading_zeros_is_its_number(live, lengths):
+    body = b'{"key": "poll_interval", "value": 11}'
+    extra = "".join(f"Content-Length: {length.format(n=len(body))}\r\n" for length in lengths)
+    conn = live.conn()
+    try:
+        conn.send(put_bytes(body, extra))
+        response = conn.read()
+        assert response.status == 200
+        assert response.json() == {"key": "poll_interval", "value": 11}
+        assert response.headers.get("Connection") is None
+        assert conn.request("GET", "/health").status == 200  # the body was all read
+    finally:
+        conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 11
+
+
+def test_a_read_after_a_rewrite_in_place_within_the_tick_during_a_save_gets_it(live, monkeypatch):
+    # The complement of test_read_after_the_tick_does_not_wait_for_a_save_under_way: within
+    # the tick, a same-size rewrite in place keeps every stat field but not the content. A
+    # read then waits for the save under way, which takes the rewrite in, and gets it.
+    path = os.path.join(live.data_dir, "settings.json")
+    coarse_stamps(monkeypatch, path, (time.time_ns() // 10**9 + 1) * 10**9)  # within the tick
+    assert live.put("/settings", "drop_last_update", "aaaa").status == 200
+    entered, gate = hold_first_save(monkeypatch)
+    writes = []
+    writer = threading.Thread(target=lambda: writes.append(
+        live.put("/settings", "poll_interval", 5)))
+    writer.start()
+    assert entered.wait(TIMEOUT)  # held before it writes anything
+    rewrite_in_place(live, b"aaaa", b"bbbb")  # another program, meanwhile
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(live.get("/settings")))
+    reader.start()
+    reader.join(1)  # one that does not wait answers the version before the rewrite meanwhile
+    gate.set()
+    writer.join(TIMEOUT)
+    reader.join(TIMEOUT)
+    assert writes[0].status == 200
+    assert answers[0].status == 200
+    assert answers[0].json()["drop_last_update"] == "bbbb"
+    assert answers[0].json()["poll_interval"] == 5
+    assert live.doc("settings.json")["drop_last_update"] == "bbbb"
+
+
+@pytest.mark.parametrize("content_type", ["message/rfc822", "message/http"])
+def test_a_message_content_type_is_another_content_type_not_a_malformed_header(live,
+                                                                               content_type):
+    # The header parser takes a message/* type's (empty) body for a message of its own: that
+    # is no "From " envelope and no defect, so the type is judged as any other (415).
+    headers = {"X-API-Key": KEY, "Content-Type": content_type}
+    conn = live.conn()
+    try:
+        response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 1}',
+                                headers)
+        assert response.status == 415
+        assert response.json() == {"error": "the body must be application/json or "
+                                            "application/x-www-form-urlencoded"}
+        assert conn.request("GET", "/health", headers={"Content-Type": content_type}).status == 200
+    finally:
+        conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 30
+
+
+def test_a_change_to_the_values_already_stored_keeps_the_tag_file_and_feed(live):
+    # As test_a_change_that_keeps_the_content_keeps_the_tag, for values Python does not share
+    # (a float, a long string, a large integer): compared by value, they change nothing.
+    value = {"f": 2.5, "s": "some text", "n": 10**6, "l": [0.5, "x y"]}
+    tag = live.put("/settings", "module_data.m", value).headers["ETag"]
+    path = os.path.join(live.data_dir, "settings.json")
+    before, since = os.stat(path), feed_cursor(live)
+    same = [live.put("/settings", "module_data.m", value)]
+    same += [live.put("/settings", "module_data.m." + name, part) for name, part in value.items()]
+    same.append(live.call("PATCH", "/settings", {"module_data": {"m": {"f": 2.5}}},
+                          content_type="application/merge-patch+json"))
+    assert [answer.status for answer in same] == [200] * 6
+    assert {answer.headers["ETag"] for answer in same} == {tag}
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
+    assert feed_events(live, since) == []
+
+
+def test_form_value_for_a_url_field_is_its_text(live):
+    # SPEC section 4: for a STR, URL, NAME or KEY field a form value is its text as given, never
+    # JSON: a URL in JSON quotes is that text, quotes included, which is no URL (400).
+    def form_put(key, value):
+        body = urllib.parse.urlencode({"key": key, "value": value})
+        return live.call("PUT", "/synced", body, content_type="application/x-www-form-urlencoded")
+
+    assert live.put("/synced", "drop_servers.-", item(1, url="https://a.example/", auth="",
+                                                      active=True)).status == 200
+    before = live.file("synced.json")
+    assert form_put("drop_servers.0.url", '"https://b.example/"').status == 400
+    assert live.file("synced.json") == before
+    answer = form_put("drop_servers.0.url", "https://b.example/")
+    assert answer.status == 200 and answer.json()["value"] == "https://b.example/"
+    assert live.doc("synced.json")["drop_servers"][0]["url"] == "https://b.example/"
+
+
+def test_a_body_of_exactly_max_body_bytes_is_accepted(live_with):
+    # "A body over the limit: 413": one of exactly max_body bytes is read and served.
+    live = live_with(max_body=100)
+    body = b'{"key": "poll_interval", "value": 5}'.ljust(100)
+    conn = live.conn()
+    try:
+        answer = conn.request("PUT", "/settings", body, {"X-API-Key": KEY,
+                                                         "Content-Type": "application/json"})
+        assert answer.status == 200 and answer.json() == {"key": "poll_interval", "value": 5}
+        over = conn.request("PUT", "/settings", body + b" ", {"X-API-Key": KEY,
+                                                             "Content-Type": "application/json"})
+        assert over.status == 413
+    finally:
+        conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 5
+
+
 # ---------------------------------------------------------------------------
 # --- Change feed (SPEC section 7): GET /events, subscribe(), events()
 # ---------------------------------------------------------------------------

@@ -5075,12 +5075,9 @@ def test_rewrite_in_place_after_a_save_within_the_stamps_tick_is_read(live, monk
     assert response.headers["ETag"] != put.headers["ETag"]
 
 
-def test_an_invalid_rewrite_found_during_a_save_is_no_event(live, monkeypatch):
-    # Another program makes the file invalid while a change is being saved: the change fails
-    # (503), the file is left as that program wrote it, and the feed has no event (the
-    # document's tag did not change; an unusable version is never an event).
-    before = live.get("/settings").headers["ETag"]
-    since = feed_cursor(live)
+def put_during_a_rewrite(live, monkeypatch, rewrite):
+    """The answer to a PUT of module_data.chat whose save finds that rewrite() (another
+    program) has rewritten settings.json since it was read."""
     path = os.path.join(live.data_dir, "settings.json")
     reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
     answers = []
@@ -5088,13 +5085,26 @@ def test_an_invalid_rewrite_found_during_a_save_is_no_event(live, monkeypatch):
         live.put("/settings", "module_data.chat", {"a": 1})))
     writer.start()
     assert reached.wait(TIMEOUT)
-    with open(path + ".other", "wb") as f:  # meanwhile, another program
-        f.write(b"{not json")
-    os.replace(path + ".other", path)
+    rewrite()
     gate.set()
     writer.join(TIMEOUT)
     monkeypatch.undo()
-    assert answers[0].status == 503
+    return answers[0]
+
+
+def test_an_invalid_rewrite_found_during_a_save_is_no_event(live, monkeypatch):
+    # Another program makes the file invalid while a change is being saved: the change fails
+    # (503), the file is left as that program wrote it, and the feed has no event (the
+    # document's tag did not change; an unusable version is never an event).
+    before = live.get("/settings").headers["ETag"]
+    since = feed_cursor(live)
+    path = os.path.join(live.data_dir, "settings.json")
+
+    def rewrite():
+        with open(path + ".other", "wb") as f:
+            f.write(b"{not json")
+        os.replace(path + ".other", path)
+    assert put_during_a_rewrite(live, monkeypatch, rewrite).status == 503
     assert live.file("settings.json") == b"{not json"
     assert feed_events(live, since) == []
     assert live.get("/settings").status == 503
@@ -5872,25 +5882,15 @@ def test_feed_rewrite_found_during_a_save_comes_before_the_change_made_on_top(
         live, monkeypatch):
     before = live.get("/settings").headers["ETag"]
     since = feed_cursor(live)
-    path = os.path.join(live.data_dir, "settings.json")
-    reached, gate = hold_reads(monkeypatch, live, path)  # the save's comparison read
-    answers = []
-    writer = threading.Thread(target=lambda: answers.append(
-        live.put("/settings", "module_data.chat", {"a": 1})))
-    writer.start()
-    assert reached.wait(TIMEOUT)
-    feed_rewrite(live.data_dir, "settings", FEED_REWRITES["settings"])  # meanwhile
-    gate.set()
-    writer.join(TIMEOUT)
-    monkeypatch.undo()
-    assert answers[0].status == 200
+    answer = put_during_a_rewrite(live, monkeypatch, lambda: feed_rewrite(
+        live.data_dir, "settings", FEED_REWRITES["settings"]))
+    assert answer.status == 200
     assert live.doc("settings.json")["module_data"] == {"sync": {"a": 1}, "chat": {"a": 1}}
     events = feed_events(live, since)
     assert len(events) == 2
     assert events[0]["document"] == "settings" and events[0]["key"] is None
-    assert events[0]["etag"] not in (before, answers[0].headers["ETag"])
-    assert events[1] == feed_event("settings", ["module_data", "chat"],
-                                   answers[0].headers["ETag"])
+    assert events[0]["etag"] not in (before, answer.headers["ETag"])
+    assert events[1] == feed_event("settings", ["module_data", "chat"], answer.headers["ETag"])
 
 
 @pytest.mark.parametrize("headers, host, status", [

@@ -1912,8 +1912,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
     def server_close(self):
         """Close the port, end idle connections, let requests in flight finish
         (bounded by SHUTDOWN_GRACE), refuse later changes, release the data dir."""
+        self._feed.close(final=True)  # at once: shutdown() may wait for serve_forever's poll
         self.shutdown()  # serve_forever() too: socketserver's would spin on the closed port
-        self._feed.close(final=True)
         with self._state:
             self._closing = True
             entries = list(self._connections.items())
@@ -2005,11 +2005,11 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     limits = (("max_body", max_body, int), ("max_connections", max_connections, int),
               ("idle_timeout", idle_timeout, float), ("request_timeout", request_timeout, float))
     for name, value, kind in limits:  # a float may be given as an int, never as a bool
-        if (type(value) is bool or not isinstance(value, (int, kind))
-                or not 0 < value <= sys.float_info.max):  # nor NaN, nor past a float's range
+        top = sys.float_info.max if kind is float else math.inf  # not NaN; 10**400 is no float
+        if type(value) is bool or not isinstance(value, (int, kind)) or not 0 < value <= top:
             raise StartupError(f"{name} must be a positive " + ("number", "integer")[kind is int])
-    if not (isinstance(handler_class, type) and issubclass(handler_class, RequestHandler)):
-        raise StartupError("handler_class must be a subclass of RequestHandler")  # else silence
+    if RequestHandler not in getattr(getattr(handler_class, "func", handler_class), "__mro__", ()):
+        raise StartupError("handler_class must be a subclass of RequestHandler")  # or a partial
     allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
     data_dir = os.path.abspath(data_dir or default_data_dir())
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,

@@ -2781,6 +2781,24 @@ def test_startup_error_for_a_handler_class_not_built_on_request_handler(tmp_path
     assert not (tmp_path / "d").exists()
 
 
+def test_a_partial_of_a_request_handler_is_a_handler_class(live_with):
+    # As http.server's documentation builds one (functools.partial(Handler, directory=...)).
+    import functools
+
+    class Greeting(qabel_rest.RequestHandler):
+        def __init__(self, *args, greeting, **kw):
+            self.server_version = greeting
+            super().__init__(*args, **kw)
+    live = live_with(handler_class=functools.partial(Greeting, greeting="hello/1"))
+    response = live.get("/health")
+    assert response.status == 200 and response.headers["Server"] == "hello/1"
+
+
+def test_integer_limits_of_any_size_serve(live_with):
+    live = live_with(max_body=10**400, max_connections=10**400)
+    assert live.put("/settings", "poll_interval", 5).status == 200
+
+
 def test_limits_of_the_smallest_positive_values_serve(live_with):
     class Seconds(float):  # a float of a library's own (numpy.float64 is one)
         pass
@@ -3031,6 +3049,7 @@ def test_main_without_arguments_starts_on_127_0_0_1_port_9696(monkeypatch, capsy
         calls.append((args, options))
         raise qabel_rest.StartupError("stop here")
     monkeypatch.setattr(qabel_rest, "make_server", factory)
+    monkeypatch.setattr(logging, "basicConfig", lambda **options: None)  # the suite's logging
     assert qabel_rest.main([]) == 1
     assert calls == [((None, None, "127.0.0.1", 9696), {"max_body": 1 << 20, "allowed_hosts": []})]
     assert capsys.readouterr().err == "qabel_rest: stop here\n"
@@ -6065,6 +6084,27 @@ def test_a_connection_made_between_shutdown_and_server_close_is_never_served(tmp
     conn.close()
     live.thread.join(TIMEOUT)
     assert documents(live.data_dir) == live.initial
+
+
+def test_feed_in_process_a_wait_raises_as_soon_as_server_close_begins(tmp_path):
+    # Not once serve_forever() has noticed the shutdown (up to its poll interval): a follower
+    # would spin until then.
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    serving = threading.Thread(target=server.serve_forever, args=(5,), daemon=True)
+    serving.start()
+    cursor = server.events()["cursor"]
+    closer = threading.Thread(target=server.server_close)
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(qabel_rest.DocumentUnavailable):
+            server.events(cursor, timeout=0.01)
+            continue
+        break
+    assert serving.is_alive()  # it raised while serve_forever() was still polling
+    closer.join(TIMEOUT)
+    serving.join(TIMEOUT)
+    assert not closer.is_alive() and not serving.is_alive()
 
 
 def test_feed_a_request_that_reaches_the_feed_during_server_close_gets_200_at_once(tmp_path):

@@ -5251,6 +5251,74 @@ def test_a_body_of_exactly_max_body_bytes_is_accepted(live_with):
     assert live.doc("settings.json")["poll_interval"] == 5
 
 
+def test_a_500_answer_is_logged_as_a_warning(live, monkeypatch, caplog):
+    # README: a 5xx answer is a WARNING (only 501 and 505 refuse what the client sent).
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+
+    def refuse(source, target):
+        raise PermissionError(errno.EACCES, "Access is denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    response = live.post("/settings", {"poll_interval": 2})
+    monkeypatch.undo()
+    assert response.status == 500
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m for m in warnings if m.startswith("POST /settings: 500 ")] != []
+
+
+def test_feed_in_process_a_wait_between_shutdown_and_server_close_returns_at_once_empty(tmp_path):
+    # README: between shutdown() and server_close() a call of events() that would wait returns
+    # at once, empty; only server_close() makes it raise (a follower stops then).
+    live = start(tmp_path)
+    try:
+        cursor = live.server.events()["cursor"]
+        live.server.shutdown()
+        live.thread.join(TIMEOUT)
+        assert live.server.events(cursor, timeout=30) == {"cursor": cursor, "events": []}
+    finally:
+        stop(live)
+
+
+def test_the_largest_finite_timeouts_serve(live_with):
+    # A timeout is any positive float up to the largest one; only inf (and beyond) is refused.
+    live = live_with(idle_timeout=sys.float_info.max, request_timeout=sys.float_info.max)
+    assert live.put("/settings", "poll_interval", 5).status == 200
+    response = live.get("/settings")
+    assert response.status == 200 and response.json()["poll_interval"] == 5
+    assert response.headers["Keep-Alive"] == f"timeout={int(sys.float_info.max)}"
+
+
+@pytest.mark.parametrize("option, value, kind", [
+    ("max_body", 0, "integer"), ("max_connections", 1.5, "integer"),
+    ("idle_timeout", 0, "number"), ("request_timeout", math.inf, "number"),
+])
+def test_a_limit_refused_names_the_kind_of_number_it_takes(tmp_path, option, value, kind):
+    # The counts take integers, the timeouts any number of seconds: the error says which.
+    with pytest.raises(qabel_rest.StartupError, match=f"^{option} must be a positive {kind}$"):
+        qabel_rest.make_server(data_dir=str(tmp_path / "d"), api_key=KEY, port=0,
+                               **{option: value})
+    assert not (tmp_path / "d").exists()
+
+
+def test_feed_after_server_close_a_call_without_a_cursor_still_gets_the_cursor(tmp_path):
+    # since=None never waits (it only asks where the feed is), whatever the timeout: after
+    # server_close() it is answered, as before; only a call that would wait raises.
+    live = start(tmp_path)
+    server = live.server
+    server.settings.put("poll_interval", 5)
+    cursor = server.events()["cursor"]
+    stop(live)
+    assert server.events(None, timeout=30) == {"cursor": cursor, "events": []}
+
+
+def test_a_4xx_answer_logs_no_warning(live, caplog):
+    # README: a 5xx answer is a WARNING; what the client got wrong (4xx) is not.
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+    assert live.get("/nothing-here").status == 404
+    assert live.put("/settings", "poll_interval", "soon").status == 400
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 # ---------------------------------------------------------------------------
 # --- Change feed (SPEC section 7): GET /events, subscribe(), events()
 # ---------------------------------------------------------------------------

@@ -358,8 +358,9 @@ def _is_text(text):
     return text.isascii() or re.search("[\ud800-\udfff]", text) is None
 
 
-def validate(value, node, path=()):
-    """Raise InvalidValue unless value is strict (UTF-8) JSON that fits the schema node at path."""
+def validate(value, node, path=(), partial=False):
+    """Raise InvalidValue unless value is strict (UTF-8) JSON that fits the schema node at path;
+    partial: a value to merge, whose objects may lack required fields (the target has them)."""
     kind = type(value)
     if kind is dict or kind is list:
         if len(path) >= MAX_DEPTH:
@@ -394,8 +395,8 @@ def validate(value, node, path=()):
                 raise InvalidValue(f"{format_key(path)}: object keys must be strings")
             if fields is not None and name not in fields:
                 raise InvalidValue(f"{format_key(path + (name,))}: unknown field")
-            validate(item, node.item if fields is None else fields[name], path + (name,))
-        for name in sorted(node.required - value.keys()) if fields is not None else ():
+            validate(item, node.item if fields is None else fields[name], path + (name,), partial)
+        for name in sorted(node.required - value.keys()) if fields and not partial else ():
             raise InvalidValue(f"{format_key(path + (name,))}: required field is missing")
 
 
@@ -716,7 +717,7 @@ class SettingsDocument:
             except InvalidKey:  # ...unless the rest is wrong anyway: then this 405 (raise)
                 with contextlib.suppress(InvalidValue):
                     if type(merge) is bool and value is not _MISSING:
-                        validate(value, "any" if merge else node, path)  # one to merge: JSON
+                        validate(value, node, path, partial=merge)
                         return  # right on its own: 412
                 raise
         return self._change(lambda document: _assign(document, self.schema, path, 0, value, merge),

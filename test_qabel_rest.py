@@ -4687,6 +4687,10 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
                                b'"value": {"alias": 1e400}}', headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", b'{"key": "identities.0.keys", "merge": true, '
                                b'"value": {"a": 1, "a": 2}}', headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "drop_servers.0", "merge": True,
+                                                  "value": {"active": "true"}}, headers=h), 405),
+    (lambda live, h: live.call("PUT", "/synced", {"key": "identities.5", "merge": True,
+                                                  "value": "x"}, headers=h), 405),
     (lambda live, h: live.call("PATCH", "/settings", {"poll_interval": "x"}, headers=h,
                                content_type="application/merge-patch+json"), 400),
     (lambda live, h: live.call("PATCH", "/settings", {"nope": 1}, headers=h,
@@ -4713,6 +4717,10 @@ def test_in_process_changes_wrong_on_their_own_raise_their_own_error_whatever_if
         settings.put("poll_interval", "x", merge=True, if_match='"stale"')
     with pytest.raises(qabel_rest.PreconditionFailed):  # valid, but not on the stale version
         synced.put("identities.3.alias", "bob", merge=True, if_match='"stale"')
+    with pytest.raises(qabel_rest.PreconditionFailed):  # the item merged into has its id
+        synced.put("identities.3", {"alias": "bob", "keys": {}}, merge=True, if_match='"stale"')
+    with pytest.raises(qabel_rest.InvalidKey):  # a wrong value merged: wrong whatever it meets
+        synced.put("identities.3", {"keys": {"private_enc_key": 5}}, merge=True, if_match="x")
     with pytest.raises(qabel_rest.PreconditionFailed):
         settings.patch({"poll_interval": 5}, if_match='"stale"')
     assert settings.get("poll_interval") == 30

@@ -629,10 +629,6 @@ def _read_file(path):
 _Version = collections.namedtuple("_Version", "document body etag signature raw error")
 
 
-class _Rewritten(Exception):
-    """Another program rewrote the file since we last read or wrote it."""
-
-
 class _Change:
     """A change waiting for its save: apply(document) -> (new document, result, event key)
     never changes its argument; if_match is a tag, "*", a list of them (If-Match), or None."""
@@ -891,7 +887,7 @@ class SettingsDocument:
             with contextlib.suppress(OSError):
                 current = _read_file(self.path)[1]
             if current != base.raw:
-                raise _Rewritten
+                raise DocumentChanged(f"{self.name} was rewritten by another program")
 
         rebased = None
         for _ in range(_REBASE_ATTEMPTS):
@@ -901,7 +897,7 @@ class SettingsDocument:
                     self._dir_fd = _open_dir(os.path.dirname(self.path))
                 signature = atomic_write(self.path, body, self._dir_fd, check_unchanged)
                 return _Version(document, body, tag, signature, body, None), rebased, None
-            except _Rewritten:
+            except DocumentChanged:  # check_unchanged found a rewrite: read it
                 known, base = base, self._read_version(base)
                 if base.etag == known.etag and not base.error:  # only reformatted: no rebase
                     continue
@@ -1127,7 +1123,10 @@ class _Feed:
                 return
             if look:
                 next_look = time.monotonic() + _LOOK_EVERY
-                self._look()  # without the lock: a rewrite found publishes
+                try:  # without the lock: a rewrite found publishes
+                    self._look()
+                except Exception:  # a bug, or no memory: this thread must go on
+                    _logger().exception("unexpected error looking at the documents' files")
 
     def _dispatch(self):
         """Until close: call the subscribers for each event, in order."""
@@ -2067,9 +2066,10 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         server.key_source = key_source
     except BaseException:
         if server._dir_lock is not None:  # ours alone: remove what this start made
-            for name in set(os.listdir(data_dir)) - (existed or set()):
-                with contextlib.suppress(OSError):  # Windows: the open lock file stays
-                    os.unlink(os.path.join(data_dir, name))
+            with contextlib.suppress(OSError):  # not listed (no descriptor left): they stay
+                for name in set(os.listdir(data_dir)) - (existed or set()):
+                    with contextlib.suppress(OSError):  # Windows: the open lock file stays
+                        os.unlink(os.path.join(data_dir, name))
         server.server_close()
         if new_dir:  # made by this start, unless another one's files are in it
             with contextlib.suppress(OSError):

@@ -3597,9 +3597,9 @@ def test_put_into_a_large_document_validates_only_what_changed(live, monkeypatch
     visited = []
     real = qabel_rest.validate
 
-    def counting(value, node, path=()):
+    def counting(value, node, path=(), partial=False):
         visited.append(path)
-        return real(value, node, path)
+        return real(value, node, path, partial)
 
     monkeypatch.setattr(qabel_rest, "validate", counting)
     assert live.put("/synced", "identities.1500.alias", "bob").status == 200
@@ -4388,15 +4388,15 @@ def failing_open(monkeypatch, endswith, err=errno.EACCES):
     monkeypatch.setattr(os, "open", fake)
 
 
-def failing_listdir(monkeypatch, directory, listing=None):
+def failing_listdir(monkeypatch, directory, listings=None):
     """os.listdir of directory fails with EACCES (as for a data dir with mode 0300: root
-    lists any): every listing, or only the listing-th. Returns the calls, one per listing."""
+    lists any): every listing, or those numbered in listings. Returns the calls, one each."""
     real, calls = os.listdir, []
 
     def fake(path="."):
         if os.path.abspath(path) == str(directory):
             calls.append(path)
-            if listing in (None, len(calls)):
+            if listings is None or len(calls) in listings:
                 raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         return real(path)
     monkeypatch.setattr(os, "listdir", fake)
@@ -4494,13 +4494,16 @@ def test_a_start_failing_after_its_lock_keeps_the_files_an_instance_made_before_
     assert json.loads((tmp_path / "settings.json").read_bytes())["poll_interval"] == 5
 
 
-def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_leaves_nothing(
-        tmp_path, monkeypatch):
-    calls = failing_listdir(monkeypatch, tmp_path, listing=2)  # once the lock is taken
+# Once the lock is taken; then the clean-up's listing too (as with no descriptor left).
+@pytest.mark.parametrize("listings, left", [((2,), []), ((2, 3), ["qabel_rest.lock"])])
+def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_unlocks(
+        tmp_path, monkeypatch, listings, left):
+    calls = failing_listdir(monkeypatch, tmp_path, listings)
     with pytest.raises(qabel_rest.StartupError, match="^the data dir is not readable: "):
         qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
     monkeypatch.undo()
-    assert os.listdir(tmp_path) == [] and len(calls) == 3  # the third: the clean-up's
+    assert os.listdir(tmp_path) == left and len(calls) == 3  # the third: the clean-up's
+    qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0).server_close()  # unlocked
 
 
 def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):
@@ -6887,6 +6890,26 @@ def test_a_long_poll_answer_larger_than_the_socket_takes_at_once_arrives_whole(l
     finally:
         release.set()
         conn.close()
+
+
+def test_feed_an_unexpected_error_looking_at_the_files_is_logged_and_the_feed_goes_on(live,
+                                                                                     caplog):
+    feed, failed = live.server._feed, threading.Event()
+    real_look = feed._look
+
+    def look():  # once, in the feed's thread: as a bug, or no memory left, would
+        if threading.current_thread().name == "qabel_rest events" and not failed.is_set():
+            failed.set()
+            raise MemoryError
+        return real_look()
+    feed._look = look
+    waiter = FeedWaiter(live, feed_cursor(live), timeout=5)
+    assert failed.wait(TIMEOUT)  # a new waiter: the feed's thread looks at once
+    tag = live.put("/settings", "poll_interval", 5).headers["ETag"]
+    response = waiter.result()
+    assert [event["etag"] for event in response.json()["events"]] == [tag]
+    assert waiter.finished - waiter.started < 4  # woken by the change, not by its timeout
+    assert "unexpected error looking at the documents' files" in caplog.text
 
 
 def test_a_long_poll_after_an_idle_spell_still_sees_a_rewrite_within_seconds(live):

@@ -59,7 +59,9 @@ def read_response(file, head=False):
     line = file.readline()
     if not line:
         return None
-    status = int(line.split()[1])
+    match = re.fullmatch(rb"HTTP/1\.1 ([1-5][0-9][0-9]) [^\r\n]*\r\n", line)
+    assert match, line  # a whole status line: not one after a stray body
+    status = int(match[1])
     headers = parse_headers(file)
     length = int(headers.get("Content-Length", 0))
     bodiless = head or status in (100, 304)  # a 304's length is the 200's (RFC 9110 8.6)
@@ -8522,3 +8524,127 @@ def test_the_api_description_declares_each_operations_statuses_and_parameters(li
     assert (since["name"], since["in"], since["schema"]) == ("since", "query", {"type": "string"})
     assert (timeout["name"], timeout["in"], timeout["schema"]) == (
         "timeout", "query", {"type": "number", "minimum": 0, "maximum": qabel_rest.MAX_WAIT})
+
+
+def test_an_app_that_exits_after_server_close_is_not_held_by_a_save_that_never_ends(tmp_path):
+    # server_close() leaves the data dir's release to a thread for a save that outlasts the
+    # grace: that thread must not keep an embedding app from exiting (the save is stuck).
+    code = ("import threading, qabel_rest\n"
+            "qabel_rest.SHUTDOWN_GRACE = 0.2\n"
+            f"s = qabel_rest.make_server(data_dir={str(tmp_path)!r}, api_key='k' * 20, port=0)\n"
+            "entered = threading.Event()\n"
+            "def stuck(*args):\n"
+            "    entered.set()\n"
+            "    threading.Event().wait()\n"
+            "qabel_rest.atomic_write = stuck\n"
+            "put = threading.Thread(target=s.settings.put, args=('poll_interval', 5))\n"
+            "put.daemon = True\n"
+            "put.start()\n"
+            "assert entered.wait(10)\n"
+            "s.server_close()\n"
+            "print('done', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(MODULE),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process did not exit: a thread of the server holds it")
+    assert proc.returncode == 0 and out == b"done\n", err
+
+
+@pytest.mark.parametrize("name", ["settings.json", "synced.json"])
+def test_corrupt_file_at_startup_leaves_a_previous_runs_lock_and_temp_files_alone(tmp_path, name):
+    # SPEC 1: a startup failure changes no file. The documents are checked before the data dir
+    # is locked or swept, so what an earlier run left (its lock file, a temp file) stays.
+    (tmp_path / name).write_bytes(b"[]")
+    (tmp_path / "qabel_rest.lock").write_bytes(b"12345\n")
+    (tmp_path / ".settings.json.0123456789ab.tmp").write_bytes(b"{}")
+    before = snapshot(tmp_path)
+    with pytest.raises(qabel_rest.StartupError, match=name):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_change_after_close_says_the_server_is_shutting_down(tmp_path):
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    server.server_close()
+    with pytest.raises(qabel_rest.DocumentUnavailable, match="^the server is shutting down$"):
+        server.settings.put("poll_interval", 5)
+
+
+@LINUX_FDS
+def test_a_server_started_and_closed_again_and_again_leaks_no_descriptor(tmp_path):
+    # An app that restarts its server: each save opens the data dir (for its fsync), and
+    # server_close() closes it again.
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+    stop(start(tmp_path))
+    before = count()
+    for value in (2, 3, 4):
+        live = start(tmp_path)
+        assert live.put("/settings", "poll_interval", value).status == 200
+        stop(live)
+    assert count() <= before
+
+
+def test_a_body_sent_after_100_continue_keeps_the_connection(live):
+    # The body was read: nothing is left unread, so the connection goes on (curl sends
+    # Expect: 100-continue with larger bodies).
+    body = b'{"key": "poll_interval", "value": 12}'
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b"", {
+        "X-API-Key": KEY, "Content-Type": "application/json", "Content-Length": str(len(body)),
+        "Expect": "100-continue"}))
+    assert conn.read().status == 100
+    conn.send(body)
+    response = conn.read()
+    assert response.status == 200 and "Connection" not in response.headers
+    assert conn.request("GET", "/health").status == 200
+    conn.close()
+
+
+def test_a_304_sends_no_body_so_the_next_answer_follows_its_header_block(live):
+    # RFC 9110 15.4.5: a 304 has no content; on a keep-alive connection the next status line
+    # comes right after its header block.
+    tag = live.get("/settings").headers["ETag"]
+    conn = live.conn()
+    assert conn.request("GET", "/settings", headers={"X-API-Key": KEY,
+                                                     "If-None-Match": tag}).status == 304
+    conn.send(build_request("GET", "/health"))
+    assert conn.file.readline() == b"HTTP/1.1 200 OK\r\n"
+    conn.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("get", "setings"), "DOC must be settings or synced"),
+    (("get", "settings", "--bogus"), "unrecognized arguments"),
+])
+def test_cli_usage_error_says_what_is_wrong(live, args, message):
+    result = cli_on(live, *args)
+    cli_usage_error(result)
+    assert result.stderr.splitlines()[-1] == f"qabel_rest {args[0]}: error: {message}"
+
+
+def test_http_servers_own_refusals_say_what_is_wrong_in_a_string(live):
+    # send_error: http.server's message is cut before the text it quotes, and a refusal it
+    # makes without one (414) says its reason phrase.
+    for request, status, message in (
+            (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414,
+             http.HTTPStatus(414).phrase),
+            (b"GET /settings HTTP/2.0\r\nHost: localhost\r\n\r\n", 505, "Invalid HTTP version")):
+        conn = live.conn()
+        conn.send(request)
+        response = conn.read()
+        assert (response.status, response.json()) == (status, {"error": message})
+        conn.close()
+
+
+def test_in_process_put_replaces_the_value_unless_merge_is_asked(live):
+    # README: put(key, value, merge=False) sets the value; only merge=True deep-merges.
+    settings = live.server.settings
+    settings.put("module_data.m", {"b": 2})
+    assert settings.put("module_data.m", {"a": 1}) == {"a": 1}
+    assert live.doc("settings.json")["module_data"]["m"] == {"a": 1}
+    assert settings.put("module_data.m", {"b": 2}, merge=True) == {"a": 1, "b": 2}

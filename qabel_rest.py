@@ -2066,7 +2066,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         server.key_source = key_source
     except BaseException:
         if server._dir_lock is not None:  # ours alone: remove what this start made
-            with contextlib.suppress(OSError):  # not listed (no descriptor left): they stay
+            with contextlib.suppress(Exception):  # not listed (no descriptor or memory left)
                 for name in set(os.listdir(data_dir)) - (existed or set()):
                     with contextlib.suppress(OSError):  # Windows: the open lock file stays
                         os.unlink(os.path.join(data_dir, name))

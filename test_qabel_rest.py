@@ -4508,6 +4508,22 @@ def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_unlocks(
     qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0).server_close()  # unlocked
 
 
+def test_a_start_whose_clean_up_runs_out_of_memory_still_raises_its_error_and_unlocks(
+        tmp_path, monkeypatch):
+    calls = failing_listdir(monkeypatch, tmp_path, (2,))  # once the lock is taken
+    failing = os.listdir
+
+    def listdir(path="."):
+        if len(calls) == 2 and os.path.abspath(path) == str(tmp_path):  # the clean-up's
+            raise MemoryError
+        return failing(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(qabel_rest.StartupError, match="^the data dir is not readable: "):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    monkeypatch.undo()
+    qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0).server_close()
+
+
 def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):
     stale = [".settings.json.0a1b2c.tmp", ".synced.json.x.tmp", ".api-key.y.tmp",
              ".qabel_rest.lock.z.tmp"]

@@ -8664,3 +8664,12 @@ def test_in_process_put_replaces_the_value_unless_merge_is_asked(live):
     assert settings.put("module_data.m", {"a": 1}) == {"a": 1}
     assert live.doc("settings.json")["module_data"]["m"] == {"a": 1}
     assert settings.put("module_data.m", {"b": 2}, merge=True) == {"a": 1, "b": 2}
+
+
+@pytest.mark.parametrize("api_key", [b"k" * 20, 12345678901234567890])
+def test_an_api_key_that_is_not_a_string_is_a_startup_error(tmp_path, api_key):
+    # make_server(api_key=...) in process: bytes or a number is refused as any bad key is,
+    # a StartupError naming what a key must be, not a TypeError from the regex; no file made.
+    with pytest.raises(qabel_rest.StartupError, match="API key .* 1 to 4096 characters"):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=api_key, port=0)
+    assert os.listdir(tmp_path) == []

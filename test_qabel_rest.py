@@ -2872,6 +2872,19 @@ def test_import_has_no_side_effects(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def assert_exits_when_done(code):
+    """Run code in a new Python; it must print "done" and exit: no thread of the server holds it."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(MODULE),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the process did not exit: a thread of the server holds it")
+    assert proc.returncode == 0 and out == b"done\n", err
+
+
 @pytest.mark.parametrize("holding", [
     "s.subscribe(lambda event: None)\ns.settings.put('poll_interval', 5)\n",
     "c = socket.create_connection(('127.0.0.1', s.server_address[1]))\n"
@@ -2886,15 +2899,7 @@ def test_an_app_that_exits_without_shutdown_is_held_by_no_thread_of_the_server(t
             f"s = qabel_rest.make_server(data_dir={str(tmp_path)!r}, api_key='k' * 20, port=0)\n"
             "threading.Thread(target=s.serve_forever, daemon=True).start()\n"
             + holding + "print('done', flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(MODULE),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail("the process did not exit: a thread of the server holds it")
-    assert proc.returncode == 0 and out == b"done\n", err
+    assert_exits_when_done(code)
 
 
 def test_a_change_after_close_is_refused_even_when_it_changes_nothing(tmp_path):
@@ -8559,15 +8564,7 @@ def test_an_app_that_exits_after_server_close_is_not_held_by_a_save_that_never_e
             "assert entered.wait(10)\n"
             "s.server_close()\n"
             "print('done', flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(MODULE),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail("the process did not exit: a thread of the server holds it")
-    assert proc.returncode == 0 and out == b"done\n", err
+    assert_exits_when_done(code)
 
 
 @pytest.mark.parametrize("name", ["settings.json", "synced.json"])

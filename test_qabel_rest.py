@@ -4395,16 +4395,22 @@ def failing_open(monkeypatch, endswith, err=errno.EACCES):
     monkeypatch.setattr(os, "open", fake)
 
 
+def permission_denied():
+    return OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+
 def failing_listdir(monkeypatch, directory, listings=None):
     """os.listdir of directory fails with EACCES (as for a data dir with mode 0300: root
-    lists any): every listing, or those numbered in listings. Returns the calls, one each."""
+    lists any): every listing, or those numbered in listings (number -> a factory of the
+    error to raise). Returns the calls, one per listing."""
     real, calls = os.listdir, []
 
     def fake(path="."):
         if os.path.abspath(path) == str(directory):
             calls.append(path)
-            if listings is None or len(calls) in listings:
-                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+            error = permission_denied if listings is None else listings.get(len(calls))
+            if error is not None:
+                raise error()
         return real(path)
     monkeypatch.setattr(os, "listdir", fake)
     return calls
@@ -4501,8 +4507,12 @@ def test_a_start_failing_after_its_lock_keeps_the_files_an_instance_made_before_
     assert json.loads((tmp_path / "settings.json").read_bytes())["poll_interval"] == 5
 
 
-# Once the lock is taken; then the clean-up's listing too (as with no descriptor left).
-@pytest.mark.parametrize("listings, left", [((2,), []), ((2, 3), ["qabel_rest.lock"])])
+# Once the lock is taken; then the clean-up's listing too (no descriptor or memory left).
+@pytest.mark.parametrize("listings, left", [
+    ({2: permission_denied}, []),
+    ({2: permission_denied, 3: lambda: OSError(errno.EMFILE, os.strerror(errno.EMFILE))},
+     ["qabel_rest.lock"]),
+    ({2: permission_denied, 3: MemoryError}, ["qabel_rest.lock"])])
 def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_unlocks(
         tmp_path, monkeypatch, listings, left):
     calls = failing_listdir(monkeypatch, tmp_path, listings)
@@ -4511,22 +4521,6 @@ def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_unlocks(
     monkeypatch.undo()
     assert os.listdir(tmp_path) == left and len(calls) == 3  # the third: the clean-up's
     qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0).server_close()  # unlocked
-
-
-def test_a_start_whose_clean_up_runs_out_of_memory_still_raises_its_error_and_unlocks(
-        tmp_path, monkeypatch):
-    calls = failing_listdir(monkeypatch, tmp_path, (2,))  # once the lock is taken
-    failing = os.listdir
-
-    def listdir(path="."):
-        if len(calls) == 2 and os.path.abspath(path) == str(tmp_path):  # the clean-up's
-            raise MemoryError
-        return failing(path)
-    monkeypatch.setattr(os, "listdir", listdir)
-    with pytest.raises(qabel_rest.StartupError, match="^the data dir is not readable: "):
-        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
-    monkeypatch.undo()
-    qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0).server_close()
 
 
 def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):

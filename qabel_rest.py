@@ -1203,7 +1203,7 @@ def _find_api_key(key, data_dir):
             raw = _read_file(source)[1]
         if raw is None:
             return None, source
-        key = raw.decode("ascii", "replace").strip()
+        key = raw.decode("utf-8-sig", "replace").strip()  # (Notepad may write a BOM)
     # printable ASCII without spaces: it has to travel in a header (65,536 bytes at most)
     if type(key) is not str or not re.fullmatch(r"[!-~]{1,4096}", key):
         raise StartupError(f"the API key from {source} must be 1 to 4096 characters of "
@@ -1875,7 +1875,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         hosts = [*map(_normal_host, (*_LOCAL_HOSTS, address[0], *allowed_hosts))]  # a wrong
         super().__init__(address, handler_class)  # one raises before the port is bound
-        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host, port = self.server_address[:2]  # see server_bind
         self.allowed_hosts = frozenset((*hosts, _normal_host(host)))
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -1884,10 +1884,10 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             with contextlib.suppress(QabelRestError):  # not waiting for a save: it looks too
                 document.load()  # publishes another program's rewrite
 
-    def server_bind(self):
+    def server_bind(self):  # TCPServer's: HTTPServer's looks up a server_name for the address
         if os.name == "nt":  # pragma: no cover - Windows
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        super().server_bind()
+        super(http.server.HTTPServer, self).server_bind()  # in DNS (getfqdn): 35 s on some Macs
 
     def serve_forever(self, poll_interval=0.5):
         """Handle requests until shutdown(); returns at once if that came first."""

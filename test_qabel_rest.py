@@ -2940,6 +2940,42 @@ def test_a_key_file_with_non_ascii_bytes_is_a_startup_error(tmp_path):
     assert "printable ASCII" in str(info.value)
 
 
+def test_a_key_file_may_start_with_a_byte_order_mark(tmp_path, monkeypatch, capsysbinary):
+    # Notepad and PowerShell 5 write UTF-8 with a BOM: it is not part of the key, for the
+    # server or for the client, and the file stays as written.
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    written = b"\xef\xbb\xbf" + KEY.encode() + b"\r\n"
+    (tmp_path / "api-key").write_bytes(written)
+    live = start(tmp_path, api_key=None)
+    try:
+        assert live.server.key_source == str(tmp_path / "api-key")
+        assert live.get("/settings", key=KEY).status == 200
+        argv = ["--url", cli_url(live), "--data-dir", str(tmp_path)]
+        assert qabel_rest.main(["get", "settings", "poll_interval", *argv]) == 0
+        assert capsysbinary.readouterr().out == b"30\n"
+    finally:
+        stop(live)
+    assert (tmp_path / "api-key").read_bytes() == written
+    (tmp_path / "api-key").write_bytes(KEY.encode("utf-16"))  # PowerShell 5's ">": refused
+    with pytest.raises(qabel_rest.StartupError, match="printable ASCII"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+
+
+def test_make_server_looks_up_no_name_for_its_address(tmp_path, monkeypatch):
+    # http.server's server_bind asks DNS for the address's name (socket.getfqdn), which
+    # stalls a start for up to 35 s on a Mac whose resolver does not answer; nothing reads it.
+    def resolver(*args):
+        raise AssertionError("a DNS lookup at start")
+    for name in ("getfqdn", "gethostbyaddr", "gethostname"):
+        monkeypatch.setattr(socket, name, resolver)
+    live = start(tmp_path)
+    try:  # http.server's attributes: the address as bound
+        assert (live.server.server_name, live.server.server_port) == ("127.0.0.1", live.port)
+        assert live.get("/health").status == 200
+    finally:
+        stop(live)
+
+
 def test_a_locked_data_dir_whose_lock_file_holds_non_ascii_is_a_startup_error(live):
     # The holder's pid text is read leniently: garbage in the lock file still gives the one-line
     # StartupError.

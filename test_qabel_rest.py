@@ -1296,6 +1296,37 @@ def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monk
     assert settings.etag == live.get("/settings").headers["ETag"] != before
 
 
+def test_a_412_for_a_change_being_saved_stands_when_that_save_fails(live, monkeypatch):
+    # "Current" is the newest accepted change, saved or about to be: a second writer with the
+    # same tag gets 412 while the first is being saved, and that answer stands when the first
+    # one's save then fails (README: neither is applied).
+    before, tag = live.file("settings.json"), live.get("/settings").headers["ETag"]
+    real, gate, held = os.fsync, threading.Event(), threading.Event()
+
+    def fsync(fd):  # the temp file's: the first change is accepted, not yet on disk
+        if not stat.S_ISDIR(os.fstat(fd).st_mode) and not gate.is_set():
+            held.set()
+            gate.wait(10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    answers = {}
+    first = threading.Thread(target=lambda: answers.setdefault(
+        "first", live.put("/settings", "poll_interval", 5, headers={"If-Match": tag})))
+    first.start()
+    try:
+        assert held.wait(5)
+        second = live.put("/settings", "poll_interval", 6, headers={"If-Match": tag})
+        assert second.status == 412, second.body
+        assert live.get("/settings").headers["ETag"] == tag  # on disk, the version it named
+    finally:
+        gate.set()
+        first.join(5)
+    assert answers["first"].status == 507, answers["first"].body
+    assert live.get("/settings").headers["ETag"] == tag
+    assert live.file("settings.json") == before
+
+
 def held_saves(monkeypatch):
     """Each save waits after its rename, at its directory's fsync, for a release: (entered,
     released when one waits; proceed, to release one)."""

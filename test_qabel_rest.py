@@ -8731,3 +8731,63 @@ def test_an_api_key_that_is_not_a_string_is_a_startup_error(tmp_path, api_key):
     with pytest.raises(qabel_rest.StartupError, match="API key .* 1 to 4096 characters"):
         qabel_rest.make_server(data_dir=str(tmp_path), api_key=api_key, port=0)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dotted", ["drop_servers.3.url", "identities.0.keys.public_primary_key"])
+def test_a_put_below_a_missing_list_item_names_that_item(live, dotted):
+    # SPEC 3: errors may name the key. A PUT through an index past the end of a list is 405,
+    # naming the key up to that index (the part that does not exist), as a GET does; no file
+    # changes. Over HTTP and in process.
+    missing = ".".join(dotted.split(".")[:2])
+    response = live.put("/synced", dotted, "https://drop.example/")
+    assert response.status == 405
+    assert response.json() == {"error": f"{missing}: no such list item"}
+    with pytest.raises(qabel_rest.InvalidKey) as caught:
+        live.server.synced.put(dotted, "https://drop.example/")
+    assert str(caught.value) == f"{missing}: no such list item"
+    assert documents(live.data_dir) == live.initial
+
+
+# Arabic-Indic 1, superscript 1, fullwidth 1
+@pytest.mark.parametrize("segment", ["\u0661", "\u00b9", "\uff11"])
+def test_a_list_index_is_ascii_digits_only(live, segment):
+    # A list index is written in ASCII digits: another script's digit (which str.isdigit and
+    # int() take as 1) names no item, so a PUT through it is 405 and changes nothing, and a GET
+    # of it is the same "no such list item", never item 1.
+    for id, url in ((1, "https://a.example/"), (2, "https://b.example/")):
+        assert live.put("/synced", "drop_servers.-", item(id, url=url, auth="",
+                                                          active=True)).status == 200
+    before = documents(live.data_dir)
+    key = f"drop_servers.{segment}.url"
+    response = live.put("/synced", key, "https://c.example/")
+    assert response.status == 405
+    assert response.json() == {"error": f"drop_servers.{segment}: no such list item"}
+    assert documents(live.data_dir) == before
+    with pytest.raises(qabel_rest.InvalidKey, match="no such list item"):
+        live.server.synced.get(key)
+
+
+def test_a_content_length_of_latin1_superscript_digits_is_malformed(live):
+    # Headers are read as Latin-1, where b"\xb2" is "²", a character str.isdigit takes but
+    # int() does not: it is 400 "malformed Content-Length", not a 500; nothing is written.
+    conn = live.conn()
+    try:
+        conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: \xb2\r\n\r\n{}")
+        response = conn.read()
+    finally:
+        conn.close()
+    assert response.status == 400, response
+    assert response.json() == {"error": "malformed Content-Length"}
+    assert documents(live.data_dir) == live.initial
+
+
+@pytest.mark.parametrize("if_match", [[1], ("*", None), [b"*"]])
+def test_in_process_if_match_that_is_not_a_list_of_strings_is_invalid(live, if_match):
+    # In process, if_match is a tag, "*", or a list of them: a list holding anything else is an
+    # InvalidValue that says so (not a 412, nor a match through "*"), and nothing is written.
+    with pytest.raises(qabel_rest.InvalidValue) as caught:
+        live.server.settings.put("poll_interval", 5, if_match=if_match)
+    assert str(caught.value) == "if_match must be a tag or a list of tags"
+    assert documents(live.data_dir) == live.initial
+    assert live.server.settings.get("poll_interval") == 30

@@ -1203,7 +1203,7 @@ def _find_api_key(key, data_dir):
             raw = _read_file(source)[1]
         if raw is None:
             return None, source
-        key = raw.decode("utf-8-sig", "replace").strip()  # (Notepad may write a BOM)
+        key = raw.removeprefix(b"\xef\xbb\xbf").decode("ascii", "replace").strip()  # UTF-8 BOM
     # printable ASCII without spaces: it has to travel in a header (65,536 bytes at most)
     if type(key) is not str or not re.fullmatch(r"[!-~]{1,4096}", key):
         raise StartupError(f"the API key from {source} must be 1 to 4096 characters of "
@@ -1875,9 +1875,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         synced.publish = lambda key, etag: self._feed.publish("synced", key, etag)
         hosts = [*map(_normal_host, (*_LOCAL_HOSTS, address[0], *allowed_hosts))]  # a wrong
         super().__init__(address, handler_class)  # one raises before the port is bound
-        self.server_name, self.server_port = host, port = self.server_address[:2]  # see server_bind
-        self.allowed_hosts = frozenset((*hosts, _normal_host(host)))
-        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self.allowed_hosts = frozenset((*hosts, _normal_host(self.server_name)))
+        self.url = f"http://{_normal_host(self.server_name)}:{self.server_port}"  # IPv6 in []
 
     def _look(self):
         for document in (self.settings, self.synced):
@@ -1888,6 +1887,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         if os.name == "nt":  # pragma: no cover - Windows
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         super(http.server.HTTPServer, self).server_bind()  # in DNS (getfqdn): 35 s on some Macs
+        self.server_name, self.server_port = self.server_address[:2]  # the address as bound
 
     def serve_forever(self, poll_interval=0.5):
         """Handle requests until shutdown(); returns at once if that came first."""

@@ -1272,14 +1272,13 @@ def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monk
     settings = live.server.settings
     settings.put("module_data.m.items", [])
     before = live.get("/settings").headers["ETag"]
-    real, gate, held = os.fsync, threading.Event(), threading.Event()
+    real, gate, held = os.write, threading.Event(), threading.Event()
 
-    def fsync(fd):  # the temp file's, before its rename: the save is under way
-        if not stat.S_ISDIR(os.fstat(fd).st_mode) and not gate.is_set():
-            held.set()
-            gate.wait(10)
-        return real(fd)
-    monkeypatch.setattr(os, "fsync", fsync)
+    def write(fd, data):  # the temp file's, before its rename: the save is under way
+        held.set()
+        gate.wait(10)
+        return real(fd, data)
+    monkeypatch.setattr(os, "write", write)
     writer = threading.Thread(target=settings.put, args=("module_data.m.items", ["a"]))
     writer.start()
     try:
@@ -1301,15 +1300,13 @@ def test_a_412_for_a_change_being_saved_stands_when_that_save_fails(live, monkey
     # same tag gets 412 while the first is being saved, and that answer stands when the first
     # one's save then fails (README: neither is applied).
     before, tag = live.file("settings.json"), live.get("/settings").headers["ETag"]
-    real, gate, held = os.fsync, threading.Event(), threading.Event()
+    gate, held = threading.Event(), threading.Event()
 
-    def fsync(fd):  # the temp file's: the first change is accepted, not yet on disk
-        if not stat.S_ISDIR(os.fstat(fd).st_mode) and not gate.is_set():
-            held.set()
-            gate.wait(10)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
-    monkeypatch.setattr(os, "fsync", fsync)
+    def write(fd, data):  # the temp file's: the first change is accepted, not yet on disk
+        held.set()
+        gate.wait(10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", write)
     answers = {}
     first = threading.Thread(target=lambda: answers.setdefault(
         "first", live.put("/settings", "poll_interval", 5, headers={"If-Match": tag})))
@@ -2987,9 +2984,10 @@ def test_a_key_file_may_start_with_a_byte_order_mark(tmp_path, monkeypatch, caps
     finally:
         stop(live)
     assert (tmp_path / "api-key").read_bytes() == written
-    (tmp_path / "api-key").write_bytes(KEY.encode("utf-16"))  # PowerShell 5's ">": refused
-    with pytest.raises(qabel_rest.StartupError, match="printable ASCII"):
-        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    for refused in (KEY.encode("utf-16"), b"\xef\xbb\xbf\n", b"\xc2\xa0" + KEY.encode()):
+        (tmp_path / "api-key").write_bytes(refused)  # PowerShell 5's ">", a BOM alone, NBSP
+        with pytest.raises(qabel_rest.StartupError, match="printable ASCII"):
+            qabel_rest.make_server(data_dir=str(tmp_path), port=0)
 
 
 def test_make_server_looks_up_no_name_for_its_address(tmp_path, monkeypatch):
@@ -2999,9 +2997,17 @@ def test_make_server_looks_up_no_name_for_its_address(tmp_path, monkeypatch):
         raise AssertionError("a DNS lookup at start")
     for name in ("getfqdn", "gethostbyaddr", "gethostname"):
         monkeypatch.setattr(socket, name, resolver)
+    activated, activate = [], qabel_rest.QabelRestServer.server_activate
+
+    def server_activate(self):  # http.server's attributes are set by the bind, as there
+        activated.append((self.server_name, self.server_port))
+        activate(self)
+    monkeypatch.setattr(qabel_rest.QabelRestServer, "server_activate", server_activate)
     live = start(tmp_path)
-    try:  # http.server's attributes: the address as bound
+    try:  # the address as bound
+        assert activated == [("127.0.0.1", live.port)]
         assert (live.server.server_name, live.server.server_port) == ("127.0.0.1", live.port)
+        assert live.server.url == f"http://127.0.0.1:{live.port}"
         assert live.get("/health").status == 200
     finally:
         stop(live)

@@ -8797,3 +8797,42 @@ def test_in_process_if_match_that_is_not_a_list_of_strings_is_invalid(live, if_m
     assert str(caught.value) == "if_match must be a tag or a list of tags"
     assert documents(live.data_dir) == live.initial
     assert live.server.settings.get("poll_interval") == 30
+
+
+def test_the_key_length_limit_is_4096_characters(live):
+    # README: a key is at most 4,096 characters (405 beyond). The number itself, not
+    # qabel_rest.MAX_KEY_LENGTH: a key of 4,096 is stored, one of 4,097 is refused whole, over
+    # HTTP and in process, and no file changes.
+    at_limit = "module_data.m." + "k" * (4096 - 14)
+    assert live.put("/settings", at_limit, 1).status == 200
+    assert live.doc("settings.json")["module_data"]["m"] == {at_limit[14:]: 1}
+    assert live.server.settings.get(at_limit) == 1
+    before, over = documents(live.data_dir), at_limit + "k"
+    response = live.put("/settings", over, 2)
+    assert response.status == 405
+    assert response.json() == {"error": "the key is longer than 4096 characters"}
+    with pytest.raises(qabel_rest.InvalidKey) as caught:
+        live.server.settings.put(over, 2)
+    assert str(caught.value) == "the key is longer than 4096 characters"
+    assert documents(live.data_dir) == before
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:9696", "localhost", "[::1]:1"])
+def test_a_server_bound_elsewhere_still_allows_the_three_local_names(tmp_path, host):
+    # SPEC 3, security 1: Host may be localhost, 127.0.0.1 or [::1] (any port), besides the host the
+    # server is bound to. Bound to ::1, a request naming 127.0.0.1 is served too; not 403.
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    running = start(tmp_path, host="::1")
+    try:
+        with socket.create_connection(("::1", running.port), timeout=TIMEOUT) as sock:
+            sock.sendall(build_request("GET", "/synced", headers={"X-API-Key": KEY}, host=host))
+            response = read_response(sock.makefile("rb"))
+        assert response.status == 200, response
+        assert response.json()["identities"] == []
+    finally:
+        stop(running)
+    assert documents(tmp_path) == running.initial

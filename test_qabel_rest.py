@@ -4645,19 +4645,27 @@ def test_document_file_that_cannot_even_be_looked_at_is_503_and_stays(live):
     assert live.get("/synced").status == 200  # the other document is served as before
 
 
-def test_server_on_an_ipv6_address_serves_it_with_brackets(tmp_path):
+def start_on_ipv6_loopback(data_dir):
+    """A server bound to ::1; the test is skipped where there is no IPv6 loopback."""
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback here")
-    running = start(tmp_path, host="::1")
+    return start(data_dir, host="::1")
+
+
+def get_synced_over_ipv6(running, host):
+    with socket.create_connection(("::1", running.port), timeout=TIMEOUT) as sock:
+        sock.sendall(build_request("GET", "/synced", headers={"X-API-Key": KEY}, host=host))
+        return read_response(sock.makefile("rb"))
+
+
+def test_server_on_an_ipv6_address_serves_it_with_brackets(tmp_path):
+    running = start_on_ipv6_loopback(tmp_path)
     try:
         assert running.server.url == f"http://[::1]:{running.port}"
-        with socket.create_connection(("::1", running.port), timeout=TIMEOUT) as sock:
-            sock.sendall(build_request("GET", "/synced", headers={"X-API-Key": KEY},
-                                       host=f"[::1]:{running.port}"))
-            response = read_response(sock.makefile("rb"))
+        response = get_synced_over_ipv6(running, f"[::1]:{running.port}")
         assert response.status == 200 and response.json()["identities"] == []
     finally:
         stop(running)
@@ -8821,16 +8829,9 @@ def test_the_key_length_limit_is_4096_characters(live):
 def test_a_server_bound_elsewhere_still_allows_the_three_local_names(tmp_path, host):
     # SPEC 3, security 1: Host may be localhost, 127.0.0.1 or [::1] (any port), besides the host the
     # server is bound to. Bound to ::1, a request naming 127.0.0.1 is served too; not 403.
+    running = start_on_ipv6_loopback(tmp_path)
     try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback here")
-    running = start(tmp_path, host="::1")
-    try:
-        with socket.create_connection(("::1", running.port), timeout=TIMEOUT) as sock:
-            sock.sendall(build_request("GET", "/synced", headers={"X-API-Key": KEY}, host=host))
-            response = read_response(sock.makefile("rb"))
+        response = get_synced_over_ipv6(running, host)
         assert response.status == 200, response
         assert response.json()["identities"] == []
     finally:

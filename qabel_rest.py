@@ -1861,8 +1861,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._compare_digest = hmac.compare_digest
         self.logger = _logger()
         self._api_key = self._dir_lock = None  # make_server's: key (bytes, never shown), lock fd
-        # Guards what follows; reentrant: shutdown() may run in a signal handler holding it.
-        self._state = threading.RLock()
+        self._state = threading.RLock()  # guards what follows; reentrant for a signal's shutdown()
         self._stopping = self._closing = False  # shutdown(), server_close() was called
         self._serving = None  # the thread that called serve_forever()
         self._connections = {}  # socket -> [thread, state, deadline], oldest first
@@ -1891,10 +1890,11 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
 
     def serve_forever(self, poll_interval=0.5):
         """Handle requests until shutdown(); returns at once if that came first."""
-        with self._state:
-            if self._stopping:
-                return
+        with self._state:  # a signal handler calling shutdown() here either sees this...
             self._serving = threading.current_thread()
+            if self._stopping:  # ...or is seen here: else socketserver's would serve on
+                self._serving = None  # a later shutdown() must not wait for it
+                return
         super().serve_forever(poll_interval)
 
     def shutdown(self):

@@ -4185,6 +4185,30 @@ def test_refused_connection_is_answered_at_once(live_with, monkeypatch):
     busy.close()
 
 
+def test_a_signal_as_serve_forever_begins_stops_it(tmp_path, monkeypatch):
+    # SIGTERM's handler calls shutdown() in the serving thread, between any two bytecodes: one
+    # that ran as serve_forever() began (after it found no shutdown asked for, before it
+    # recorded its thread) asked socketserver for nothing, and the server served on.
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    real, signalled = threading.current_thread, []
+
+    def current_thread():  # the first call from the serving thread: the signal comes
+        if real().name == "serving" and not signalled:
+            signalled.append(True)
+            server.shutdown()
+        return real()
+    monkeypatch.setattr(threading, "current_thread", current_thread)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="serving")
+    thread.start()
+    thread.join(5)
+    stopped = not thread.is_alive()
+    monkeypatch.undo()
+    server.shutdown()  # what a second signal would do, so that the test ends either way
+    server.server_close()
+    thread.join(TIMEOUT)
+    assert signalled and stopped
+
+
 def test_shutdown_from_the_serving_thread_holding_the_connection_table(
         live_with, monkeypatch):
     # A signal handler runs in the serving thread, maybe while it holds the lock of

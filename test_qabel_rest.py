@@ -6,6 +6,7 @@ import errno
 import gc
 import http.client
 import http.server
+import inspect
 import io
 import json
 import math
@@ -8861,3 +8862,85 @@ def test_a_server_bound_elsewhere_still_allows_the_three_local_names(tmp_path, h
     finally:
         stop(running)
     assert documents(tmp_path) == running.initial
+
+
+
+@pytest.mark.parametrize("rewrites, status", [(2, 200), (3, 409)])
+def test_a_save_gives_up_on_the_third_rewrite_during_it(live, monkeypatch, rewrites, status):
+    # README: only a file rewritten three times during one save gives 409. Another program
+    # rewrites settings.json once during each try (after the temp file is made, before the
+    # comparison): twice, and the change lands on top of the second rewrite; three times, 409
+    # and the third rewrite is kept, never overwritten.
+    path = os.path.join(live.data_dir, "settings.json")
+    real, armed, done = os.open, [], []
+
+    def rewriting(p, flags, *args, **kw):
+        if flags & os.O_CREAT:  # the temp file of a try
+            armed.append(1)
+        elif p == path and armed and len(done) < rewrites:
+            armed.clear()
+            done.append(1)
+            with open(path, "w") as f:
+                json.dump({"poll_interval": len(done)}, f)
+        return real(p, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", rewriting)
+    response = live.put("/settings", "module_data.m", {})
+    monkeypatch.undo()
+    assert len(done) == rewrites
+    assert response.status == status
+    if status == 200:
+        assert live.doc("settings.json") == {"poll_interval": 2, "drop_last_update": "",
+                                             "module_data": {"m": {}}}
+    else:
+        assert response.json() == {
+            "error": "settings.json keeps being changed by another program"}
+        assert live.doc("settings.json") == {"poll_interval": 3}
+
+
+def test_the_default_connection_cap_is_512(tmp_path):
+    # README: up to 512 open connections (max_connections); at the cap the oldest idle one
+    # makes room. With the defaults, 512 idle keep-alive connections all stay open; the 513th
+    # closes the first.
+    assert inspect.signature(qabel_rest.make_server).parameters[
+        "max_connections"].default == 512
+    resource = pytest.importorskip("resource")  # POSIX: two descriptors per connection here
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("fewer than 2048 file descriptors allowed")
+    live = start(tmp_path)
+    conns = []
+    try:
+        for _ in range(512):
+            conns.append(live.conn())
+            assert conns[-1].request("GET", "/health").status == 200
+        conns.append(live.conn())  # the first one has been idle longest
+        assert conns[-1].request("GET", "/health").status == 200
+        assert conns[0].closed()  # the oldest idle one made room
+        assert conns[1].request("GET", "/health").status == 200
+    finally:
+        for conn in conns:
+            conn.close()
+        stop(live)
+    assert documents(tmp_path) == live.initial
+
+
+@pytest.mark.skipif(not hasattr(errno, "EDQUOT"), reason="no disk quotas here")
+def test_a_save_over_the_disk_quota_is_507_and_changes_nothing(live, monkeypatch):
+    # README: a failed save changes nothing; disk full is 507. A quota that is used up is the
+    # same to the client (EDQUOT, as ENOSPC): 507, not 500.
+    live.put("/settings", "poll_interval", 5)
+    before = snapshot(live.data_dir)
+    response = put_with_fault(live, monkeypatch, "write", lambda fd, data: len(data) > 10,
+                              OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert response.status == 507
+    assert response.json() == {"error": "could not save settings.json: Disk quota exceeded"}
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["poll_interval"] == 5
+
+
+def test_make_server_defaults_are_the_documented_timeouts():
+    # README: an idle connection is closed after 30 s, a request must be read and answered
+    # within 10 s of its first byte. The defaults themselves, not the module's constants.
+    parameters = inspect.signature(qabel_rest.make_server).parameters
+    assert parameters["idle_timeout"].default == 30
+    assert parameters["request_timeout"].default == 10

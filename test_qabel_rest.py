@@ -1273,13 +1273,7 @@ def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monk
     settings = live.server.settings
     settings.put("module_data.m.items", [])
     before = live.get("/settings").headers["ETag"]
-    real, gate, held = os.write, threading.Event(), threading.Event()
-
-    def write(fd, data):  # the temp file's, before its rename: the save is under way
-        held.set()
-        gate.wait(10)
-        return real(fd, data)
-    monkeypatch.setattr(os, "write", write)
+    held, gate = hold_first_save(monkeypatch)  # the save is under way
     writer = threading.Thread(target=settings.put, args=("module_data.m.items", ["a"]))
     writer.start()
     try:
@@ -1301,13 +1295,8 @@ def test_a_412_for_a_change_being_saved_stands_when_that_save_fails(live, monkey
     # same tag gets 412 while the first is being saved, and that answer stands when the first
     # one's save then fails (README: neither is applied).
     before, tag = live.file("settings.json"), live.get("/settings").headers["ETag"]
-    gate, held = threading.Event(), threading.Event()
-
-    def write(fd, data):  # the temp file's: the first change is accepted, not yet on disk
-        held.set()
-        gate.wait(10)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(os, "write", write)
+    held, gate = hold_first_save(  # the first change is accepted, not yet on disk
+        monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     answers = {}
     first = threading.Thread(target=lambda: answers.setdefault(
         "first", live.put("/settings", "poll_interval", 5, headers={"If-Match": tag})))
@@ -4103,26 +4092,37 @@ def test_a_request_whose_header_block_ends_early_is_400(live, sent):
     assert live.get("/health").status == 200  # and the server serves on
 
 
-def test_file_rewritten_during_every_try_of_a_save_is_409(live, monkeypatch):
+@pytest.mark.parametrize("rewrites, status", [(2, 200), (3, 409)])
+def test_a_save_gives_up_on_the_third_rewrite_during_it(live, monkeypatch, rewrites, status):
+    # README: only a file rewritten three times during one save gives 409. Another program
+    # rewrites settings.json once during each try (after the temp file is made, before the
+    # comparison): twice, and the change lands on top of the second rewrite; three times, 409
+    # and the third rewrite is kept, never overwritten.
     path = os.path.join(live.data_dir, "settings.json")
-    real = os.open
-    rewrites = []
+    real, armed, done = os.open, [], []
 
     def rewriting(p, flags, *args, **kw):
-        if p == path and not flags & (os.O_WRONLY | os.O_RDWR) and rewrites is not None:
-            rewrites.append(1)  # another program rewrites it before each comparison
+        if flags & os.O_CREAT:  # the temp file of a try
+            armed.append(1)
+        elif p == path and armed and len(done) < rewrites:
+            armed.clear()
+            done.append(1)
             with open(path, "w") as f:
-                json.dump({"poll_interval": len(rewrites)}, f)
+                json.dump({"poll_interval": len(done)}, f)
         return real(p, flags, *args, **kw)
 
     monkeypatch.setattr(os, "open", rewriting)
     response = live.put("/settings", "module_data.m", {})
-    rewrites_seen = len(rewrites)
-    rewrites = None  # noqa: F841 - stop rewriting
     monkeypatch.undo()
-    assert response.status == 409
-    assert response.json() == {"error": "settings.json keeps being changed by another program"}
-    assert live.doc("settings.json") == {"poll_interval": rewrites_seen}  # never overwritten
+    assert len(done) == rewrites
+    assert response.status == status
+    if status == 200:
+        assert live.doc("settings.json") == {"poll_interval": 2, "drop_last_update": "",
+                                             "module_data": {"m": {}}}
+    else:
+        assert response.json() == {
+            "error": "settings.json keeps being changed by another program"}
+        assert live.doc("settings.json") == {"poll_interval": 3}
 
 
 def test_file_rewritten_invalid_during_a_save_is_503_and_kept(live, monkeypatch):
@@ -8862,40 +8862,6 @@ def test_a_server_bound_elsewhere_still_allows_the_three_local_names(tmp_path, h
     finally:
         stop(running)
     assert documents(tmp_path) == running.initial
-
-
-
-@pytest.mark.parametrize("rewrites, status", [(2, 200), (3, 409)])
-def test_a_save_gives_up_on_the_third_rewrite_during_it(live, monkeypatch, rewrites, status):
-    # README: only a file rewritten three times during one save gives 409. Another program
-    # rewrites settings.json once during each try (after the temp file is made, before the
-    # comparison): twice, and the change lands on top of the second rewrite; three times, 409
-    # and the third rewrite is kept, never overwritten.
-    path = os.path.join(live.data_dir, "settings.json")
-    real, armed, done = os.open, [], []
-
-    def rewriting(p, flags, *args, **kw):
-        if flags & os.O_CREAT:  # the temp file of a try
-            armed.append(1)
-        elif p == path and armed and len(done) < rewrites:
-            armed.clear()
-            done.append(1)
-            with open(path, "w") as f:
-                json.dump({"poll_interval": len(done)}, f)
-        return real(p, flags, *args, **kw)
-
-    monkeypatch.setattr(os, "open", rewriting)
-    response = live.put("/settings", "module_data.m", {})
-    monkeypatch.undo()
-    assert len(done) == rewrites
-    assert response.status == status
-    if status == 200:
-        assert live.doc("settings.json") == {"poll_interval": 2, "drop_last_update": "",
-                                             "module_data": {"m": {}}}
-    else:
-        assert response.json() == {
-            "error": "settings.json keeps being changed by another program"}
-        assert live.doc("settings.json") == {"poll_interval": 3}
 
 
 def test_the_default_connection_cap_is_512(tmp_path):

@@ -182,6 +182,13 @@ def stop(live):
     assert not live.thread.is_alive()
 
 
+@pytest.fixture(autouse=True)
+def plain_text(monkeypatch):
+    # From Python 3.14 on, argparse colours what it prints when FORCE_COLOR or PYTHON_COLORS
+    # asks for it, as some CI systems do: the processes the tests start print plain text.
+    monkeypatch.setenv("PYTHON_COLORS", "0")
+
+
 @pytest.fixture
 def live(tmp_path):
     running = start(tmp_path)
@@ -2560,7 +2567,8 @@ def test_each_refusal_says_what_is_wrong(live, method, path, body, headers, stat
      + KEY_BYTES + b"\r\n\r\n5\r\nabcde\r\n0\r\n\r\n", 411, "send the body with a Content-Length"),
     (b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY_BYTES
      + b"\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "conflicting Content-Length"),
-    (b"GET /settings HTTP/1.1\r\nHost: 127.0.0.1\r\n bad\r\n\r\n", 400, "malformed header line"),
+    (b"GET /settings HTTP/1.1\r\nHost: 127.0.0.1\r\n bad\r\n\r\n", 400,
+     "a line starts with white space"),
 ])
 def test_each_framing_refusal_says_what_is_wrong(live, request_bytes, status, error):
     # The same for requests refused before any routing: the words a client sees.
@@ -3998,7 +4006,9 @@ def test_form_value_for_a_string_field_is_its_text(live):
     (b"X-Other: a\r\nFrom nobody\r\n", 400),  # parser behind http.client drops
     (b"Content-Type: message/rfc822\r\nFrom nobody\r\n", 400),  # (here: an inner message's)
     (b"".join(b"X-%d: 1\r\n" % i for i in range(101)), 431),  # over 100 header lines
-    (b"".join(b"X-%d: 1\r\n" % i for i in range(98)), 431),  # 100 with Host and the key
+    pytest.param(b"".join(b"X-%d: 1\r\n" % i for i in range(98)), 431,  # 100 with Host and
+                 marks=pytest.mark.skipif(sys.version_info >= (3, 15),  # the key (3.15 reads
+                                          reason="http.client reads 100 header lines")),  # 100)
     (b"Expect: 200-ok\r\n", 417),
 ])
 def test_header_block_strictness(live, raw, status):
@@ -4035,6 +4045,30 @@ def refused_with_400(client, raw, message):
 def test_envelope_line_first_in_the_header_block_is_400(live):
     refused_with_400(live, b"GET /health HTTP/1.1\r\nFrom nobody\r\nHost: localhost\r\n\r\n",
                      "malformed header line")
+
+
+def test_a_folded_header_line_is_400_whatever_the_email_parser_joins(live, monkeypatch):
+    # From Python 3.13.2 on (gh-124452), the email parser behind http.client joins a fold
+    # whose first line is empty without a trace: "X-API-Key:\r\n KEY" reads as "KEY". Its
+    # newer join is put in place here: a fold is still refused, by line, before it.
+    import email._policybase
+
+    def header_source_parse(self, sourcelines):  # as in Python 3.13.2 and 3.14
+        name, value = sourcelines[0].split(":", 1)
+        value = "".join((value, *sourcelines[1:])).lstrip(" \t\r\n")
+        return (name, value.rstrip("\r\n"))
+    monkeypatch.setattr(email._policybase.Compat32, "header_source_parse", header_source_parse)
+    assert parse_headers(io.BytesIO(b"X-API-Key:\r\n k\r\n\r\n"))["X-API-Key"] == "k"
+    before = snapshot(live.data_dir)
+    body = b'{"key": "poll_interval", "value": 7}'
+    for head in (b"GET /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key:\r\n " + KEY_BYTES,
+                 b"GET /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key:\r\n\t" + KEY_BYTES,
+                 b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY_BYTES
+                 + b"\r\nContent-Length:\r\n %d\r\n\r\n" % len(body) + body,
+                 b" GET /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY_BYTES):
+        refused_with_400(live, head + b"\r\n\r\n", "a line starts with white space")
+    assert snapshot(live.data_dir) == before
+    assert live.call("GET", "/settings").json()["poll_interval"] == 30
 
 
 def test_a_bare_cr_before_a_request_is_400_at_once_without_reading_on(live_with):

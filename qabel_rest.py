@@ -226,8 +226,7 @@ class _HTTPError(QabelRestError):
 
     def __init__(self, status, message, headers=(), close=False):
         super().__init__(message, status)
-        self.headers = headers
-        self.close = close
+        self.headers, self.close = headers, close
 
 
 class _Malformed(_HTTPError):
@@ -659,10 +658,8 @@ class SettingsDocument:
     which takes in another program's rewrite."""
 
     def __init__(self, path, schema, defaults):
-        self.path = path
-        self.name = os.path.basename(path)
-        self.schema = schema
-        self._defaults = defaults
+        self.path, self.name = path, os.path.basename(path)
+        self.schema, self._defaults = schema, defaults  # the default document, as text
         prefix, numbers = os.urandom(6).hex(), itertools.count(1)  # a new prefix per process:
         self._new_tag = lambda: f'"{prefix}-{next(numbers)}"'  # never repeats; next() is atomic
         # _lock guards what follows; the writer that set _saving writes the file without it.
@@ -1646,7 +1643,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if self._expect:
             super().handle_expect_100()  # send 100 Continue now
             self.wfile.flush()
-        body = self.rfile.read(self._unread)
+        try:  # read() allocates the whole length first: max_body may allow more than memory
+            body = self.rfile.read(self._unread)
+        except (MemoryError, OverflowError):  # (over sys.maxsize: a bytes object cannot be)
+            raise _Malformed("the body is too large to hold", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         if len(body) < self._unread:
             raise _Malformed("the body ended early")
         self._unread = 0

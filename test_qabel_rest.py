@@ -1988,6 +1988,27 @@ def test_huge_content_length_is_413_without_reading(live):
         conn.close()
 
 
+@pytest.mark.parametrize("max_body, length", [
+    (1 << 62, 1 << 50),  # within max_body, but memory cannot hold it (read() allocates it)
+    (10 ** 30, (1 << 63) - 1),  # more than a bytes object can be: OverflowError
+])
+def test_a_length_max_body_allows_but_memory_cannot_hold_is_413(live_with, max_body, length):
+    live = live_with(max_body=max_body)
+    for method, media in (("PUT", "application/json"), ("POST", "application/json"),
+                          ("PATCH", "application/merge-patch+json")):
+        conn = live.conn()
+        conn.send(build_request(method, "/settings", b"{}", {
+            "X-API-Key": KEY, "Content-Type": media, "Content-Length": str(length)}))
+        response = conn.read()
+        assert response.status == 413, response
+        assert response.json() == {"error": "the body is too large to hold"}
+        assert_common_headers(response)
+        assert conn.closed()
+        conn.close()
+    assert documents(live.data_dir) == live.initial
+    assert live.call("GET", "/settings").status == 200
+
+
 def test_http_1_0_with_transfer_encoding_is_400(live):
     conn = live.conn()
     conn.send(b"PUT /settings HTTP/1.0\r\nHost: localhost\r\nX-API-Key: " + KEY.encode()

@@ -1380,8 +1380,8 @@ class _LineReader(io.BufferedReader):
         line = super().readline(limit)  # a LF can only be its last byte
         if _CONTROL.search(line):
             raise _Malformed("a control character in a line")
-        if line[:1] in (b" ", b"\t"):  # a fold (RFC 9112 5.2), which the email parser joins
-            raise _Malformed("a line starts with white space")  # (3.13.2 on: without a trace)
+        if line[:1] in (b" ", b"\t") and len(line) != limit:  # a fold (RFC 9112 5.2), which
+            raise _Malformed("a line starts with white space")  # newer email parsers join
         if line[-1:] != b"\n" and len(line) != limit:  # not at the limit (414, 431): the input
             raise _Malformed("the request ended early")  # ended (RFC 9112 8: incomplete)
         return line
@@ -1645,8 +1645,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         try:  # read() allocates the whole length first: max_body may allow more than memory
             body = self.rfile.read(self._unread)
-        except (MemoryError, OverflowError):  # (over sys.maxsize: a bytes object cannot be)
-            raise _Malformed("the body is too large to hold", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        except (MemoryError, OverflowError) as exc:  # within the default limit: ours, a 500
+            raise exc if self._unread <= DEFAULT_MAX_BODY else _Malformed(
+                "the body is too large to hold", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         if len(body) < self._unread:
             raise _Malformed("the body ended early")
         self._unread = 0
@@ -1850,8 +1851,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, handler_class, *, data_dir, settings, synced, max_body,
                  allowed_hosts, idle_timeout, request_timeout, max_connections):
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = socket.AF_INET6 if ":" in address[0] else self.address_family
         self.data_dir = data_dir
         self.key_source = None  # where the API key came from: set by make_server
         self.settings, self.synced = settings, synced

@@ -2005,8 +2005,33 @@ def test_a_length_max_body_allows_but_memory_cannot_hold_is_413(live_with, max_b
         assert_common_headers(response)
         assert conn.closed()
         conn.close()
+    # With Expect: 100-continue, it is found as the body is read: after the 100
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b"", {
+        "X-API-Key": KEY, "Content-Length": str(length), "Expect": "100-continue"}))
+    assert conn.read().status == 100
+    assert conn.read().status == 413
+    assert conn.closed()
+    conn.close()
     assert documents(live.data_dir) == live.initial
     assert live.call("GET", "/settings").status == 200
+
+
+def test_no_memory_for_a_body_within_the_default_limit_is_a_logged_500(live, monkeypatch,
+                                                                         caplog):
+    # Not the client's doing: the server is out of memory, the body is not too large
+    body = b'{"key": "poll_interval", "value": 12}'
+
+    def read(reader, size=-1):
+        if size == len(body):
+            raise MemoryError
+        return io.BufferedReader.read(reader, size)
+    monkeypatch.setattr(qabel_rest._LineReader, "read", read)
+    response = live.call("PUT", "/settings", body)
+    assert response.status == 500
+    assert response.json() == {"error": "internal error"}
+    assert "MemoryError" in caplog.text
+    assert documents(live.data_dir) == live.initial
 
 
 def test_http_1_0_with_transfer_encoding_is_400(live):
@@ -2122,10 +2147,13 @@ def test_http_2_is_505_and_long_lines_are_refused(live):
         conn.send(b"GET /" + b"a" * length + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert conn.read().status == 414
         conn.close()
-    conn = live.conn()
-    conn.send(b"GET / HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
-    assert conn.read().status == 431
-    conn.close()
+    for request, status in ((b"GET / HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 70000, 431),
+                            (b"GET / HTTP/1.1\r\nHost: localhost\r\n " + b"a" * 70000, 431),
+                            (b" GET /" + b"a" * 70000 + b" HTTP/1.1", 414)):  # too long first,
+        conn = live.conn()  # though folded or starting with a space
+        conn.send(request + b"\r\n\r\n")
+        assert conn.read().status == status
+        conn.close()
 
 
 def test_refusals_of_what_a_client_sent_log_no_warning(live, caplog):
@@ -4069,9 +4097,9 @@ def test_envelope_line_first_in_the_header_block_is_400(live):
 
 
 def test_a_folded_header_line_is_400_whatever_the_email_parser_joins(live, monkeypatch):
-    # From Python 3.13.2 on (gh-124452), the email parser behind http.client joins a fold
-    # whose first line is empty without a trace: "X-API-Key:\r\n KEY" reads as "KEY". Its
-    # newer join is put in place here: a fold is still refused, by line, before it.
+    # In newer Pythons (3.13.2 and 3.14 at least: gh-124452), the email parser behind
+    # http.client joins a fold whose first line is blank without a trace: "X-API-Key:\r\n KEY"
+    # reads as "KEY". Its newer join is put in place here: a fold is still refused, by line.
     import email._policybase
 
     def header_source_parse(self, sourcelines):  # as in Python 3.13.2 and 3.14

@@ -1201,7 +1201,7 @@ def _find_api_key(key, data_dir):
             raw = _read_file(source)[1]
         if raw is None:
             return None, source
-        key = raw.removeprefix(b"\xef\xbb\xbf").decode("ascii", "replace").strip()  # UTF-8 BOM
+        key = raw.removeprefix(b"\xef\xbb\xbf").strip().decode("ascii", "replace")  # UTF-8 BOM
     # printable ASCII without spaces: it has to travel in a header (65,536 bytes at most)
     if type(key) is not str or not re.fullmatch(r"[!-~]{1,4096}", key):
         raise StartupError(f"the API key from {source} must be 1 to 4096 characters of "

@@ -3006,13 +3006,75 @@ def test_a_port_out_of_range_is_a_startup_error_that_says_why(tmp_path):
     assert "None" not in str(info.value) and "65535" in str(info.value), str(info.value)
 
 
-def test_a_key_file_with_non_ascii_bytes_is_a_startup_error(tmp_path):
-    # A key file holding non-ASCII bytes is the one-line StartupError, not a LookupError
-    # traceback.
-    (tmp_path / "api-key").write_bytes(b"key-\xff-0123456789abcdef\n")
-    with pytest.raises(qabel_rest.StartupError) as info:
+def get_settings_at(address, port, host):
+    with socket.create_connection((address, port), timeout=TIMEOUT) as sock:
+        sock.sendall(build_request("GET", "/settings", headers={"X-API-Key": KEY}, host=host))
+        return read_response(sock.makefile("rb")).status
+
+
+@pytest.mark.parametrize("given, bound, hosts", [
+    # Linux serves all of 127/8 ("127.2" is 127.0.0.2)
+    ("127.2", "127.0.0.2", ["127.0.0.2", "127.0.0.2:1", "127.2", "localhost"]),
+    # IPv6's spelling of 127.0.0.1, bound as ::ffff:127.0.0.1: in brackets as a Host has it
+    ("::FFFF:7f00:1", "[::ffff:127.0.0.1]", ["[::ffff:127.0.0.1]", "[::ffff:127.0.0.1]:1",
+                                            "[::ffff:7f00:1]", "[::1]"]),
+])
+def test_a_server_bound_by_another_spelling_allows_and_shows_its_bound_address(
+        tmp_path, given, bound, hosts):
+    # SPEC security 1: Host may be the host the server is bound to: the address as bound, as
+    # well as the spelling it was given. The ready line's URL shows the address as bound.
+    address = bound.strip("[]")
+    try:  # a listener there that a client reaches (no 127.0.0.2 on macOS, v6only on Windows)
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            probe.bind((address, 0))
+            probe.listen()
+            socket.create_connection(probe.getsockname()[:2], timeout=TIMEOUT).close()
+    except OSError:
+        pytest.skip(f"cannot serve on {address} here")
+    live = start(tmp_path, host=given)
+    try:
+        assert live.server.url == f"http://{bound}:{live.port}"
+        for host in hosts:
+            assert get_settings_at(address, live.port, host) == 200, host
+        assert get_settings_at(address, live.port, "127.0.0.3") == 403
+    finally:
+        stop(live)
+
+
+@pytest.mark.parametrize("written", [
+    b"key-\xff-0123456789abcdef\n",  # not ASCII: the one-line StartupError, no LookupError
+    b"\xbb" + KEY.encode(),  # one byte of a BOM is not a BOM
+    b"\xef\xbb\xbf\xef\xbb\xbf" + KEY.encode(),  # a second BOM is before the key, not "a" BOM
+    KEY.encode() + b"\xa0\n",  # Latin-1 NBSP: not ASCII white space
+    b"\x85" + KEY.encode(),  # Latin-1 NEL
+    KEY.encode() + "\u2003".encode(),  # UTF-8 em space
+    b"\x1f" + KEY.encode() + b"\x1c\n",  # separators: str.isspace, not ASCII white space
+])
+def test_a_key_file_with_bytes_a_key_cannot_hold_is_refused(tmp_path, monkeypatch, written):
+    # README: ASCII white space around the key and a UTF-8 BOM before it are not part of it;
+    # a key is printable ASCII. Any other byte, even one that is white space in Latin-1 or
+    # Unicode, or a part of a BOM, makes the key file a startup error, and it stays as it is.
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    (tmp_path / "api-key").write_bytes(written)
+    with pytest.raises(qabel_rest.StartupError, match="printable ASCII"):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)
-    assert "printable ASCII" in str(info.value)
+    assert (tmp_path / "api-key").read_bytes() == written
+
+
+def test_serve_forever_polls_every_half_second_by_default():
+    # README: serve_forever() notices shutdown() within its poll_interval (0.5 s by default).
+    parameters = inspect.signature(qabel_rest.QabelRestServer.serve_forever).parameters
+    assert parameters["poll_interval"].default == 0.5
+
+
+def test_documents_hold_non_ascii_text_as_utf8_not_as_escapes(live):
+    # README: the files are compact UTF-8 JSON, and documents are served as it: a non-ASCII
+    # character is its UTF-8 bytes (as a user reading the file sees it), not a \u escape.
+    text = "h\u00e9llo \u2603 \U0001f600"
+    assert live.put("/settings", "module_data.m", {"text": text}).status == 200
+    for raw in (live.file("settings.json"), live.get("/settings").body):
+        assert b'"text":"' + text.encode("utf-8") + b'"' in raw
+        assert b"\\u" not in raw
 
 
 def test_a_key_file_may_start_with_a_byte_order_mark(tmp_path, monkeypatch, capsysbinary):

@@ -2017,20 +2017,29 @@ def test_a_length_max_body_allows_but_memory_cannot_hold_is_413(live_with, max_b
     assert live.call("GET", "/settings").status == 200
 
 
-def test_no_memory_for_a_body_within_the_default_limit_is_a_logged_500(live, monkeypatch,
-                                                                         caplog):
-    # Not the client's doing: the server is out of memory, the body is not too large
-    body = b'{"key": "poll_interval", "value": 12}'
+@pytest.mark.parametrize("length, status", [
+    (38, 500), (1 << 20, 500),  # within the default limit: the server is out of memory
+    ((1 << 20) + 1, 413),  # over it, under a raised limit: too large for this server
+])
+def test_no_memory_for_a_body_within_the_default_limit_is_a_logged_500(live_with, monkeypatch,
+                                                                         caplog, length, status):
+    live = live_with(max_body=2 << 20)
 
-    def read(reader, size=-1):
-        if size == len(body):
+    def read(reader, size=-1):  # no memory for the body's buffer
+        if size == length:
             raise MemoryError
         return io.BufferedReader.read(reader, size)
     monkeypatch.setattr(qabel_rest._LineReader, "read", read)
-    response = live.call("PUT", "/settings", body)
-    assert response.status == 500
-    assert response.json() == {"error": "internal error"}
-    assert "MemoryError" in caplog.text
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b"", {
+        "X-API-Key": KEY, "Content-Type": "application/json", "Content-Length": str(length)}))
+    response = conn.read()
+    assert response.status == status, response
+    assert response.json() == {
+        "error": "internal error" if status == 500 else "the body is too large to hold"}
+    assert ("MemoryError" in caplog.text) == (status == 500)
+    assert conn.closed()
+    conn.close()
     assert documents(live.data_dir) == live.initial
 
 

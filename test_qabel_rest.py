@@ -3015,10 +3015,11 @@ def test_a_port_out_of_range_is_a_startup_error_that_says_why(tmp_path):
     assert "None" not in str(info.value) and "65535" in str(info.value), str(info.value)
 
 
-def get_settings_at(address, port, host):
+def get_at(address, port, path, host):
+    """GET path, with the key, from a server at address, naming host in the Host header."""
     with socket.create_connection((address, port), timeout=TIMEOUT) as sock:
-        sock.sendall(build_request("GET", "/settings", headers={"X-API-Key": KEY}, host=host))
-        return read_response(sock.makefile("rb")).status
+        sock.sendall(build_request("GET", path, headers={"X-API-Key": KEY}, host=host))
+        return read_response(sock.makefile("rb"))
 
 
 @pytest.mark.parametrize("given, bound, hosts", [
@@ -3044,8 +3045,8 @@ def test_a_server_bound_by_another_spelling_allows_and_shows_its_bound_address(
     try:
         assert live.server.url == f"http://{bound}:{live.port}"
         for host in hosts:
-            assert get_settings_at(address, live.port, host) == 200, host
-        assert get_settings_at(address, live.port, "127.0.0.3") == 403
+            assert get_at(address, live.port, "/settings", host).status == 200, host
+        assert get_at(address, live.port, "/settings", "127.0.0.3").status == 403
     finally:
         stop(live)
 
@@ -4834,17 +4835,11 @@ def start_on_ipv6_loopback(data_dir):
     return start(data_dir, host="::1")
 
 
-def get_synced_over_ipv6(running, host):
-    with socket.create_connection(("::1", running.port), timeout=TIMEOUT) as sock:
-        sock.sendall(build_request("GET", "/synced", headers={"X-API-Key": KEY}, host=host))
-        return read_response(sock.makefile("rb"))
-
-
 def test_server_on_an_ipv6_address_serves_it_with_brackets(tmp_path):
     running = start_on_ipv6_loopback(tmp_path)
     try:
         assert running.server.url == f"http://[::1]:{running.port}"
-        response = get_synced_over_ipv6(running, f"[::1]:{running.port}")
+        response = get_at("::1", running.port, "/synced", f"[::1]:{running.port}")
         assert response.status == 200 and response.json()["identities"] == []
     finally:
         stop(running)
@@ -9010,7 +9005,7 @@ def test_a_server_bound_elsewhere_still_allows_the_three_local_names(tmp_path, h
     # server is bound to. Bound to ::1, a request naming 127.0.0.1 is served too; not 403.
     running = start_on_ipv6_loopback(tmp_path)
     try:
-        response = get_synced_over_ipv6(running, host)
+        response = get_at("::1", running.port, "/synced", host)
         assert response.status == 200, response
         assert response.json()["identities"] == []
     finally:

@@ -1790,9 +1790,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if status != HTTPStatus.NOT_MODIFIED:  # a 304 has no body to describe...
             self.send_header("Content-Type", _JSON_TYPE)
         self.send_header("Content-Length", str(len(body)))  # ...but the 200's length (RFC 9110 8.6)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in headers:
+        for name, value in (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                            *headers):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")

@@ -2023,10 +2023,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     new_dir = existed is None
     try:
-        server = QabelRestServer((host, port), handler_class, data_dir=data_dir,
-                                 settings=settings, synced=synced, max_body=max_body,
-                                 allowed_hosts=allowed_hosts, idle_timeout=idle_timeout,
-                                 request_timeout=request_timeout, max_connections=max_connections)
+        server = QabelRestServer((host, port), handler_class, data_dir=data_dir, settings=settings,
+                                 synced=synced, allowed_hosts=allowed_hosts,
+                                 **{name: value for name, value, _ in limits})  # as checked
     except (OSError, OverflowError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None

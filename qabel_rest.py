@@ -776,9 +776,7 @@ class SettingsDocument:
 
     def _refresh(self):
         """The version on disk, re-read if changed (unless ours to write now). Holds _lock."""
-        if self._queue or self._saving:
-            return self._disk
-        if _file_signature(self.path) != self._disk.signature:
+        if not (self._queue or self._saving) and _file_signature(self.path) != self._disk.signature:
             old, self._disk = self._disk, self._read_version(self._disk)
             if self._disk.error is None:
                 self._head, self._head_tag = self._disk.document, self._disk.etag

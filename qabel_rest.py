@@ -943,7 +943,7 @@ class SettingsDocument:
             document = self._validated({} if raw is None else _parse_json(raw))  # no file: defaults
         except (_NotJSON, QabelRestError) as exc:
             return known._replace(signature=signature, raw=raw, error=_one_line(exc))  # logged too
-        if known.document is not None and _same(document, known.document):
+        if _same(document, known.document):  # never equal to None: a document is an object
             return known._replace(signature=signature, raw=raw, error=None)
         return _Version(document, _dump_document(document), self._new_tag(), signature, raw, None)
 

@@ -743,21 +743,17 @@ class SettingsDocument:
                 version = self._refresh()
         return self._usable(version)
 
-    def load(self):
-        """Read the file (again: only if it changed); StartupError if it is unusable."""
+    def load(self, create=False):
+        """Read the file (again: only if it changed); StartupError if it is unusable.
+        create: at startup, write the default document if there is no file."""
         with self._lock:
-            if self._refresh().error:
-                raise StartupError(f"{self.name}: {self._disk.error} ({self.path})")
-
-    def create_if_missing(self):
-        """At startup: write the default document if there is no file."""
-        with self._lock:
-            version = self._disk
-            if version.raw is not None:  # a file, or one that cannot be read
-                return
-            with _startup_error(f"cannot write {self.name}", self.path):
-                signature = atomic_write(self.path, version.body)
-            self._disk = version._replace(signature=signature, raw=version.body)
+            version = self._refresh()
+            if version.error:
+                raise StartupError(f"{self.name}: {version.error} ({self.path})")
+            if create and version.raw is None:  # no file (one it cannot read has raised)
+                with _startup_error(f"cannot write {self.name}", self.path):
+                    signature = atomic_write(self.path, version.body)
+                self._disk = version._replace(signature=signature, raw=version.body)
 
     def close(self, timeout=SHUTDOWN_GRACE):
         """Refuse later changes; return whether no save is under way within timeout seconds."""
@@ -2050,8 +2046,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(data_dir, name))
         for document in (settings, synced):
-            document.load()  # again, now that no other instance can be writing
-            document.create_if_missing()
+            document.load(create=True)  # again, now that no other instance can be writing
         if api_key is None:  # a new key of 256 bits, in hex: never a leading "-" that a
             import secrets  # command line takes for an option (imported: a first start only)
             api_key = secrets.token_hex(32)

@@ -565,8 +565,8 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
     try:
-        with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
-            os.chmod(temp, _FILE_MODE)  # what the umask took away (Windows: clears read-only)
+        with contextlib.suppress(OSError):  # what the umask took away (Windows: read-only;
+            os.chmod(fd if os.chmod in os.supports_fd else temp, _FILE_MODE)  # FAT: no modes)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -1161,8 +1161,9 @@ def default_data_dir(environ=None, platform=None):
 def _lock_data_dir(directory):
     """One server per data dir: lock the lock file (the OS unlocks it if we die), return its
     fd (closing it unlocks). It stays: else a third process could lock another inode."""
-    with _startup_error("the data dir is not writable", directory):
-        fd = os.open(os.path.join(directory, _LOCK_FILE), os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    path = os.path.join(directory, _LOCK_FILE)
+    with _startup_error("the data dir is not writable", directory):  # a link: refused (ELOOP)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), _FILE_MODE)
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1179,7 +1180,7 @@ def _lock_data_dir(directory):
         raise StartupError(f"another qabel_rest{holder} is already using the data dir "
                            f"({directory})") from None
     with contextlib.suppress(OSError):  # 0600 whatever the umask, as atomic_write (FAT: as is)
-        os.chmod(os.path.join(directory, _LOCK_FILE), _FILE_MODE)
+        os.chmod(fd if os.chmod in os.supports_fd else path, _FILE_MODE)
     return fd
 
 
@@ -2016,6 +2017,11 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     with _startup_error("the data dir is not readable", data_dir):
         existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
     new_dir = existed is None
+    with contextlib.suppress(ImportError, ValueError, OverflowError, OSError):  # POSIX: room
+        import resource  # for the connections (macOS starts an app with 256 files)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if 0 <= soft < max_connections + 64:  # + the documents', an embedding app's; no lower
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_connections + 64, hard))
     try:
         server = QabelRestServer((host, port), handler_class, data_dir=data_dir, settings=settings,
                                  synced=synced, allowed_hosts=allowed_hosts,
@@ -2029,6 +2035,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                 os.makedirs(data_dir, mode=_DIR_MODE, exist_ok=True)
                 with contextlib.suppress(OSError):  # a file system without modes (FAT) refuses it
                     os.chmod(data_dir, _DIR_MODE)  # makedirs' mode is filtered by the umask
+            st = os.stat(data_dir)  # POSIX: the user's alone (Windows: as its ACL allows)
+            if os.name == "posix" and (st.st_uid != os.geteuid() or st.st_mode & stat.S_IWOTH):
+                raise StartupError(f"another user owns or may write to the data dir ({data_dir})")
         server._dir_lock = _lock_data_dir(data_dir)  # before any write: refused, no trace
         # No other instance runs now: files one made since the listing are not this start's.
         with _startup_error("the data dir is not readable", data_dir):

@@ -4712,6 +4712,51 @@ def test_lock_file_that_is_a_fifo_is_a_startup_error_and_stays(tmp_path):
     assert os.listdir(tmp_path) == ["qabel_rest.lock"]
 
 
+@pytest.mark.skipif(not POSIX, reason="POSIX: a link another user may plant")
+def test_a_lock_file_that_is_a_link_is_refused_and_the_file_it_names_kept(tmp_path):
+    """A lock file planted as a link to a file outside the data dir: a start truncated
+    that file to its pid and made it 0600."""
+    target = tmp_path / "notes.txt"
+    target.write_text("the user's notes\n")
+    target.chmod(0o644)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    os.symlink(target, data_dir / "qabel_rest.lock")
+    with pytest.raises(qabel_rest.StartupError, match="^the data dir is not writable: "):
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    assert (target.read_text(), target.stat().st_mode & 0o777) == ("the user's notes\n", 0o644)
+    assert os.listdir(data_dir) == ["qabel_rest.lock"]
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX: modes")
+@pytest.mark.parametrize("mode", [0o777, 0o702, 0o1777])
+def test_a_data_dir_others_may_write_to_is_refused_and_left_as_it_is(tmp_path, mode):
+    """Another user may plant the key file there, and read the documents with that key."""
+    data_dir = tmp_path / "shared"
+    data_dir.mkdir()
+    (data_dir / "api-key").write_text("a-key-another-user-chose\n")
+    data_dir.chmod(mode)
+    with pytest.raises(qabel_rest.StartupError, match=r"^another user owns or may write to "
+                       r"the data dir \("):
+        qabel_rest.make_server(data_dir=str(data_dir), port=0)
+    assert os.listdir(data_dir) == ["api-key"]
+    assert data_dir.stat().st_mode & 0o7777 == mode
+    data_dir.chmod(0o770)  # its group may: many systems give each user a group of one
+    qabel_rest.make_server(data_dir=str(data_dir), port=0).server_close()
+    assert data_dir.stat().st_mode & 0o7777 == 0o770
+
+
+@pytest.mark.skipif(not ROOT, reason="root: a data dir of another user")
+def test_a_data_dir_of_another_user_is_refused_and_left_as_it_is(
+        tmp_path):  # pragma: no cover - as root only
+    data_dir = tmp_path / "theirs"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, 65534, 65534)
+    with pytest.raises(qabel_rest.StartupError, match="^another user owns or may write to the "):
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    assert os.listdir(data_dir) == []
+
+
 def test_data_dir_that_cannot_be_listed_is_a_startup_error(tmp_path, monkeypatch):
     failing_listdir(monkeypatch, tmp_path)
     with pytest.raises(qabel_rest.StartupError, match=r"^the data dir is not readable: "
@@ -9037,6 +9082,31 @@ def test_the_default_connection_cap_is_512(tmp_path):
             conn.close()
         stop(live)
     assert documents(tmp_path) == live.initial
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX: a limit on open files")
+def test_a_low_limit_on_open_files_is_raised_to_hold_the_connections(tmp_path):
+    """macOS starts an app with room for 256 open files, fewer than the connections served:
+    past it accept() failed, and serve_forever spun at full CPU, answering no new client."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc = Process(tmp_path, "--api-key", KEY,
+                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
+    conns = []
+    try:
+        assert proc.port, proc.finish()
+        conns = [Conn(proc.port) for _ in range(100)]  # idle: a descriptor each in the server
+        assert Client(proc.port).get("/settings").status == 200
+        if os.path.exists(f"/proc/{proc.proc.pid}/limits"):  # Linux: room for 512 and 64
+            with open(f"/proc/{proc.proc.pid}/limits") as limits:
+                assert re.search(r"Max open files +576 ", limits.read())
+    finally:
+        for conn in conns:
+            conn.close()
+        assert proc.finish()[0] == 0
+    qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0,
+                           max_connections=10).server_close()  # 74 files: fewer than here
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # never lowered
 
 
 @pytest.mark.skipif(not hasattr(errno, "EDQUOT"), reason="no disk quotas here")

@@ -4741,6 +4741,10 @@ def test_a_data_dir_others_may_write_to_is_refused_and_left_as_it_is(tmp_path, m
         qabel_rest.make_server(data_dir=str(data_dir), port=0)
     assert os.listdir(data_dir) == ["api-key"]
     assert data_dir.stat().st_mode & 0o7777 == mode
+    os.symlink(tmp_path / "elsewhere", data_dir / "qabel_rest.lock")  # judged before the lock
+    with pytest.raises(qabel_rest.StartupError, match="^another user owns or may write to "):
+        qabel_rest.make_server(data_dir=str(data_dir), port=0)
+    os.unlink(data_dir / "qabel_rest.lock")
     data_dir.chmod(0o770)  # its group may: many systems give each user a group of one
     qabel_rest.make_server(data_dir=str(data_dir), port=0).server_close()
     assert data_dir.stat().st_mode & 0o7777 == 0o770
@@ -9098,8 +9102,9 @@ def test_a_low_limit_on_open_files_is_raised_to_hold_the_connections(tmp_path):
         conns = [Conn(proc.port) for _ in range(100)]  # idle: a descriptor each in the server
         assert Client(proc.port).get("/settings").status == 200
         if os.path.exists(f"/proc/{proc.proc.pid}/limits"):  # Linux: room for 512 and 64
-            with open(f"/proc/{proc.proc.pid}/limits") as limits:
-                assert re.search(r"Max open files +576 ", limits.read())
+            with open(f"/proc/{proc.proc.pid}/limits") as limits:  # the hard limit as it was
+                hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+                assert re.search(rf"Max open files +576 +{hard_text} ", limits.read())
     finally:
         for conn in conns:
             conn.close()

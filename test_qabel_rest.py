@@ -9094,6 +9094,8 @@ def test_a_low_limit_on_open_files_is_raised_to_hold_the_connections(tmp_path):
     past it accept() failed, and serve_forever spun at full CPU, answering no new client."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 256 or 0 <= hard < 576:  # room for this test's 100 connections, and the server's
+        pytest.skip("too few open files allowed here")
     proc = Process(tmp_path, "--api-key", KEY,
                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
     conns = []

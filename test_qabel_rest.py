@@ -4751,8 +4751,7 @@ def test_a_data_dir_others_may_write_to_is_refused_and_left_as_it_is(tmp_path, m
 
 
 @pytest.mark.skipif(not ROOT, reason="root: a data dir of another user")
-def test_a_data_dir_of_another_user_is_refused_and_left_as_it_is(
-        tmp_path):  # pragma: no cover - as root only
+def test_a_data_dir_of_another_user_is_refused_and_left_as_it_is(tmp_path):
     data_dir = tmp_path / "theirs"
     data_dir.mkdir(mode=0o700)
     os.chown(data_dir, 65534, 65534)

@@ -640,9 +640,8 @@ class _Change:
             raise InvalidValue("if_match must be a tag or a list of tags")
         self.apply = apply
         self.if_match = None if if_match is None else tuple(if_match)
-        self.result = self.key = self.tag = None  # tag: the document's after this change
-        self.changed, self.error = False, None  # changed: an event; error: why it failed
-        self.done = False  # saved or failed: its writer may return
+        self.result = self.key = self.tag = self.error = None  # tag: the document's after it
+        self.changed = self.done = False  # changed: an event; done: saved, or failed (error: why)
         self.wake = threading.Condition(lock)  # notified when done, or to save the queue
 
     def matches(self, tag):
@@ -1752,7 +1751,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.connection.setblocking(True)
 
     def _send_json(self, status, payload, headers=()):  # the client's time again (after a save)
-        self.server._move(self.connection, _BUSY, _BUSY, self.server.request_timeout)
+        if not self.server._move(self.connection, _BUSY, _BUSY, self.server.request_timeout):
+            self.connection.settimeout(self.server.request_timeout)  # closing: no sweeps now
         self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):

@@ -4006,6 +4006,36 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     stop(again)
 
 
+def test_an_answer_after_server_close_to_a_client_that_never_reads_ends_at_its_deadline(
+        tmp_path, monkeypatch):
+    # A save that outlasts server_close() is answered when it ends, with no sweep left to
+    # enforce the answer's deadline: a client that never reads must not hold the thread.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    monkeypatch.setattr(qabel_rest, "_LINGER_SECONDS", 0.2)
+    live = start(tmp_path, request_timeout=0.5, max_body=32 << 20)
+    entered, gate = hold_first_save(monkeypatch)
+    before = set(threading.enumerate())
+    settings = {"module_data": {"m": {"blob": "x" * (12 << 20)}}}  # more than the buffers hold
+    body = json.dumps({"settings": settings}).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", live.port))
+        sock.sendall(build_request("POST", "/settings", body, {"X-API-Key": KEY}))
+        assert entered.wait(TIMEOUT)
+        thread, = [thread for thread in set(threading.enumerate()) - before
+                   if thread.name == "qabel_rest connection"]
+        live.server.shutdown()
+        live.server.server_close()  # returns after its grace, the save still under way
+        gate.set()
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()  # its answer's write timed out, and it closed
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 20):  # what the buffers held, then the end
+                pass
+    assert live.doc("settings.json")["module_data"] == settings["module_data"]
+
+
 @pytest.mark.parametrize("stall", [b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: "
                                    + KEY.encode() + b"\r\nContent-Length: 50\r\n\r\n{",
                                    b"GET /health HTTP/1.1\r\nHost: loc"], ids=["body", "headers"])

@@ -556,11 +556,11 @@ def _signature(st, content):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, racy)
 
 
-def atomic_write(path, data, dir_fd=None, check=lambda: None):
+def atomic_write(path, data, check=lambda: None):
     """Write data to path atomically and durably, mode 0600: temp file, fsync, rename,
-    fsync of the directory (dir_fd if given). What check() raises just before the rename
-    abandons the write. Returns the new file's signature (from its descriptor). On failure
-    the temp file is removed and path untouched (unless the directory fsync failed)."""
+    fsync of the directory. What check() raises just before the rename abandons the write.
+    Returns the new file's signature (from its descriptor). On failure the temp file is
+    removed and path untouched (unless the directory fsync failed)."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
     fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
@@ -589,13 +589,12 @@ def atomic_write(path, data, dir_fd=None, check=lambda: None):
     finally:
         if fd is not None:
             os.close(fd)
-    own_fd = _open_dir(directory) if dir_fd is None else dir_fd
-    if own_fd is not None:
+    dir_fd = _open_dir(directory)  # by name, as the rename went: the data dir may be replaced
+    if dir_fd is not None:
         try:
-            os.fsync(own_fd)
+            os.fsync(dir_fd)
         finally:
-            if dir_fd is None:
-                os.close(own_fd)
+            os.close(dir_fd)
     return signature
 
 
@@ -669,7 +668,6 @@ class SettingsDocument:
         self._queue = []  # _Change objects accepted and not yet in a save
         self._saving = self._closed = False
         self._saves = 0  # saves ended
-        self._dir_fd = None  # the data dir, open for fsync once the first save needs it
         self.publish = lambda key, etag: None  # the server's feed: each change on disk, under _lock
         self._refresh()  # read the file now, as every method expects
 
@@ -758,11 +756,7 @@ class SettingsDocument:
         """Refuse later changes; return whether no save is under way within timeout seconds."""
         with self._lock:
             self._closed = True
-            idle = self._saved.wait_for(lambda: not self._saving, timeout)
-            if idle and self._dir_fd is not None:
-                os.close(self._dir_fd)
-                self._dir_fd = None
-            return idle
+            return self._saved.wait_for(lambda: not self._saving, timeout)
 
     def _usable(self, version):
         if version.error:
@@ -884,9 +878,7 @@ class SettingsDocument:
         for _ in range(_REBASE_ATTEMPTS):
             body = _dump_document(document)
             try:
-                if self._dir_fd is None:
-                    self._dir_fd = _open_dir(os.path.dirname(self.path))
-                signature = atomic_write(self.path, body, self._dir_fd, check_unchanged)
+                signature = atomic_write(self.path, body, check_unchanged)
                 return _Version(document, body, tag, signature, body, None), rebased, None
             except DocumentChanged:  # check_unchanged found a rewrite: read it
                 known, base = base, self._read_version(base)
@@ -917,7 +909,7 @@ class SettingsDocument:
                 if base.raw is None:
                     os.unlink(self.path)
                 else:
-                    atomic_write(self.path, base.raw, self._dir_fd)
+                    atomic_write(self.path, base.raw)
         except OSError as exc:
             _logger().error("could not restore %s: %s", self.path, exc.strerror)
             return "; undoing it failed too, so the file may hold it"

@@ -13,6 +13,7 @@ import math
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -4125,6 +4126,26 @@ def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer
         "write", "fsync file", "rename", "fsync directory", "answer 200"]
 
 
+@pytest.mark.skipif(not POSIX, reason="a directory is fsync'd on POSIX only")
+def test_a_save_fsyncs_the_directory_its_rename_went_to(live, monkeypatch):
+    # A data dir replaced under a running server (restored from a backup, say): the rename
+    # goes by name into the new dir, and its fsync must too, not into the dir of the last save.
+    live.put("/settings", "poll_interval", 4)
+    os.rename(live.data_dir, live.data_dir + ".old")
+    shutil.copytree(live.data_dir + ".old", live.data_dir)
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert live.put("/settings", "poll_interval", 5).status == 200
+    monkeypatch.undo()
+    assert os.path.samestat(synced[-1], os.stat(live.data_dir))
+    assert live.doc("settings.json")["poll_interval"] == 5
+
+
 def test_authorization_of_another_scheme_is_ignored(live):
     basic = "Basic dTpw"  # what requests and curl add from a ~/.netrc "default" line
     assert live.get("/settings", headers={"Authorization": basic}).status == 200
@@ -7105,12 +7126,12 @@ def test_a_version_another_program_wrote_during_a_save_is_an_event_though_it_the
     other = b'{"poll_interval": 77}'
     real, rewrites = qabel_rest.atomic_write, [other, b"{nope"]
 
-    def another_program_first(target, data, dir_fd=None, check=lambda: None):
+    def another_program_first(target, data, check=lambda: None):
         def rewrite_then_check():
             if target == path and rewrites:
                 real(path, rewrites.pop(0))  # just before our rename: our save rebases on it
             check()
-        return real(target, data, dir_fd, rewrite_then_check)
+        return real(target, data, rewrite_then_check)
     monkeypatch.setattr(qabel_rest, "atomic_write", another_program_first)
     assert live.put("/settings", "drop_last_update", "x").status == 503  # then it was invalid
     monkeypatch.undo()

@@ -541,10 +541,15 @@ def _replace_file(source, target):
     os.replace(source, target)  # the last attempt: its error is raised
 
 
-def _open_dir(directory):
-    """A descriptor to fsync directory with, or None where that is not possible:
-    Windows cannot open a directory as a file, and NTFS journals renames itself."""
-    return os.open(directory, os.O_RDONLY) if os.name == "posix" else None
+def _sync_dir(directory):
+    """fsync a directory: a rename or unlink in it is durable then. Not on Windows, which
+    cannot open a directory as a file (and NTFS journals renames itself)."""
+    if os.name == "posix":
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _signature(st, content):
@@ -589,12 +594,7 @@ def atomic_write(path, data, check=lambda: None):
     finally:
         if fd is not None:
             os.close(fd)
-    dir_fd = _open_dir(directory)  # by name, as the rename went: the data dir may be replaced
-    if dir_fd is not None:
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    _sync_dir(directory)  # by name, as the rename went: the data dir may be replaced
     return signature
 
 
@@ -908,6 +908,7 @@ class SettingsDocument:
             if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
                     os.unlink(self.path)
+                    _sync_dir(os.path.dirname(self.path))
                 else:
                     atomic_write(self.path, base.raw)
         except OSError as exc:

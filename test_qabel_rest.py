@@ -5324,6 +5324,34 @@ def test_failed_first_save_of_a_missing_file_removes_it_again(tmp_path, monkeypa
         stop(live)
 
 
+@LINUX_FDS
+def test_a_failed_first_save_removed_again_is_durably_removed(live, monkeypatch):
+    # The removal that undoes it is fsync'd into the directory, as a put-back rename is:
+    # else a power cut could keep the change its client was told had failed.
+    path = os.path.join(live.data_dir, "settings.json")
+    os.unlink(path)  # deleted while running
+    calls, real_fsync, real_unlink = [], os.fsync, os.unlink
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            calls.append("fsync directory")
+            if calls.count("fsync directory") == 1:  # the save's, after its rename
+                raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    def unlink(name, *args, **kwargs):
+        calls.append(f"unlink {os.path.basename(name)}")
+        return real_unlink(name, *args, **kwargs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 500
+    assert response.json() == {"error": "could not save settings.json: Input/output error"}
+    assert calls == ["fsync directory", "unlink settings.json", "fsync directory"]
+    assert not os.path.exists(path)
+
+
 def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
     path = os.path.join(live.data_dir, "synced.json")

@@ -129,7 +129,7 @@ _LEAVES = MappingProxyType({
     "str": ("a string", lambda v: type(v) is str, {"type": "string"}),
     "bool": ("true or false", lambda v: type(v) is bool, {"type": "boolean"}),
     "url": ("an absolute http or https URL", _is_url,
-            {"type": "string", "format": "iri", "description": "an absolute http(s) URL"}),
+            {"type": "string", "description": "an absolute http(s) URL"}),  # "format" claims more
     "name": ("a non-empty string", lambda v: type(v) is str and v != "",
              {"type": "string", "minLength": 1}),
 })
@@ -1248,8 +1248,8 @@ def _openapi():
         return {"parameters": [if_match], "requestBody": {"required": True, "content": content},
                 "responses": {"200": answer(description, schema, "ETag"), **failed}}
 
-    common = ("Content-Length", "Cache-Control", "X-Content-Type-Options",  # every answer's,
-              "Keep-Alive", "Connection")  # but Keep-Alive or Connection: close (and Date, Server)
+    common = ("Content-Length", "Cache-Control", "X-Content-Type-Options", "Date", "Server",
+              "Keep-Alive", "Connection")  # every answer's, but Keep-Alive or Connection: close
     text = {"type": "string"}
     error = ref("schemas", "Error")
     refusals = {"400": answer("a malformed request line, header block or framing", error),
@@ -1694,7 +1694,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_events(self):
-        query = dict(urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace"))
+        pairs = urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace")
+        if len(query := dict(pairs)) != len(pairs):  # which one would count? (as a form's)
+            raise InvalidValue("a query parameter appears twice")
         timeout = query.get("timeout", "30")
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
         self.server._move(self.connection, _BUSY, _BUSY,  # more time: it may wait for events

@@ -541,14 +541,17 @@ def _replace_file(source, target):
     os.replace(source, target)  # the last attempt: its error is raised
 
 
-def _sync_dir(directory):
-    """fsync a directory: a rename or unlink in it is durable then. Not on Windows, which
-    cannot open a directory as a file (and NTFS journals renames itself)."""
-    if os.name == "posix":
-        fd = os.open(directory, os.O_RDONLY)
-        try:
+@contextlib.contextmanager
+def _synced_dir(directory):
+    """Open a directory by name (before any change), fsync it after the block: a rename or
+    unlink in it is durable then. Not on Windows: it cannot open one (NTFS journals renames)."""
+    fd = os.open(directory, os.O_RDONLY) if os.name == "posix" else None
+    try:
+        yield
+        if fd is not None:
             os.fsync(fd)
-        finally:
+    finally:
+        if fd is not None:
             os.close(fd)
 
 
@@ -568,33 +571,33 @@ def atomic_write(path, data, check=lambda: None):
     removed and path untouched (unless the directory fsync failed)."""
     directory = os.path.dirname(os.path.abspath(path))
     temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
-    fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
-    try:
-        with contextlib.suppress(OSError):  # what the umask took away (Windows: read-only;
-            os.chmod(fd if os.chmod in os.supports_fd else temp, _FILE_MODE)  # FAT: no modes)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        try:  # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-        except (AttributeError, OSError) as exc:  # not macOS (Windows: no fcntl), or not on
-            if getattr(exc, "errno", None) in (errno.EIO, *_DISK_FULL):  # this FS (SMB). But
-                raise  # EIO or a full disk is data lost, which a retried fsync would hide
-            os.fsync(fd)
-        check()
-        if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
-            os.close(fd)
-            fd = None
-        _replace_file(temp, path)
-        signature = _signature(os.fstat(fd) if fd is not None else os.stat(path), lambda: data)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)
-    _sync_dir(directory)  # by name, as the rename went: the data dir may be replaced
+    with _synced_dir(directory):  # by name, as the rename finds it: the data dir may be replaced
+        fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
+        try:
+            with contextlib.suppress(OSError):  # what the umask took away (Windows: read-only;
+                os.chmod(fd if os.chmod in os.supports_fd else temp, _FILE_MODE)  # FAT: no modes)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            try:  # macOS fsync() does not flush the drive's cache; F_FULLFSYNC does
+                fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            except (AttributeError, OSError) as exc:  # not macOS (Windows: no fcntl), or not on
+                if getattr(exc, "errno", None) in (errno.EIO, *_DISK_FULL):  # this FS (SMB). But
+                    raise  # EIO or a full disk is data lost, which a retried fsync would hide
+                os.fsync(fd)
+            check()
+            if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
+                os.close(fd)
+                fd = None
+            _replace_file(temp, path)
+            signature = _signature(os.fstat(fd) if fd is not None else os.stat(path), lambda: data)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
     return signature
 
 
@@ -907,8 +910,8 @@ class SettingsDocument:
         try:
             if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
-                    os.unlink(self.path)
-                    _sync_dir(os.path.dirname(self.path))
+                    with _synced_dir(os.path.dirname(self.path)):
+                        os.unlink(self.path)
                 else:
                     atomic_write(self.path, base.raw)
         except OSError as exc:
@@ -1285,7 +1288,7 @@ def _openapi():
          "description": f"seconds to wait for an event (30; at most {MAX_WAIT})"}],
         "responses": {**keyed, "200": answer("the events after since, and the cursor after them",
                                              ref("schemas", "Events")),
-                      "400": answer("a timeout that is not valid, or a malformed request", error),
+                      "400": answer("a bad timeout, a repeated parameter, or bad framing", error),
                       "410": answer("a cursor this run did not hand out, or too old",
                                     ref("schemas", "CursorGone"))}}}
     for path, name, schema in (("/settings", "LocalSettings", LOCAL_SCHEMA),
@@ -1746,8 +1749,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.connection.setblocking(True)
 
     def _send_json(self, status, payload, headers=()):  # the client's time again (after a save)
-        if not self.server._move(self.connection, _BUSY, _BUSY, self.server.request_timeout):
-            self.connection.settimeout(self.server.request_timeout)  # closing: no sweeps now
+        seconds = self.server.request_timeout
+        if not self.server._move(self.connection, _BUSY, _BUSY, seconds):  # closing: no sweeps
+            self.connection.settimeout(min(seconds, threading.TIMEOUT_MAX))  # bound each send
         self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):

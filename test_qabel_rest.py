@@ -3617,6 +3617,18 @@ def hold_first_save(monkeypatch, error=None):
     return entered, gate
 
 
+def put_held_in_its_save(live, monkeypatch, value):
+    """PUT poll_interval=value from a thread; return once its save is held (hold_first_save):
+    (the thread, the gate that releases the save, the list its status will be in)."""
+    entered, gate = hold_first_save(monkeypatch)
+    answers = []
+    writer = threading.Thread(target=lambda: answers.append(
+        live.put("/settings", "poll_interval", value).status))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    return writer, gate, answers
+
+
 def count_validations(monkeypatch):
     """Count calls of validate() (not those it makes itself, for what a value holds);
     return a function that waits for n of them. A change is queued for saving while the
@@ -3987,12 +3999,7 @@ def test_file_replaced_right_after_a_save_is_seen_by_readers(live, monkeypatch):
 def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.5)
     live = start(tmp_path)
-    entered, gate = hold_first_save(monkeypatch)
-    answers = []
-    writer = threading.Thread(target=lambda: answers.append(
-        live.put("/settings", "poll_interval", 3).status))
-    writer.start()
-    assert entered.wait(TIMEOUT)
+    writer, gate, answers = put_held_in_its_save(live, monkeypatch, 3)
     live.server.shutdown()
     started = time.monotonic()
     live.server.server_close()
@@ -5352,6 +5359,30 @@ def test_a_failed_first_save_removed_again_is_durably_removed(live, monkeypatch)
     assert not os.path.exists(path)
 
 
+@pytest.mark.skipif(not POSIX, reason="a directory is opened for its fsync on POSIX only")
+@pytest.mark.parametrize("error", [errno.EMFILE, errno.EACCES])
+def test_a_directory_that_cannot_be_opened_for_its_fsync_fails_the_save_before_any_change(
+        live, monkeypatch, error):
+    # Out of descriptors, or refused: found before the rename, not after it, when the
+    # change would be on disk and undoing it could fail the same way.
+    live.put("/settings", "poll_interval", 5)
+    since, before = feed_cursor(live), snapshot(live.data_dir)
+    real = os.open
+
+    def open_(name, flags, *args, **kwargs):
+        if os.path.isdir(name) and not flags & os.O_CREAT:
+            raise OSError(error, os.strerror(error))
+        return real(name, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", open_)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 500
+    assert response.json() == {"error": f"could not save settings.json: {os.strerror(error)}"}
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["poll_interval"] == 5
+    assert feed_events(live, since) == []
+
+
 def test_queued_change_that_no_longer_fits_the_rewritten_file_fails_alone(live, monkeypatch):
     live.post("/synced", {"accounts": [item(1), item(2)]})
     path = os.path.join(live.data_dir, "synced.json")
@@ -5694,13 +5725,33 @@ def test_feed_in_process_a_wait_between_shutdown_and_server_close_returns_at_onc
         stop(live)
 
 
-def test_the_largest_finite_timeouts_serve(live_with):
+def test_the_largest_finite_timeouts_serve(live_with, monkeypatch):
     # A timeout is any positive float up to the largest one; only inf (and beyond) is refused.
-    live = live_with(idle_timeout=sys.float_info.max, request_timeout=sys.float_info.max)
+    live = live_with(idle_timeout=sys.float_info.max, request_timeout=sys.float_info.max,
+                     max_connections=1)
     assert live.put("/settings", "poll_interval", 5).status == 200
     response = live.get("/settings")
     assert response.status == 200 and response.json()["poll_interval"] == 5
     assert response.headers["Keep-Alive"] == f"timeout={int(sys.float_info.max)}"
+    # The answers a socket timeout bounds (no sweep enforces a deadline for them): a 503 at
+    # the cap, and one after server_close() (more than a socket's timeout may hold).
+    waiting = live.conn()
+    waiting.send(build_request("GET", feed_path(live.server.events()["cursor"], 30),
+                               headers={"X-API-Key": KEY}))
+    watch_waiting(live.server)
+    assert live.get("/health").status == 503
+    waiting.close()
+    deadline = time.monotonic() + TIMEOUT
+    while live.get("/health").status != 200:  # until the feed lets the waiting one go
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    writer, gate, answers = put_held_in_its_save(live, monkeypatch, 6)
+    live.server.shutdown()
+    live.server.server_close()
+    gate.set()
+    writer.join(TIMEOUT)
+    assert answers == [200]
 
 
 # ---------------------------------------------------------------------------

@@ -2108,10 +2108,10 @@ def _client(command, argv):
     url = urllib.parse.urlsplit(args.url)  # server answers at its root (a proxy's prefix too)
     connection = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=90)
 
-    def call(method, path, body=None, media=_JSON_TYPE, allow=()):
+    def call(method, path, body=_MISSING, media=_JSON_TYPE, allow=()):
         try:
-            if body is not None:  # what no document may hold is refused, never sent
-                body = json.dumps(body, default=_Unfit.refuse, allow_nan=False).encode()
+            body = None if body is _MISSING else json.dumps(  # null is a body too; what no
+                body, default=_Unfit.refuse, allow_nan=False).encode()  # document holds: refused
             try:
                 connection.request(method, path, body, {"X-API-Key": key, "Content-Type": media})
             except (BrokenPipeError, ConnectionResetError):  # a body refused unread (413): its
@@ -2180,11 +2180,12 @@ def _client(command, argv):
                 for event in answer.get("events", ()):
                     write(None, event, None)
                 cursor = answer["cursor"]
-    except (QabelRestError, OSError, KeyError, ValueError, KeyboardInterrupt, AttributeError) as e:
+    except (Exception, KeyboardInterrupt) as e:  # one line, whatever failed (SPEC 9)
         if isinstance(e, KeyboardInterrupt) and command == "watch":
             return 0  # watch ends on SIGINT; another command cut short has failed
-        print(f"qabel_rest: {_one_line(e) or 'interrupted'}", file=sys.stderr, flush=True)
-        return 1  # (an AttributeError: no stdin or stdout, closed)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else _one_line(e)
+        print(f"qabel_rest: {reason or type(e).__name__}", file=sys.stderr, flush=True)
+        return 1  # (a closed stdout, a FILE past memory, an answer too deep or too large)
     finally:  # not left to its finalizer: python -X dev would warn of it on stderr
         connection.close()
     return 0

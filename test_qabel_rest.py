@@ -7643,6 +7643,10 @@ def test_cli_patch_from_a_file_and_from_stdin(live, tmp_path):
     cli_quiet(result)
     assert live.doc("settings.json")["module_data"] == {"m": {"b": [1], "c": True}}
     assert live.doc("settings.json")["poll_interval"] == 9  # the rest stays
+    patch.write_text("null")  # JSON, and sent: the server says what is wrong with it
+    result = cli_on(live, "patch", "settings", str(patch))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", "qabel_rest: 400 a merge patch must be a JSON object\n")
 
 
 def test_cli_export_to_a_file_and_to_stdout(live, tmp_path):
@@ -8121,6 +8125,46 @@ def test_cli_in_python_development_mode_prints_nothing_but_its_answer(live):
     cli_quiet(run("set", "settings", "poll_interval", "7"))
     result = run("get", "settings", "poll_interval")
     assert (result.returncode, result.stdout, result.stderr) == (0, "7\n", "")
+
+
+def serve_answers(answers):
+    """A server on a free port answering the requests of one connection with these raw
+    answers, in order (another program on the port, say); returns its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(TIMEOUT)
+            with contextlib.suppress(OSError):
+                for answer in answers:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += conn.recv(1 << 16) or b"\r\n\r\n"
+                    conn.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def ok(body, length=None):
+    """A raw 200 answer with body."""
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (length or len(body)) + body
+
+
+@pytest.mark.parametrize("command, answers, reason", [
+    (["get", "settings"], [ok(b"[" * 100000 + b"]" * 100000)], "maximum recursion depth"),
+    (["get", "settings"], [ok(b"[]", 99999999999999)],  # read() fails at once, or (3.9)
+     "MemoryError|cannot reach .*IncompleteRead"),  # reads what comes: the server closes
+    (["watch"], [ok(b'{"cursor": "1-a"}'), ok(b'{"cursor": "1-a", "events": 5}')],
+     "'int' object is not iterable"),
+], ids=["deep", "huge", "events-not-a-list"])
+def test_client_answers_no_server_would_give_are_one_line_and_exit_1(capsys, command, answers,
+                                                                      reason):
+    # Any program may hold the port while the server is down (README): whatever it answers,
+    # the client prints one line, not a traceback (SPEC 9).
+    url = serve_answers(answers)
+    assert qabel_rest.main([*command, "--url", url, "--api-key", KEY]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and re.match(f"qabel_rest: ({reason})", err) and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("cut", ["HTTPResponse", "SocketIO"])

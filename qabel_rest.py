@@ -910,7 +910,7 @@ class SettingsDocument:
         try:
             if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
-                    with _synced_dir(os.path.dirname(self.path)):
+                    with _synced_dir(os.path.dirname(os.path.abspath(self.path))):
                         os.unlink(self.path)
                 else:
                     atomic_write(self.path, base.raw)

@@ -5359,6 +5359,26 @@ def test_a_failed_first_save_removed_again_is_durably_removed(live, monkeypatch)
     assert not os.path.exists(path)
 
 
+@LINUX_FDS
+def test_a_document_of_a_relative_path_undoes_a_failed_first_save_too(tmp_path, monkeypatch):
+    # SettingsDocument is public: its path may be relative, as atomic_write's may.
+    monkeypatch.chdir(tmp_path)
+    document = qabel_rest.SettingsDocument("settings.json", qabel_rest.LOCAL_SCHEMA,
+                                           qabel_rest.LOCAL_DEFAULTS)
+    failed, real = [], os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}") and not failed:  # the save's, after its rename
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(qabel_rest.SaveError) as raised:
+        document.put("poll_interval", 6)
+    assert raised.value.message == "could not save settings.json: Input/output error"
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(not POSIX, reason="a directory is opened for its fsync on POSIX only")
 @pytest.mark.parametrize("error", [errno.EMFILE, errno.EACCES])
 def test_a_directory_that_cannot_be_opened_for_its_fsync_fails_the_save_before_any_change(

@@ -746,14 +746,16 @@ class SettingsDocument:
     def load(self, create=False):
         """Read the file (again: only if it changed); StartupError if it is unusable.
         create: at startup, write the default document if there is no file."""
-        with self._lock:
-            version = self._refresh()
-            if version.error:
-                raise StartupError(f"{self.name}: {version.error} ({self.path})")
-            if create and version.raw is None:  # no file (one it cannot read has raised)
-                with _startup_error(f"cannot write {self.name}", self.path):
-                    signature = atomic_write(self.path, version.body)
-                self._disk = version._replace(signature=signature, raw=version.body)
+        disk = self._disk  # unchanged, usable: no lock wait (each request for events looks)
+        if create or disk.error or _file_signature(self.path) != disk.signature:
+            with self._lock:
+                version = self._refresh()
+                if version.error:
+                    raise StartupError(f"{self.name}: {version.error} ({self.path})")
+                if create and version.raw is None:  # no file (one it cannot read has raised)
+                    with _startup_error(f"cannot write {self.name}", self.path):
+                        signature = atomic_write(self.path, version.body)
+                    self._disk = version._replace(signature=signature, raw=version.body)
 
     def close(self, timeout=SHUTDOWN_GRACE):
         """Refuse later changes; return whether no save is under way within timeout seconds."""
@@ -1028,7 +1030,8 @@ class _Feed:
             waiter = _Waiter(number, deliver or (lambda answer: answer), gone)
             self._waiters.add(waiter)
             self._start(self._serve)
-            self._changed.notify_all()  # the feed's thread starts looking at the files
+            if len(self._waiters) == 1:  # the first: the feed's thread starts looking at the files
+                self._changed.notify_all()  # (not at each one: a hundred waking it queue for it)
         if not waiter.done.wait(timeout):
             with self._changed:  # the feed's thread does not take the waiter meanwhile
                 if waiter in self._waiters:  # else it is answering it
@@ -1192,8 +1195,7 @@ def _find_api_key(key, data_dir):
         if raw is None:
             return None, source
         key = raw.removeprefix(b"\xef\xbb\xbf").strip().decode("ascii", "replace")  # UTF-8 BOM
-    # printable ASCII without spaces: it has to travel in a header (65,536 bytes at most)
-    if type(key) is not str or not re.fullmatch(r"[!-~]{1,4096}", key):
+    if type(key) is not str or not re.fullmatch(r"[!-~]{1,4096}", key):  # it travels in a header
         raise StartupError(f"the API key from {source} must be 1 to 4096 characters of "
                            "printable ASCII without spaces")
     return key, source
@@ -1774,9 +1776,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
         self._responded = True
-        # Stopping: the answer says so, and input that follows is dropped (finish). A body not
-        # read is drained after the answer, or dropped as we close (finish): over the limit,
-        # from a 100-continue client that may never send it, or closing anyway
+        # Close (input that follows is dropped: finish) when stopping, or for an unread body over
+        # the limit, or awaiting our 100 (it may never come), or closing anyway; else it is drained.
         if self.server._stopping or self._unread and (
                 self._expect or self._unread > self.server.max_body or self.close_connection):
             self.close_connection = self._linger = True
@@ -1810,9 +1811,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
 def _parse_form(body):
     """The fields of a form-encoded body; 400 for bad encoding or a repeated field."""
-    try:
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True,
-                                       errors="strict")  # as many fields as max_body allows
+    try:  # as many fields as max_body allows
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), True, errors="strict")
     except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
     fields = dict(pairs)

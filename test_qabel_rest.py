@@ -6332,8 +6332,12 @@ def test_feed_concurrent_changes_are_each_published_once_in_the_order_applied(li
         assert last["etag"] == live.get("/" + doc).headers["ETag"]
 
 
+@pytest.mark.parametrize("waited_before", [False, True])
 @pytest.mark.parametrize("name", ["settings", "synced"])
-def test_feed_waiter_learns_of_a_file_rewritten_by_another_program(live, name):
+def test_feed_waiter_learns_of_a_file_rewritten_by_another_program(live, name, waited_before):
+    if waited_before:  # the feed's thread is started, and idle again when the waiter comes
+        live.server.events(feed_cursor(live), 0.1)
+        time.sleep(1)
     since = feed_cursor(live)
     waiter = FeedWaiter(live, since, timeout=8)
     assert not waiter.done.wait(0.2)

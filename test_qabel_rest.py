@@ -7100,6 +7100,28 @@ def test_waiter_that_does_not_read_holds_up_no_other(live, monkeypatch):
     stuck.close()
 
 
+def test_waiter_whose_socket_takes_nothing_at_once_gets_its_answer_from_its_own_thread(
+        live, monkeypatch):
+    cursor = feed_cursor(live)
+    real, refused = socket.socket.send, []
+
+    def send(sock, data, *flags):  # the feed's thread finds the socket's buffer full
+        if threading.current_thread().name == "qabel_rest events" and not refused:
+            refused.append(bytes(data))
+            raise BlockingIOError(errno.EAGAIN, "the buffer is full")
+        return real(sock, data, *flags)
+    monkeypatch.setattr(socket.socket, "send", send)
+    conn = feed_wait(live, cursor)
+    watch_waiting(live.server)
+    tag = live.put("/settings", "poll_interval", 7).headers["ETag"]
+    answer = conn.read()
+    assert refused and refused[0].startswith(b"HTTP/1.1 200 ")  # the feed's thread tried first
+    assert answer.status == 200
+    assert answer.json()["events"] == [feed_event("settings", ["poll_interval"], tag)]
+    conn.send(build_request("GET", "/health"))  # whole: the connection serves on
+    assert conn.read().json() == {"status": "ok"}
+
+
 def test_waiter_that_is_up_to_date_keeps_waiting_while_others_are_answered(live, monkeypatch):
     cursor = feed_cursor(live)
     busy, release = hold_deliveries(monkeypatch)

@@ -746,16 +746,14 @@ class SettingsDocument:
     def load(self, create=False):
         """Read the file (again: only if it changed); StartupError if it is unusable.
         create: at startup, write the default document if there is no file."""
-        disk = self._disk  # unchanged, usable: no lock wait (each request for events looks)
-        if create or disk.error or _file_signature(self.path) != disk.signature:
-            with self._lock:
-                version = self._refresh()
-                if version.error:
-                    raise StartupError(f"{self.name}: {version.error} ({self.path})")
-                if create and version.raw is None:  # no file (one it cannot read has raised)
-                    with _startup_error(f"cannot write {self.name}", self.path):
-                        signature = atomic_write(self.path, version.body)
-                    self._disk = version._replace(signature=signature, raw=version.body)
+        with self._lock:
+            version = self._refresh()
+            if version.error:
+                raise StartupError(f"{self.name}: {version.error} ({self.path})")
+            if create and version.raw is None:  # no file (one it cannot read has raised)
+                with _startup_error(f"cannot write {self.name}", self.path):
+                    signature = atomic_write(self.path, version.body)
+                self._disk = version._replace(signature=signature, raw=version.body)
 
     def close(self, timeout=SHUTDOWN_GRACE):
         """Refuse later changes; return whether no save is under way within timeout seconds."""

@@ -542,12 +542,13 @@ def _replace_file(source, target):
 
 
 @contextlib.contextmanager
-def _synced_dir(directory):
-    """Open a directory by name (before any change), fsync it after the block: a rename or
-    unlink in it is durable then. Not on Windows: it cannot open one (NTFS journals renames)."""
+def _synced_dir(path):
+    """Open the directory of path by name (before any change), yield it, fsync it after the block:
+    a rename or unlink in it is durable then. Not on Windows: it cannot open one (NTFS journals)."""
+    directory = os.path.dirname(os.path.abspath(path))  # of a bare name too (dirname: "")
     fd = os.open(directory, os.O_RDONLY) if os.name == "posix" else None
     try:
-        yield
+        yield directory
         if fd is not None:
             os.fsync(fd)
     finally:
@@ -569,9 +570,8 @@ def atomic_write(path, data, check=lambda: None):
     fsync of the directory. What check() raises just before the rename abandons the write.
     Returns the new file's signature (from its descriptor). On failure the temp file is
     removed and path untouched (unless the directory fsync failed)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
-    with _synced_dir(directory):  # by name, as the rename finds it: the data dir may be replaced
+    with _synced_dir(path) as directory:  # by name, as the rename finds it (it may be replaced)
+        temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
         fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
         try:
             with contextlib.suppress(OSError):  # what the umask took away (Windows: read-only;
@@ -910,7 +910,7 @@ class SettingsDocument:
         try:
             if body != base.raw and _read_file(self.path)[1] == body:
                 if base.raw is None:
-                    with _synced_dir(os.path.dirname(os.path.abspath(self.path))):
+                    with _synced_dir(self.path):
                         os.unlink(self.path)
                 else:
                     atomic_write(self.path, base.raw)

@@ -392,7 +392,7 @@ def validate(value, node, path=(), partial=False):
         fields = node.fields if type(node) is _Obj else None
         for name, item in value.items():
             if type(name) is not str or not _is_text(name):
-                raise InvalidValue(f"{format_key(path)}: object keys must be strings")
+                raise InvalidValue(f"{format_key(path)}: object keys must be valid Unicode strings")
             if fields is not None and name not in fields:
                 raise InvalidValue(f"{format_key(path + (name,))}: unknown field")
             validate(item, node.item if fields is None else fields[name], path + (name,), partial)
@@ -830,9 +830,7 @@ class SettingsDocument:
     def _end(self, batch, disk, rebased, error):
         """Settle a batch whose save left disk on disk and publish its changes; on error the
         queued changes fail too, after a rebase they are re-applied to it. Holds _lock."""
-        if rebased is not None and rebased.etag != self._disk.etag:  # though unusable now
-            self.publish(None, rebased.etag)
-        self._disk = disk
+        old, self._disk = self._disk, disk
         if error is not None:
             batch, self._queue = batch + self._queue, []
             self._head, self._head_tag = disk.document, disk.etag
@@ -840,13 +838,14 @@ class SettingsDocument:
             self._head, self._head_tag = self._reapply(self._queue, disk.document, disk.etag)
             batch = batch + [change for change in self._queue if change.error is not None]
             self._queue = [change for change in self._queue if change.error is None]
-        for change in batch:
-            change.error = change.error or error
-            change.done = True
+        for change in batch:  # all settled before any event: a publish that raises strands none
+            change.error, change.done = change.error or error, True
             change.wake.notify()
-            if change.error is None and change.changed:
-                self.publish(change.key, change.tag)
         self._saved.notify_all()  # readers and close() waiting for a save or the queue to end
+        if rebased is not None and rebased.etag != old.etag:  # though unusable now
+            self.publish(None, rebased.etag)
+        for change in (change for change in batch if change.error is None and change.changed):
+            self.publish(change.key, change.tag)
 
     def _reapply(self, changes, document, tag):
         """Apply changes again to another document and its tag, each that changes it with a
@@ -1216,7 +1215,7 @@ def _json_schema(node, served=False):
     """The JSON Schema (2020-12, as in OpenAPI 3.1) of a schema node; served: with every
     field of an object required, as GET serves a document."""
     if node == "any":
-        return {"description": f"any JSON value; integers of 64 bits, at most {MAX_DEPTH} deep"}
+        return {"description": f"any JSON, 64-bit ints, within {MAX_DEPTH} levels of the document"}
     if type(node) is str:
         return dict(_LEAVES[node][2])
     if type(node) is _List:
@@ -2007,7 +2006,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                                 LOCAL_DEFAULTS)
     synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA, SYNCED_DEFAULTS)
     # What can fail without writing comes first: the documents, the key file, the port.
-    # Only then is anything created: the data dir, the lock, missing documents, a key file.
+    # Only then is anything created: the data dir, the lock, missing documents, a key file;
+    # what changes files that were there (the pid in the lock file, old temp files) comes last.
     settings.load()
     synced.load()
     api_key, key_source = _find_api_key(api_key, data_dir)
@@ -2043,14 +2043,6 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         with _startup_error("the data dir is not writable", data_dir):  # for saves' temp files
             os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
             os.unlink(probe)
-        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
-            os.ftruncate(server._dir_lock, 0)
-            os.write(server._dir_lock, f"{os.getpid()}\n".encode())
-        prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
-        for name in existed:  # temp files of a process killed mid-write: never current
-            if name.startswith(prefixes) and name.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(data_dir, name))
         for document in (settings, synced):
             document.load(create=True)  # again, now that no other instance can be writing
         if api_key is None:  # a new key of 256 bits, in hex: never a leading "-" that a
@@ -2059,6 +2051,14 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             with _startup_error("cannot write the key file", key_source):
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))
             _logger().info("generated a new API key in %s", key_source)
+        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
+            os.ftruncate(server._dir_lock, 0)
+            os.write(server._dir_lock, f"{os.getpid()}\n".encode())
+        prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
+        for name in existed:  # temp files of a process killed mid-write: never current
+            if name.startswith(prefixes) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(data_dir, name))
         server._api_key = api_key.encode("ascii")
         server.key_source = key_source
     except BaseException:

@@ -988,6 +988,17 @@ def test_validate_unit():
         qabel_rest.validate({"module_data": {"m": {"s": {1, 2}}}}, qabel_rest.LOCAL_SCHEMA)
 
 
+@pytest.mark.parametrize("levels, status", [(62, 200), (63, 400)])
+def test_json_nests_64_levels_the_document_counting_as_the_first(live, levels, status):
+    """As the README says: a module's own object is the third level, so it holds 61 more."""
+    before = documents(live.data_dir)
+    module = '{"x": ' * (levels - 1) + "{}" + "}" * (levels - 1)  # levels objects
+    body = '{"settings": {"module_data": {"m": %s}}}' % module
+    response = live.call("POST", "/settings", body)
+    assert response.status == status, response.body
+    assert (documents(live.data_dir) == before) == (status == 400)
+
+
 def test_a_put_that_duplicates_an_id_is_refused(live):
     # A PUT (append or replace) giving an item the id another item of its list has is 400; the
     # file stays.
@@ -4892,6 +4903,21 @@ def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path)
     assert sorted(set(os.listdir(tmp_path)) & set(stale + kept)) == sorted(kept)
 
 
+@pytest.mark.parametrize("failing", ["synced.json", "api-key"])
+def test_a_start_failing_once_it_holds_the_lock_changes_no_file_it_found(
+        tmp_path, monkeypatch, failing):
+    """The disk fills as the missing synced.json, or a new key file, is written: the old pid in
+    the lock file and a temp file of a process killed mid-write are still as they were."""
+    found = {"settings.json": b'{"poll_interval": 5}', ".settings.json.0a1b2c.tmp": b"x",
+             "qabel_rest.lock": b"4242\n"}
+    for name, content in found.items():
+        (tmp_path / name).write_bytes(content)
+    disk_full_at(monkeypatch, failing)
+    with pytest.raises(qabel_rest.StartupError, match="No space left on device"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)  # no key given: it writes one
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == found
+
+
 def test_file_unreadable_at_the_check_before_a_save_is_503_and_kept(live, monkeypatch):
     before = live.file("settings.json")
     failing_open(monkeypatch, "settings.json")  # the content comparison before the rename
@@ -5187,7 +5213,7 @@ def test_merge_patch_member_name_that_is_not_valid_unicode_is_400_though_null(li
     response = live.call("PATCH", "/settings", body,
                          content_type="application/merge-patch+json")
     assert response.status == 400
-    assert response.json() == {"error": "(document): object keys must be strings"}
+    assert response.json() == {"error": "(document): object keys must be valid Unicode strings"}
     assert documents(live.data_dir) == before
     for bad in ({1: None, "poll_interval": 7}, {b"x": None}, {"\ud800": None}):
         with pytest.raises(qabel_rest.InvalidValue):
@@ -6269,6 +6295,47 @@ def test_feed_failed_save_publishes_nothing(live, monkeypatch, name, when, error
     assert feed_events(live, since) == [event]
     feed_wait_for(arrived, lambda: called)
     assert called == [event]  # in order: a failed change would have come first
+
+
+def test_a_publish_that_raises_strands_no_writer_of_its_batch(tmp_path, monkeypatch):
+    """A document's publish (the server's feed, or an app's own callback) raising at the first
+    event of a batch of two: the writer that saved it gets the error, the other its answer,
+    and nothing is saved again (each writer left waiting saved the file, over and over)."""
+    document = qabel_rest.SettingsDocument(str(tmp_path / "settings.json"),
+                                           qabel_rest.LOCAL_SCHEMA, qabel_rest.LOCAL_DEFAULTS)
+    published = []
+
+    def publish(key, etag):
+        if len(published) == 1:  # the first event of the second batch
+            published.append("raised")
+            raise MemoryError
+        published.append(key)
+    document.publish = publish
+    entered, gate = hold_first_save(monkeypatch)
+    held, writes = qabel_rest.atomic_write, []
+    monkeypatch.setattr(qabel_rest, "atomic_write", lambda *args: writes.append(1) or held(*args))
+    results = {}
+
+    def put(name):
+        try:
+            results[name] = document.put(f"module_data.{name}", {"n": 1})
+        except MemoryError:
+            results[name] = "MemoryError"
+    threads = [threading.Thread(target=put, args=(name,), daemon=True) for name in "abc"]
+    threads[0].start()
+    assert entered.wait(TIMEOUT)
+    threads[1].start()
+    threads[2].start()
+    time.sleep(0.2)  # b and c are queued behind a's save (asserted below: one save for both)
+    gate.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(writes) == 2 and published == [["module_data", "a"], "raised"]
+    assert results["a"] == {"n": 1}
+    assert sorted(map(str, (results["b"], results["c"]))) == ["MemoryError", "{'n': 1}"]
+    on_disk = json.loads((tmp_path / "settings.json").read_bytes())["module_data"]
+    assert on_disk == {name: {"n": 1} for name in "abc"}
 
 
 @LINUX_FDS

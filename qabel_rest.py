@@ -1473,6 +1473,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _Malformed("malformed request line")  # RFC 9112 3: method SP target SP version
         if not super().parse_request():
             return False  # http.server has answered
+        self.path = words[1]  # as sent: http.server serves "//x" as "/x" (gh-87389); not here
         self._check_framing()
         if _host_name(self.fields.get("host", [""])[0]) not in self.server.allowed_hosts:
             raise _HTTPError(HTTPStatus.FORBIDDEN, "host not allowed")

@@ -488,6 +488,9 @@ def test_health_needs_no_key(live):
 def test_unknown_path_404_other_method_405(live):
     assert live.get("/nope").status == 404
     assert live.get("/settings/").status == 404
+    for path in ("//settings", "///synced", "//health", "//events"):  # http.server: "/x"
+        assert live.get(path).status == 404
+    assert live.get("//health", key=None).status == 401  # not the open path
     for method in ("DELETE", "TRACE"):
         response = live.call(method, "/synced")
         assert response.status == 405

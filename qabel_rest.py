@@ -1835,8 +1835,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
     """The HTTP server with its two documents; build it with make_server(). Thread-safe:
     shutdown() may be called from any thread, before or during serve_forever()."""
 
-    # POSIX: rebind at once after a restart (TIME_WAIT). Windows: SO_REUSEADDR would let
-    # another process steal the port: it gets SO_EXCLUSIVEADDRUSE instead (server_bind).
+    # POSIX: rebind at once after a restart (TIME_WAIT); Windows does so by default. There
+    # SO_REUSEADDR would let another process steal the port, SO_EXCLUSIVEADDRUSE refuse a restart.
     allow_reuse_address = os.name != "nt"
     request_queue_size = DEFAULT_MAX_CONNECTIONS  # the listen backlog
 
@@ -1874,8 +1874,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                 document.load()  # publishes another program's rewrite
 
     def server_bind(self):  # TCPServer's: HTTPServer's looks up a server_name for the address
-        if os.name == "nt":  # pragma: no cover - Windows
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
         super(http.server.HTTPServer, self).server_bind()  # in DNS (getfqdn): 35 s on some Macs
         self.server_name, self.server_port = self.server_address[:2]  # the address as bound
 
@@ -2171,7 +2169,8 @@ def _client(command, argv):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             cursor = call("GET", "/events")[1]["cursor"]
             while True:
-                query = urllib.parse.urlencode({"since": cursor, "timeout": 60})
+                query = urllib.parse.urlencode({"since": cursor,  # Windows: Ctrl-C cannot end
+                                                "timeout": 60 if os.name != "nt" else 2})  # a wait
                 status, answer = call("GET", f"/events?{query}", allow=(410,))
                 if status == 410:
                     print("qabel_rest: events were missed; going on from now",

@@ -8244,9 +8244,10 @@ def test_cli_in_python_development_mode_prints_nothing_but_its_answer(live):
     assert (result.returncode, result.stdout, result.stderr) == (0, "7\n", "")
 
 
-def serve_answers(answers):
+def serve_answers(answers, requests=None):
     """A server on a free port answering the requests of one connection with these raw
-    answers, in order (another program on the port, say); returns its URL."""
+    answers, in order (another program on the port, say), each request kept in requests;
+    returns its URL."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve():
@@ -8257,6 +8258,8 @@ def serve_answers(answers):
                     request = b""
                     while b"\r\n\r\n" not in request:
                         request += conn.recv(1 << 16) or b"\r\n\r\n"
+                    if requests is not None:
+                        requests.append(request)
                     conn.sendall(answer)
     threading.Thread(target=serve, daemon=True).start()
     return f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -8282,6 +8285,21 @@ def test_client_answers_no_server_would_give_are_one_line_and_exit_1(capsys, com
     assert qabel_rest.main([*command, "--url", url, "--api-key", KEY]) == 1
     out, err = capsys.readouterr()
     assert out == "" and re.match(f"qabel_rest: ({reason})", err) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("platform, timeout", [("posix", b"60"), ("nt", b"2")])
+def test_client_watch_polls_for_2_s_at_most_on_windows_where_ctrl_c_cannot_end_a_wait(
+        monkeypatch, capsys, platform, timeout):
+    """On Windows Ctrl-C lands only once a wait on a socket ends: a long-poll asks for 2 s
+    there, so that Ctrl-C ends watch within 2 s; elsewhere a poll waits 60 s."""
+    requests = []
+    url = serve_answers([ok(b'{"cursor": "1-a"}'), ok(b'{"cursor": "1-a", "events": 5}')],
+                        requests)
+    monkeypatch.setattr(os, "name", platform)
+    assert qabel_rest.main(["watch", "--url", url, "--api-key", KEY]) == 1  # at the 5
+    monkeypatch.undo()
+    assert requests[0].startswith(b"GET /events HTTP/1.1\r\n")
+    assert requests[1].startswith(b"GET /events?since=1-a&timeout=%s HTTP/1.1\r\n" % timeout)
 
 
 @pytest.mark.parametrize("cut", ["HTTPResponse", "SocketIO"])

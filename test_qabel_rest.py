@@ -628,6 +628,23 @@ def test_other_content_types_415(live, content_type):
     conn.close()
 
 
+@pytest.mark.parametrize("types", [("application/json", "application/json"),
+                                   ("application/x-www-form-urlencoded", "application/json")])
+def test_two_content_type_lines_are_415(live, types):
+    # Content-Type is a singleton field (RFC 9110 8.3): two lines name no one media type,
+    # even two that agree. Nothing is read as JSON or as a form, nothing is saved.
+    before = live.file("settings.json")
+    conn = live.conn()
+    body = json.dumps({"key": "poll_interval", "value": 5}).encode()
+    conn.send(b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode()
+              + b"\r\nContent-Length: %d\r\n" % len(body)
+              + b"".join(b"Content-Type: %s\r\n" % t.encode() for t in types) + b"\r\n" + body)
+    response = conn.read()
+    conn.close()
+    assert response.status == 415, response.body
+    assert live.file("settings.json") == before
+
+
 def test_body_over_limit_413_and_close(live_with):
     live = live_with(max_body=100)
     conn = live.conn()
@@ -639,6 +656,20 @@ def test_body_over_limit_413_and_close(live_with):
     assert conn.closed()
     conn.close()
     assert live.put("/settings", "module_data.x", {"s": "ok"}).status == 200
+
+
+def test_a_connection_closed_after_an_answer_is_half_closed_at_once(live):
+    # RFC 9112 9.6: the server first half-closes (the client sees the end of the answer at
+    # once), then reads and drops what still comes for up to 2 s. A client that sent
+    # nothing more and reads to the end must not wait out those 2 s.
+    conn = live.conn()
+    conn.send(b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: " + KEY.encode()
+              + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert conn.read().status == 411
+    began = time.monotonic()
+    assert conn.closed()
+    assert time.monotonic() - began < 1.0  # not after the 2 s of lingering
+    conn.close()
 
 
 @pytest.mark.parametrize("bound", ["time", "bytes"])
@@ -2337,6 +2368,27 @@ def test_connection_cap_answers_503_when_all_are_busy(live_with, monkeypatch):
     busy.close()
 
 
+def test_a_refused_connection_still_lingering_does_not_count_against_the_cap(
+        live_with, monkeypatch):
+    # max_connections counts the connections served: one refused with 503 (its client keeps
+    # it open while the server drops what it may still send) is no longer one of them.
+    live, busy, gate = one_busy_connection(live_with, monkeypatch)
+    extra = live.conn()  # refused: the server lingers up to 2 s on it, as the client waits
+    extra.send(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert extra.read().status == 503
+    gate.set()
+    assert busy.read().status == 200
+    busy.close()
+    deadline = time.monotonic() + TIMEOUT
+    while any(entry[1] != qabel_rest._CLOSING for entry in live.server._connections.values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    fresh = live.conn()  # the busy one is gone: there is room, the lingering one aside
+    assert fresh.request("GET", "/health").status == 200
+    for conn in (fresh, extra):
+        conn.close()
+
+
 def test_idle_connections_make_room_for_new_ones(live_with):
     live = live_with(max_connections=2)
     idle = [live.conn() for _ in range(2)]  # open, no request yet: idle
@@ -4028,6 +4080,26 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     stop(again)
 
 
+def test_server_close_refuses_changes_to_both_documents_while_a_save_goes_on(
+        live, monkeypatch):
+    # server_close() closes both documents, though one is still saving past the grace:
+    # the other refuses changes at once, not once that save ends.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    entered, gate = hold_first_save(monkeypatch)
+    writer = threading.Thread(target=lambda: live.put("/settings", "poll_interval", 5))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    live.server.shutdown()
+    live.server.server_close()  # returns after the grace, the save still held
+    try:
+        with pytest.raises(qabel_rest.DocumentUnavailable):
+            live.server.synced.put("module_data.x", {})
+        assert live.doc("synced.json")["module_data"] == {}  # nothing saved
+    finally:
+        gate.set()
+        writer.join(TIMEOUT)
+
+
 def test_an_answer_after_server_close_to_a_client_that_never_reads_ends_at_its_deadline(
         tmp_path, monkeypatch):
     # A save that outlasts server_close() is answered when it ends, with no sweep left to
@@ -5480,6 +5552,54 @@ def test_change_made_again_on_another_programs_rewrite_fails_its_if_match(live, 
     writer.join(TIMEOUT)
     assert answers[0].status == 412
     assert live.doc("settings.json") == {"module_data": {"theirs": {}}}  # kept
+
+
+def test_a_change_whose_if_match_fails_on_a_rebase_keeps_its_412_when_the_save_then_fails(
+        live, monkeypatch):
+    # A batch is re-applied to another program's rewrite: the change whose If-Match named the
+    # version replaced fails alone (412); the rest of the batch then fails to save (507). The
+    # 412 is that change's own answer: the full disk is not its failure.
+    path = os.path.join(live.data_dir, "settings.json")
+    real = qabel_rest.atomic_write
+    calls, entered, gate = [], threading.Event(), threading.Event()
+
+    def write(target, data, *args):
+        calls.append(target)
+        if len(calls) == 1:  # the first save is held: A and B queue behind it
+            entered.set()
+            assert gate.wait(TIMEOUT)
+        elif len(calls) == 2:  # another program rewrites the file during the batch's save
+            with open(path, "w") as f:
+                json.dump({"module_data": {"theirs": {}}}, f)
+        elif len(calls) == 3:  # the re-applied batch finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, data, *args)
+
+    monkeypatch.setattr(qabel_rest, "atomic_write", write)
+    answers = {}
+
+    def put(name, key, value, headers=None):
+        answers[name] = live.put("/settings", key, value, headers=headers)
+
+    first = threading.Thread(target=put, args=("first", "poll_interval", 5))
+    first.start()
+    assert entered.wait(TIMEOUT)
+    tag = live.server.settings._head_tag  # the first change's tag: If-Match names it
+    threads = [threading.Thread(target=put, args=("a", "poll_interval", 6, {"If-Match": tag})),
+               threading.Thread(target=put, args=("b", "drop_last_update", "x"))]
+    deadline = time.monotonic() + TIMEOUT
+    for queued, thread in enumerate(threads, 1):  # A first: B's change gets a new tag
+        thread.start()
+        while len(live.server.settings._queue) < queued:
+            assert time.monotonic() < deadline and not answers.get("a")
+            time.sleep(0.01)
+    gate.set()
+    for thread in (first, *threads):
+        thread.join(TIMEOUT)
+    assert answers["first"].status == 200
+    assert answers["b"].status == 507
+    assert answers["a"].status == 412, answers["a"].body
+    assert live.doc("settings.json") == {"module_data": {"theirs": {}}}
 
 
 def test_merge_patch_content_type_with_an_empty_parameter(live):

@@ -824,12 +824,10 @@ class SettingsDocument:
             self._saving = False
             self._saves += 1
             self._end(batch, disk, rebased, error)
-            if self._queue:  # the writer of the oldest change queued meanwhile saves them all
-                self._queue[0].wake.notify()
 
     def _end(self, batch, disk, rebased, error):
-        """Settle a batch whose save left disk on disk and publish its changes; on error the
-        queued changes fail too, after a rebase they are re-applied to it. Holds _lock."""
+        """Settle a batch whose save left disk on disk, wake the next writer, publish the changes;
+        on error the queued ones fail too, after a rebase they are re-applied to it. Holds _lock."""
         old, self._disk = self._disk, disk
         if error is not None:
             batch, self._queue = batch + self._queue, []
@@ -842,6 +840,8 @@ class SettingsDocument:
             change.error, change.done = change.error or error, True
             change.wake.notify()
         self._saved.notify_all()  # readers and close() waiting for a save or the queue to end
+        if self._queue:  # the writer of the oldest change queued meanwhile saves them all
+            self._queue[0].wake.notify()
         if rebased is not None and rebased.etag != old.etag:  # though unusable now
             self.publish(None, rebased.etag)
         for change in (change for change in batch if change.error is None and change.changed):

@@ -6423,7 +6423,8 @@ def test_feed_failed_save_publishes_nothing(live, monkeypatch, name, when, error
 def test_a_publish_that_raises_strands_no_writer_of_its_batch(tmp_path, monkeypatch):
     """A document's publish (the server's feed, or an app's own callback) raising at the first
     event of a batch of two: the writer that saved it gets the error, the other its answer,
-    and nothing is saved again (each writer left waiting saved the file, over and over)."""
+    and the change queued meanwhile is saved next at once (its writer was woken first); no
+    save repeats (each writer left waiting saved the file, over and over)."""
     document = qabel_rest.SettingsDocument(str(tmp_path / "settings.json"),
                                            qabel_rest.LOCAL_SCHEMA, qabel_rest.LOCAL_DEFAULTS)
     published = []
@@ -6434,9 +6435,17 @@ def test_a_publish_that_raises_strands_no_writer_of_its_batch(tmp_path, monkeypa
             raise MemoryError
         published.append(key)
     document.publish = publish
+    monkeypatch.setattr(qabel_rest, "_WAKE_EVERY", 3 * TIMEOUT)  # a wake missed: no answer
     entered, gate = hold_first_save(monkeypatch)
-    held, writes = qabel_rest.atomic_write, []
-    monkeypatch.setattr(qabel_rest, "atomic_write", lambda *args: writes.append(1) or held(*args))
+    held, writes, second, go = qabel_rest.atomic_write, [], threading.Event(), threading.Event()
+
+    def write(*args):
+        writes.append(1)
+        if len(writes) == 2:  # the save of b and c, during which d is queued
+            second.set()
+            assert go.wait(TIMEOUT)
+        return held(*args)
+    monkeypatch.setattr(qabel_rest, "atomic_write", write)
     results = {}
 
     def put(name):
@@ -6444,21 +6453,32 @@ def test_a_publish_that_raises_strands_no_writer_of_its_batch(tmp_path, monkeypa
             results[name] = document.put(f"module_data.{name}", {"n": 1})
         except MemoryError:
             results[name] = "MemoryError"
-    threads = [threading.Thread(target=put, args=(name,), daemon=True) for name in "abc"]
-    threads[0].start()
+
+    def queued(count):
+        deadline = time.monotonic() + TIMEOUT
+        while len(document._queue) < count:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    threads = {name: threading.Thread(target=put, args=(name,), daemon=True) for name in "abcd"}
+    threads["a"].start()
     assert entered.wait(TIMEOUT)
-    threads[1].start()
-    threads[2].start()
-    time.sleep(0.2)  # b and c are queued behind a's save (asserted below: one save for both)
+    threads["b"].start()
+    threads["c"].start()
+    queued(2)  # b and c wait behind a's save: the next one holds both
     gate.set()
-    for thread in threads:
+    assert second.wait(TIMEOUT)
+    threads["d"].start()
+    queued(1)
+    go.set()
+    for thread in threads.values():
         thread.join(TIMEOUT)
-    assert not any(thread.is_alive() for thread in threads)
-    assert len(writes) == 2 and published == [["module_data", "a"], "raised"]
-    assert results["a"] == {"n": 1}
+    assert not any(thread.is_alive() for thread in threads.values())
+    assert len(writes) == 3
+    assert published == [["module_data", "a"], "raised", ["module_data", "d"]]
+    assert results["a"] == results["d"] == {"n": 1}
     assert sorted(map(str, (results["b"], results["c"]))) == ["MemoryError", "{'n': 1}"]
     on_disk = json.loads((tmp_path / "settings.json").read_bytes())["module_data"]
-    assert on_disk == {name: {"n": 1} for name in "abc"}
+    assert on_disk == {name: {"n": 1} for name in "abcd"}
 
 
 @LINUX_FDS

@@ -3683,6 +3683,15 @@ def hold_first_save(monkeypatch, error=None):
     return entered, gate
 
 
+def wait_queued(document, count, going=lambda: True):
+    """Wait until count changes wait in the document's queue, behind a save held (while
+    going() holds)."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(document._queue) < count:
+        assert time.monotonic() < deadline and going()
+        time.sleep(0.01)
+
+
 def put_held_in_its_save(live, monkeypatch, value):
     """PUT poll_interval=value from a thread; return once its save is held (hold_first_save):
     (the thread, the gate that releases the save, the list its status will be in)."""
@@ -5587,12 +5596,9 @@ def test_a_change_whose_if_match_fails_on_a_rebase_keeps_its_412_when_the_save_t
     tag = live.server.settings._head_tag  # the first change's tag: If-Match names it
     threads = [threading.Thread(target=put, args=("a", "poll_interval", 6, {"If-Match": tag})),
                threading.Thread(target=put, args=("b", "drop_last_update", "x"))]
-    deadline = time.monotonic() + TIMEOUT
     for queued, thread in enumerate(threads, 1):  # A first: B's change gets a new tag
         thread.start()
-        while len(live.server.settings._queue) < queued:
-            assert time.monotonic() < deadline and not answers.get("a")
-            time.sleep(0.01)
+        wait_queued(live.server.settings, queued, lambda: not answers.get("a"))
     gate.set()
     for thread in (first, *threads):
         thread.join(TIMEOUT)
@@ -6453,22 +6459,16 @@ def test_a_publish_that_raises_strands_no_writer_of_its_batch(tmp_path, monkeypa
             results[name] = document.put(f"module_data.{name}", {"n": 1})
         except MemoryError:
             results[name] = "MemoryError"
-
-    def queued(count):
-        deadline = time.monotonic() + TIMEOUT
-        while len(document._queue) < count:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
     threads = {name: threading.Thread(target=put, args=(name,), daemon=True) for name in "abcd"}
     threads["a"].start()
     assert entered.wait(TIMEOUT)
     threads["b"].start()
     threads["c"].start()
-    queued(2)  # b and c wait behind a's save: the next one holds both
+    wait_queued(document, 2)  # b and c wait behind a's save: the next one holds both
     gate.set()
     assert second.wait(TIMEOUT)
     threads["d"].start()
-    queued(1)
+    wait_queued(document, 1)
     go.set()
     for thread in threads.values():
         thread.join(TIMEOUT)

@@ -119,7 +119,7 @@ def _is_count(value):
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX,
           "description": "written without a fraction or exponent: 1, not 1.0"}
-# leaf name -> (what it must be, for errors; its check; its JSON Schema, for /openapi.json)
+# leaf name -> (what it must be, for errors; its check; its JSON Schema: /openapi.json, forms)
 _LEAVES = MappingProxyType({
     "id": ("an integer >= 0", _is_count, _COUNT),
     "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
@@ -133,8 +133,6 @@ _LEAVES = MappingProxyType({
     "name": ("a non-empty string", lambda v: type(v) is str and v != "",
              {"type": "string", "minLength": 1}),
 })
-# Leaves typed as strings: a form value for one is its text as given, never JSON.
-_TEXT_LEAVES = frozenset({"str", "url", "name"})
 
 
 def _obj(*required, **fields):
@@ -1671,7 +1669,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if form and value is not _MISSING:
             # A string-typed field takes the text as given ("2026"); others JSON, if it parses.
             node = _node_at(document.schema, parse_key(key))
-            if not (type(node) is str and node in _TEXT_LEAVES):
+            if _json_schema(node).get("type") != "string":  # as /openapi.json types it
                 with contextlib.suppress(_NotJSON):  # else a plain string
                     value = _parse_json(value)
         merge = False if form else request.get("merge", False)

@@ -621,6 +621,8 @@ def _read_file(path):
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
         content = file.read()
+        if content is None:  # FileIO's answer to EAGAIN (O_NONBLOCK, FUSE): never "no file"
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
         return _signature(st, lambda: content), content
 
 
@@ -2048,9 +2050,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             with _startup_error("cannot write the key file", key_source):
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))
             _logger().info("generated a new API key in %s", key_source)
-        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next
-            os.ftruncate(server._dir_lock, 0)
-            os.write(server._dir_lock, f"{os.getpid()}\n".encode())
+        with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next,
+            written = os.write(server._dir_lock, f"{os.getpid()}\n".encode())  # over the old one
+            os.ftruncate(server._dir_lock, written)  # then the rest: a failed write changes nothing
         prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
         for name in existed:  # temp files of a process killed mid-write: never current
             if name.startswith(prefixes) and name.endswith(".tmp"):

@@ -4987,16 +4987,20 @@ def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path)
     assert sorted(set(os.listdir(tmp_path)) & set(stale + kept)) == sorted(kept)
 
 
-@pytest.mark.parametrize("failing", ["synced.json", "api-key"])
+@pytest.mark.parametrize("failing", ["synced.json", "api-key", "pid"])
 def test_a_start_failing_once_it_holds_the_lock_changes_no_file_it_found(
         tmp_path, monkeypatch, failing):
-    """The disk fills as the missing synced.json, or a new key file, is written: the old pid in
-    the lock file and a temp file of a process killed mid-write are still as they were."""
+    """The disk fills as the missing synced.json, a new key file, or the pid is written: the old
+    pid in the lock file and a temp file of a process killed mid-write are still as they were."""
     found = {"settings.json": b'{"poll_interval": 5}', ".settings.json.0a1b2c.tmp": b"x",
              "qabel_rest.lock": b"4242\n"}
     for name, content in found.items():
         (tmp_path / name).write_bytes(content)
     disk_full_at(monkeypatch, failing)
+    if failing == "pid":  # the last step: the documents and key file are written by then
+        write, pid = os.write, f"{os.getpid()}\n".encode()
+        monkeypatch.setattr(os, "write", lambda fd, data: no_space_left() if data == pid
+                            else write(fd, data))
     with pytest.raises(qabel_rest.StartupError, match="No space left on device"):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)  # no key given: it writes one
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == found
@@ -5011,6 +5015,49 @@ def test_file_unreadable_at_the_check_before_a_save_is_503_and_kept(live, monkey
     monkeypatch.undo()
     assert live.file("settings.json") == before
     assert live.get("/settings").json()["poll_interval"] == 30
+
+
+def eagain_on_read(monkeypatch, name):
+    """The server's reads of the file name get EAGAIN before a byte, which FileIO.read answers
+    with None (the server opens files O_NONBLOCK, for a FIFO; a FUSE file system may say it)."""
+    class Eagain(io.FileIO):
+        def read(self, size=-1):
+            return None
+
+    def fake_open(path, mode, buffering=-1, opener=None):
+        return (Eagain if os.path.basename(path) == name else io.FileIO)(path, mode, opener=opener)
+    monkeypatch.setattr(qabel_rest, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("name", ["settings.json", "synced.json", "api-key"])
+def test_a_file_whose_read_gets_eagain_is_a_startup_error_never_a_missing_file(
+        tmp_path, monkeypatch, name):
+    """Taken for a missing file, the document was overwritten with its defaults, or the key
+    file with a new key (every client's key refused from then on)."""
+    message = "cannot read the key file" if name == "api-key" else f"{name}: cannot read"
+    found = {"settings.json": b'{"poll_interval": 5}', "synced.json": b'{"accounts": []}',
+             "api-key": KEY.encode() + b"\n"}
+    for file, content in found.items():
+        (tmp_path / file).write_bytes(content)
+    eagain_on_read(monkeypatch, name)
+    with pytest.raises(qabel_rest.StartupError,
+                       match=f"^{message}: Resource temporarily unavailable \\("):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == found
+
+
+def test_a_rewrite_whose_read_gets_eagain_is_503_until_it_can_be_read(live, monkeypatch):
+    with open(os.path.join(live.data_dir, "settings.json"), "w") as f:  # another program
+        f.write('{"poll_interval": 7}')
+    rewritten = live.file("settings.json")
+    eagain_on_read(monkeypatch, "settings.json")
+    for response in (live.get("/settings"), live.put("/settings", "drop_last_update", "x")):
+        assert response.status == 503
+        assert response.json() == {"error": "settings.json on disk is not valid: "
+                                            "cannot read: Resource temporarily unavailable"}
+    assert live.file("settings.json") == rewritten  # not the defaults, with the change
+    monkeypatch.undo()
+    assert live.get("/settings").json()["poll_interval"] == 7
 
 
 def test_key_file_that_cannot_be_read_is_a_startup_error(tmp_path):

@@ -620,8 +620,8 @@ def _read_file(path):
         st = os.fstat(file.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        content = file.read()
-        if content is None:  # FileIO's answer to EAGAIN (O_NONBLOCK, FUSE): never "no file"
+        content = file.read()  # None for EAGAIN (O_NONBLOCK, FUSE), or the part read before it:
+        if content is None or file.read(1) != b"":  # never taken for no file, or the whole file
             raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
         return _signature(st, lambda: content), content
 

@@ -5017,11 +5017,17 @@ def test_file_unreadable_at_the_check_before_a_save_is_503_and_kept(live, monkey
     assert live.get("/settings").json()["poll_interval"] == 30
 
 
-def eagain_on_read(monkeypatch, name):
-    """The server's reads of the file name get EAGAIN before a byte, which FileIO.read answers
-    with None (the server opens files O_NONBLOCK, for a FIFO; a FUSE file system may say it)."""
+def eagain_on_read(monkeypatch, name, partial=False):
+    """The server's reads of the file name get EAGAIN (the server opens files O_NONBLOCK, for
+    a FIFO; a FUSE file system may answer it), for which FileIO.read gives None, or with
+    partial after a first byte, that byte as if the file ended there."""
     class Eagain(io.FileIO):
+        first = partial
+
         def read(self, size=-1):
+            if self.first:
+                self.first = False
+                return super().read(1)
             return None
 
     def fake_open(path, mode, buffering=-1, opener=None):
@@ -5029,17 +5035,19 @@ def eagain_on_read(monkeypatch, name):
     monkeypatch.setattr(qabel_rest, "open", fake_open, raising=False)
 
 
+@pytest.mark.parametrize("partial", [False, True], ids=["none", "partial"])
 @pytest.mark.parametrize("name", ["settings.json", "synced.json", "api-key"])
 def test_a_file_whose_read_gets_eagain_is_a_startup_error_never_a_missing_file(
-        tmp_path, monkeypatch, name):
+        tmp_path, monkeypatch, name, partial):
     """Taken for a missing file, the document was overwritten with its defaults, or the key
-    file with a new key (every client's key refused from then on)."""
+    file with a new key (every client's key refused from then on); taken for the whole file,
+    a key cut after its first character was the key."""
     message = "cannot read the key file" if name == "api-key" else f"{name}: cannot read"
     found = {"settings.json": b'{"poll_interval": 5}', "synced.json": b'{"accounts": []}',
              "api-key": KEY.encode() + b"\n"}
     for file, content in found.items():
         (tmp_path / file).write_bytes(content)
-    eagain_on_read(monkeypatch, name)
+    eagain_on_read(monkeypatch, name, partial)
     with pytest.raises(qabel_rest.StartupError,
                        match=f"^{message}: Resource temporarily unavailable \\("):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)

@@ -1413,6 +1413,31 @@ def test_a_reader_waits_for_the_save_under_way_and_the_next_not_for_more(live, m
     assert settings.get("poll_interval") == 3
 
 
+def test_a_reader_waits_5_s_at_most_then_answers_the_version_it_has(live, monkeypatch):
+    """README: a read that finds the file changed while a save is under way waits for it
+    for 5 s (SHUTDOWN_GRACE) at most, then answers the version it has (never the change of
+    a save not yet on disk)."""
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.5)
+    entered, proceed = held_saves(monkeypatch)  # renamed, held before the directory's fsync
+    tag = live.get("/settings").headers["ETag"]
+    writer = threading.Thread(target=live.server.settings.put, args=("poll_interval", 1))
+    writer.start()
+    reads = []
+    try:
+        assert entered.acquire(timeout=TIMEOUT)
+        reader = threading.Thread(target=lambda: reads.append(live.get("/settings")))
+        started = time.monotonic()
+        reader.start()
+        reader.join(3)
+        assert not reader.is_alive() and time.monotonic() - started >= 0.5
+        assert (reads[0].status, reads[0].headers["ETag"]) == (200, tag)
+        assert reads[0].json()["poll_interval"] == 30
+    finally:
+        proceed.release()
+        writer.join(TIMEOUT)
+    assert live.get("/settings").json()["poll_interval"] == 1
+
+
 def test_a_read_after_another_programs_rewrite_during_saves_gets_it(live, monkeypatch):
     entered, proceed = held_saves(monkeypatch)
     settings, reads = live.server.settings, []
@@ -1786,6 +1811,27 @@ def test_deleted_file_means_default_document(live):
     assert live.get("/settings").json()["poll_interval"] == 30
     assert live.put("/settings", "module_data.m", {}).status == 200
     assert live.doc("settings.json")["poll_interval"] == 30
+
+
+@pytest.mark.skipif(not POSIX, reason="a symbolic link")
+def test_a_document_that_is_a_link_is_read_through_it_and_the_first_save_replaces_the_link(
+        tmp_path):
+    """README (Files): read through the link; the first save replaces the link with a
+    regular file (a rename of a new file over the name): the file it named is kept."""
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(b'{"poll_interval": 7}')
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    os.symlink(target, data_dir / "settings.json")
+    live = start(data_dir)
+    try:
+        assert live.get("/settings").json()["poll_interval"] == 7
+        assert live.put("/settings", "poll_interval", 8).status == 200
+        assert not os.path.islink(data_dir / "settings.json")
+        assert live.doc("settings.json")["poll_interval"] == 8
+        assert target.read_bytes() == b'{"poll_interval": 7}'
+    finally:
+        stop(live)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -2840,6 +2886,27 @@ def test_make_server_binds_at_once_and_reports_port_taken(tmp_path):
         stop(live)
 
 
+def test_a_start_refused_for_a_taken_port_creates_and_changes_nothing(tmp_path, monkeypatch):
+    """README (Reliability): a taken port is a startup error having created nothing, and
+    a start that fails leaves the files it found as they were."""
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)  # no key: a start would write one
+    found = {"settings.json": b'{"poll_interval": 5}', ".synced.json.0a1b2c.tmp": b"x",
+             "qabel_rest.lock": b"4242\n"}
+    (tmp_path / "old").mkdir(mode=0o700)
+    for name, content in found.items():
+        (tmp_path / "old" / name).write_bytes(content)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for data_dir in (tmp_path / "new" / "data", tmp_path / "old"):
+            with pytest.raises(qabel_rest.StartupError, match=f"^cannot listen on 127.0.0.1:"
+                               f"{port}: .* \\({re.escape(str(data_dir))}\\)$"):
+                qabel_rest.make_server(data_dir=str(data_dir), port=port)
+    assert os.listdir(tmp_path) == ["old"]  # no new data dir, nor its parent
+    assert {path.name: path.read_bytes() for path in (tmp_path / "old").iterdir()} == found
+
+
 def test_server_close_alone_also_ends_serve_forever(tmp_path):
     live = start(tmp_path)
     assert live.get("/health").status == 200
@@ -3533,6 +3600,25 @@ def test_corrupt_file_at_startup_leaves_the_port_unbound(tmp_path):
         qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # free: the failed start never bound it
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("api-key", b"two words\n", "the API key from .* must be 1 to 4096 characters"),
+    ("api-key", b"", "the API key from .* must be 1 to 4096 characters"),
+    ("synced.json", b"{oops", "synced.json: "),
+])
+def test_documents_and_key_file_are_read_before_the_port_is_bound(tmp_path, monkeypatch, name,
+                                                                   content, message):
+    """README: the documents and the key file are read before the port is bound, so a bad
+    one is the error even where the port is taken too."""
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    (tmp_path / name).write_bytes(content)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(qabel_rest.StartupError, match=f"^{message}"):
+            qabel_rest.make_server(data_dir=str(tmp_path), port=taken.getsockname()[1])
+    assert os.listdir(tmp_path) == [name]
 
 
 def test_write_in_flight_at_shutdown_finishes_and_later_ones_fail(tmp_path, monkeypatch):
@@ -5004,6 +5090,25 @@ def test_a_start_failing_once_it_holds_the_lock_changes_no_file_it_found(
     with pytest.raises(qabel_rest.StartupError, match="No space left on device"):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)  # no key given: it writes one
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == found
+
+
+@pytest.mark.skipif(not POSIX, reason="Windows writes the pid in text mode")
+def test_a_start_whose_cut_of_the_old_pid_fails_leaves_its_pid_before_the_rest(
+        tmp_path, monkeypatch):
+    """README (Files): the pid is written over the old one, then the rest cut off; a cut that
+    fails leaves ours before the rest of the old one (never an empty lock file)."""
+    (tmp_path / "qabel_rest.lock").write_bytes(b"123456789012\n")
+    (tmp_path / "settings.json").write_bytes(b'{"poll_interval": 5}')
+    monkeypatch.setattr(os, "ftruncate", no_space_left)
+    with pytest.raises(qabel_rest.StartupError, match=r"^cannot write the lock file: "
+                       r"No space left on device \("):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    monkeypatch.undo()
+    ours = f"{os.getpid()}\n".encode()
+    assert (tmp_path / "qabel_rest.lock").read_bytes() == ours + b"123456789012\n"[len(ours):]
+    # synced.json, which this start wrote, is removed again; what it found stays
+    assert sorted(os.listdir(tmp_path)) == ["qabel_rest.lock", "settings.json"]
+    assert (tmp_path / "settings.json").read_bytes() == b'{"poll_interval": 5}'
 
 
 def test_file_unreadable_at_the_check_before_a_save_is_503_and_kept(live, monkeypatch):

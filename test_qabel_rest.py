@@ -2804,6 +2804,8 @@ def test_in_process_api(live):
     assert issubclass(qabel_rest.InvalidKey, qabel_rest.QabelRestError)
     assert issubclass(qabel_rest.InvalidValue, qabel_rest.QabelRestError)
     assert issubclass(qabel_rest.StartupError, qabel_rest.QabelRestError)
+    for name in ("PreconditionFailed", "DocumentChanged", "DocumentUnavailable", "SaveError"):
+        assert issubclass(getattr(qabel_rest, name), qabel_rest.QabelRestError), name
 
 
 def test_settings_document_made_by_hand_reads_its_file_at_once(tmp_path):

@@ -2888,6 +2888,15 @@ def test_make_server_binds_at_once_and_reports_port_taken(tmp_path):
         stop(live)
 
 
+@contextlib.contextmanager
+def taken_port():
+    """The port of a socket listening on 127.0.0.1, as another program's would."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
 def test_a_start_refused_for_a_taken_port_creates_and_changes_nothing(tmp_path, monkeypatch):
     """README (Reliability): a taken port is a startup error having created nothing, and
     a start that fails leaves the files it found as they were."""
@@ -2897,10 +2906,7 @@ def test_a_start_refused_for_a_taken_port_creates_and_changes_nothing(tmp_path, 
     (tmp_path / "old").mkdir(mode=0o700)
     for name, content in found.items():
         (tmp_path / "old" / name).write_bytes(content)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         for data_dir in (tmp_path / "new" / "data", tmp_path / "old"):
             with pytest.raises(qabel_rest.StartupError, match=f"^cannot listen on 127.0.0.1:"
                                f"{port}: .* \\({re.escape(str(data_dir))}\\)$"):
@@ -3615,11 +3621,8 @@ def test_documents_and_key_file_are_read_before_the_port_is_bound(tmp_path, monk
     one is the error even where the port is taken too."""
     monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
     (tmp_path / name).write_bytes(content)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        with pytest.raises(qabel_rest.StartupError, match=f"^{message}"):
-            qabel_rest.make_server(data_dir=str(tmp_path), port=taken.getsockname()[1])
+    with taken_port() as port, pytest.raises(qabel_rest.StartupError, match=f"^{message}"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=port)
     assert os.listdir(tmp_path) == [name]
 
 

@@ -2205,6 +2205,23 @@ def test_get_with_body_is_drained(live):
     conn.close()
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+def test_a_body_over_the_limit_of_a_read_is_not_413_it_is_answered_and_the_connection_closed(
+        live, method):
+    conn = live.conn()
+    try:
+        conn.send(build_request(method, "/settings", headers={
+            "X-API-Key": KEY, "Content-Length": str(50 * qabel_rest.DEFAULT_MAX_BODY)}) + b" " * 1000)
+        answer = conn.read(head=method == "HEAD")
+        assert answer.status == 200
+        assert answer.headers["Connection"] == "close"
+        if method == "GET":
+            assert json.loads(answer.body) == live.doc("settings.json")
+        assert conn.closed()
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("raw", [
     b"GET /settings\r\n",
     b"GET http://localhost/settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: %s\r\n\r\n",

@@ -417,14 +417,14 @@ def _check_ids(items, node, path, only=None):
         seen[item["id"]] = index
 
 
-def _child_node(node, segment, path):
-    """The schema node below node at segment; InvalidKey if there is none."""
+def _child_node(node, segment, path, last=True):
+    """The schema node below node at segment (last: of the key); InvalidKey if there is none."""
     if type(node) is _Obj:
         field = node.fields.get(segment)
         if field is None:
             raise InvalidKey(f"{format_key(path)}: unknown field")
         return field
-    if type(node) is _List and segment != "-":  # an index no list could have: 405 at once
+    if type(node) is _List and (segment != "-" or not last):  # no list has this index: 405
         _list_index(range(sys.maxsize), segment, path)
     if type(node) in (_List, _Map):
         return node.item
@@ -436,7 +436,7 @@ def _child_node(node, segment, path):
 def _node_at(node, path):
     """The schema node at a key; InvalidKey where the schema has none."""
     for depth, segment in enumerate(path):
-        node = _child_node(node, segment, path[:depth + 1])
+        node = _child_node(node, segment, path[:depth + 1], depth == len(path) - 1)
     return node
 
 
@@ -473,7 +473,7 @@ def _assign(node_value, node, path, depth, value, merge, ids=True):
     segment = path[depth]
     here = path[:depth + 1]
     last = depth == len(path) - 1
-    child = _child_node(node, segment, here)
+    child = _child_node(node, segment, here, last)
     if type(node_value) is dict:
         result = dict(node_value)
         slot, old = segment, node_value.get(segment, _MISSING)
@@ -633,7 +633,7 @@ _Version = collections.namedtuple("_Version", "document body etag signature raw 
 
 class _Change:
     """A change waiting for its save: apply(document) -> (new document, result, event key)
-    never changes its argument; if_match is a tag, "*", a list of them (If-Match), or None."""
+    never changes its argument; if_match is a tag, "*", a list of tags (If-Match), or None."""
 
     def __init__(self, apply, if_match, lock):
         if_match = (if_match,) if isinstance(if_match, str) else if_match
@@ -647,7 +647,7 @@ class _Change:
         self.wake = threading.Condition(lock)  # notified when done, or to save the queue
 
     def matches(self, tag):
-        return self.if_match is None or "*" in self.if_match or tag in self.if_match
+        return self.if_match is None or self.if_match == ("*",) or tag in self.if_match
 
 
 class SettingsDocument:
@@ -1647,7 +1647,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _do_read(self, document):
         version = document.current()
         tags = {tag.removeprefix("W/") for tag in self._elements("if-none-match")}
-        status = HTTPStatus.NOT_MODIFIED if version.etag in tags or "*" in tags else HTTPStatus.OK
+        status = HTTPStatus.NOT_MODIFIED if version.etag in tags or tags == {"*"} else HTTPStatus.OK
         self._send(status, version.body, (("ETag", version.etag),))
 
     def _do_put(self, document, body, form):

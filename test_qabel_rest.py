@@ -3914,13 +3914,14 @@ def test_etag_and_if_none_match(live):
     etag = first.headers["ETag"]
     assert etag.startswith('"') and etag.endswith('"')
     assert live.get("/settings").headers["ETag"] == etag  # unchanged: same tag
-    for value in (etag, f'"other", {etag}', "*", "W/" + etag):
+    for value in (etag, f'"other", {etag}', "*", "W/" + etag, f"*, {etag}"):
         response = live.get("/settings", headers={"If-None-Match": value})
         assert response.status == 304
         assert response.body == b"" and "Content-Type" not in response.headers
         assert response.headers["Content-Length"] == str(len(first.body))  # the 200's
         assert response.headers["ETag"] == etag
-    assert live.get("/settings", headers={"If-None-Match": '"other"'}).status == 200
+    for value in ('"other"', '"other", *'):  # "*" or tags (RFC 9110 13.1.2), never both
+        assert live.get("/settings", headers={"If-None-Match": value}).status == 200
     live.put("/settings", "poll_interval", 8)
     changed = live.get("/settings", headers={"If-None-Match": etag})
     assert changed.status == 200 and changed.json()["poll_interval"] == 8
@@ -5275,6 +5276,7 @@ def test_every_successful_change_answers_the_new_tag_that_get_then_serves(live):
 @pytest.mark.parametrize("if_match, status", [
     ("{tag}", 200), ('"other", {tag}', 200), ("*", 200),
     ('"other"', 412), ("W/{tag}", 412),  # a weak tag never matches
+    ('"other", *', 412), ("*, {tag}", 200), ("*, *", 412),  # "*" or tags (RFC 9110 13.1.1)
 ])
 def test_if_match_on_put(live, if_match, status):
     tag = live.get("/settings").headers["ETag"]
@@ -5332,7 +5334,9 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
                                                     "merge": True}, headers=h), 400),
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.-", "merge": True,
                                                   "value": {"alias": ""}}, headers=h), 400),
-    # a list segment no document can have: not an index, nor "-"
+    # a list segment no document can have: not an index, nor "-" (but as the last segment)
+    (lambda live, h: live.put("/synced", "identities.-.alias", "a", headers=h), 405),
+    (lambda live, h: live.put("/synced", "identities.-.drops.0", "https://d.de", headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x", "value": {"id": 1}},
                                headers=h), 405),
     (lambda live, h: live.call("PUT", "/synced", {"key": "identities.x"}, headers=h), 405),
@@ -5394,8 +5398,12 @@ def test_in_process_changes_wrong_on_their_own_raise_their_own_error_whatever_if
         synced.put("identities.3", {"alias": "bob", "keys": {}}, merge=True, if_match='"stale"')
     with pytest.raises(qabel_rest.InvalidKey):  # a wrong value merged: wrong whatever it meets
         synced.put("identities.3", {"keys": {"private_enc_key": 5}}, merge=True, if_match="x")
+    with pytest.raises(qabel_rest.InvalidKey):  # "-" is an index only as the last segment
+        synced.put("identities.-.alias", "bob", if_match='"stale"')
     with pytest.raises(qabel_rest.PreconditionFailed):
         settings.patch({"poll_interval": 5}, if_match='"stale"')
+    with pytest.raises(qabel_rest.PreconditionFailed):  # "*" matches alone, not in a list
+        settings.put("poll_interval", 5, if_match=["*", '"stale"'])
     assert settings.get("poll_interval") == 30
 
 

@@ -417,7 +417,7 @@ def _check_ids(items, node, path, only=None):
         seen[item["id"]] = index
 
 
-def _child_node(node, segment, path, last=True):
+def _child_node(node, segment, path, last):
     """The schema node below node at segment (last: of the key); InvalidKey if there is none."""
     if type(node) is _Obj:
         field = node.fields.get(segment)

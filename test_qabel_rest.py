@@ -9782,3 +9782,69 @@ def test_make_server_defaults_are_the_documented_timeouts():
     parameters = inspect.signature(qabel_rest.make_server).parameters
     assert parameters["idle_timeout"].default == 30
     assert parameters["request_timeout"].default == 10
+
+
+
+def test_a_malformed_header_line_before_an_inner_message_is_400(live):
+    # With Content-Type: message/rfc822 (or multipart/*), the email parser behind http.client
+    # takes what follows a malformed header line for an inner message, not a str payload: only
+    # its MissingHeaderBodySeparatorDefect tells. Another parser (a proxy) would read the
+    # Content-Length that the server would not see: a smuggling vector, refused.
+    for content_type in (b"message/rfc822", b"multipart/mixed; boundary=x"):
+        refused_with_400(live, b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                         + content_type + b"\r\nX-Bad : 1\r\nContent-Length: 5\r\n\r\nGET /",
+                         "malformed header line")
+
+
+def test_a_rewrite_right_after_a_saves_rename_is_not_taken_for_the_save(live, monkeypatch):
+    # The save's signature comes from its own descriptor, not by name: another program
+    # replacing the file between the rename and that look must not be taken for the saved
+    # version (past the time stamps' tick, the stat fields alone tell versions apart).
+    ticks_over(monkeypatch)
+    path = os.path.join(live.data_dir, "settings.json")
+    theirs = {"poll_interval": 77, "drop_last_update": "theirs", "module_data": {}}
+    real = qabel_rest._replace_file
+
+    def replace_then_rewrite(source, target):
+        real(source, target)
+        if target == path:  # another program replaces the file at once (a new inode)
+            with open(path + ".other", "w") as f:
+                json.dump(theirs, f)
+            os.replace(path + ".other", path)
+
+    monkeypatch.setattr(qabel_rest, "_replace_file", replace_then_rewrite)
+    assert live.put("/settings", "poll_interval", 5).status == 200
+    monkeypatch.setattr(qabel_rest, "_replace_file", real)
+    assert live.get("/settings").json() == theirs
+    assert live.put("/settings", "module_data.m", {}).status == 200  # on top of theirs
+    assert live.doc("settings.json")["drop_last_update"] == "theirs"
+
+
+def test_a_file_unreadable_when_a_save_compares_it_is_503_and_kept(live, monkeypatch):
+    # The comparison before the rename cannot read the file (another program put a
+    # directory there): the save stops with 503, as for any unusable file, never a 500.
+    path = os.path.join(live.data_dir, "settings.json")
+    real = os.fsync
+
+    def fsync(fd):  # the temp file's fsync: meanwhile the file becomes unreadable
+        if not os.path.isdir(path):
+            os.unlink(path)
+            os.mkdir(path)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    response = live.put("/settings", "poll_interval", 7)
+    monkeypatch.undo()
+    assert response.status == 503
+    assert response.json()["error"].startswith("settings.json on disk is not valid: cannot read")
+    assert os.path.isdir(path)  # never replaced
+    os.rmdir(path)
+
+
+def test_a_taken_port_is_named_by_its_reason_alone(tmp_path):
+    # The error line gives the system's reason as a person reads it, without "[Errno 98]".
+    with taken_port() as port:
+        with pytest.raises(qabel_rest.StartupError) as caught:
+            qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port)
+    assert caught.value.message == (f"cannot listen on 127.0.0.1:{port}: "
+                                    f"{os.strerror(errno.EADDRINUSE)} ({tmp_path})")

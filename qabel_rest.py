@@ -1168,9 +1168,10 @@ def _lock_data_dir(directory):
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             os.lseek(fd, 0, os.SEEK_SET)  # back, for the pid
     except OSError:
-        os.lseek(fd, 0, os.SEEK_SET)
-        pid = os.read(fd, 32).decode("ascii", "replace").strip()
-        os.close(fd)
+        pid = ""  # the holder's, if its file can be read (a read may fail: EIO)
+        with contextlib.suppress(OSError), open(fd, "rb") as file:  # which closes fd
+            file.seek(0)
+            pid = file.read(32).decode("ascii", "replace").strip()
         holder = f" (pid {pid})" if pid.isdigit() else ""
         raise StartupError(f"another qabel_rest{holder} is already using the data dir "
                            f"({directory})") from None

@@ -3300,6 +3300,25 @@ def test_a_locked_data_dir_whose_lock_file_holds_non_ascii_is_a_startup_error(li
         qabel_rest.make_server(data_dir=str(live.data_dir), api_key=KEY, port=0)
 
 
+def test_a_locked_data_dir_whose_lock_file_cannot_be_read_is_the_one_line_startup_error(
+        live, monkeypatch):
+    # The holder's pid cannot be read (EIO): the refusal names no pid, and its descriptor is
+    # closed (a start refused this way again and again must not run out of them).
+    class Unreadable(io.FileIO):
+        def read(self, size=-1):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(qabel_rest, "open", lambda file, *args, **kwargs: Unreadable(file)
+                        if type(file) is int else open(file, *args, **kwargs), raising=False)
+    descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(qabel_rest.StartupError) as caught:
+        qabel_rest.make_server(data_dir=str(live.data_dir), api_key=KEY, port=0)
+    assert caught.value.message == ("another qabel_rest is already using the data dir "
+                                    f"({live.data_dir})")
+    if descriptors is not None:  # Linux
+        assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
 def test_a_restart_on_the_same_port_right_after_a_stop_binds(tmp_path):
     # A server stopped after answering (the server closes those connections first, so
     # they sit in TIME_WAIT) must be restartable at once on the same port: the desktop

@@ -623,6 +623,7 @@ def test_other_content_types_415(live, content_type):
     response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 1}',
                             headers)
     assert response.status == 415
+    assert "Accept-Patch" not in response.headers  # a PATCH's 415 alone names its type
     # the unread body was drained: the connection still works
     assert conn.request("GET", "/health").status == 200
     conn.close()
@@ -9867,3 +9868,109 @@ def test_a_taken_port_is_named_by_its_reason_alone(tmp_path):
             qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port)
     assert caught.value.message == (f"cannot listen on 127.0.0.1:{port}: "
                                     f"{os.strerror(errno.EADDRINUSE)} ({tmp_path})")
+
+
+def test_a_connection_closed_for_room_is_refused_even_if_its_request_got_through(
+        live_with, monkeypatch):
+    # At the cap the longest idle connection is marked closing as it is shut: a request
+    # that still reaches it (sent before the shutdown took) gets the 503 for load.
+    live = live_with(max_connections=2)
+    monkeypatch.setattr(qabel_rest, "_shut", lambda sock: None)  # the shutdown comes late
+    idle = [live.conn() for _ in range(2)]  # open, no request yet: idle
+    fresh = live.conn()
+    assert fresh.request("GET", "/health").status == 200
+    response = idle[0].request("GET", "/health")
+    assert response.status == 503 and response.json() == {"error": "too many connections"}
+    assert idle[0].closed()
+    assert idle[1].request("GET", "/health").status == 200
+    for conn in (fresh, *idle):
+        conn.close()
+
+
+def test_an_idle_connection_swept_as_its_change_arrives_never_applies_it(live_with, monkeypatch):
+    # An idle connection past idle_timeout is marked closing as it is shut: a change that
+    # still reaches it (sent before the shutdown took) is refused whole, never saved.
+    live = live_with(idle_timeout=0.3)
+    monkeypatch.setattr(qabel_rest, "_shut", lambda sock: None)  # the shutdown comes late
+    conn = live.conn()
+    deadline = time.monotonic() + 2  # idle past its timeout: swept
+    while time.monotonic() < deadline and [entry[1] for entry in live.server._connections.values()
+                                           ] != [qabel_rest._CLOSING]:
+        time.sleep(0.01)
+    response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert response.status == 503 and conn.closed()
+    conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 30  # never served
+
+
+def test_the_data_dir_stays_locked_until_a_save_outlasting_server_close_ends(
+        tmp_path, monkeypatch):
+    # server_close() returns after its grace with a save still under way: the lock is
+    # released only once that save has ended, never while it may still write.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    live = start(tmp_path)
+    released, real = threading.Event(), qabel_rest.QabelRestServer._unlock
+
+    def unlock(self, *saving):
+        real(self, *saving)
+        released.set()
+
+    monkeypatch.setattr(qabel_rest.QabelRestServer, "_unlock", unlock)
+    entered, gate = hold_first_save(monkeypatch)
+    writer = threading.Thread(target=lambda: live.put("/settings", "poll_interval", 3))
+    writer.start()
+    assert entered.wait(TIMEOUT)
+    live.server.server_close()
+    assert not released.wait(0.5)  # the save is still held
+    with pytest.raises(qabel_rest.StartupError, match="already using"):
+        start(tmp_path)
+    gate.set()
+    writer.join(TIMEOUT)
+    assert released.wait(TIMEOUT)
+    assert live.doc("settings.json")["poll_interval"] == 3
+    stop(start_once_unlocked(tmp_path))
+
+
+@pytest.mark.skipif(qabel_rest.fcntl is None, reason="POSIX file modes and flock")
+def test_the_lock_files_mode_is_set_on_the_file_locked_not_on_its_name(tmp_path, monkeypatch):
+    # Another program may put a link where the lock file was, once it is open: the mode is
+    # set through the descriptor, so the file the link names keeps its own.
+    other = tmp_path / "other"
+    other.write_text("x")
+    other.chmod(0o644)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    real = qabel_rest.fcntl.flock
+
+    def flock(fd, operation):  # locked: now a link takes the lock file's name
+        real(fd, operation)
+        (data_dir / "link").symlink_to(other)
+        os.replace(data_dir / "link", data_dir / "qabel_rest.lock")
+
+    monkeypatch.setattr(qabel_rest.fcntl, "flock", flock)
+    fd = qabel_rest._lock_data_dir(str(data_dir))
+    monkeypatch.undo()
+    try:
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        assert stat.S_IMODE(other.stat().st_mode) == 0o644
+    finally:
+        os.close(fd)
+
+
+def test_cli_body_refused_with_a_reset_while_sending_is_the_servers_413(live_with, monkeypatch,
+                                                                        capsys):
+    # A server refusing a body unread may reset the connection while the client still
+    # sends it: its answer came first, and is what the client reports.
+    live = live_with(max_body=10)
+    real = http.client.HTTPConnection.send
+
+    def send(self, data):  # the head goes out; the body meets the reset
+        real(self, bytes(data).partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+        raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+
+    monkeypatch.setattr(http.client.HTTPConnection, "send", send)
+    status = qabel_rest.main(["set", "settings", "poll_interval", "5", "--url",
+                              f"http://127.0.0.1:{live.port}", "--api-key", KEY])
+    assert status == 1
+    assert capsys.readouterr().err == "qabel_rest: 413 the body is larger than 10 bytes\n"

@@ -1449,7 +1449,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):  # a reset: the next peek ends the connection
                 if self._unread and not self.close_connection:
                     self.rfile.read(self._unread)
-            if not self.server._move(self.connection, _BUSY, _IDLE, self.server.idle_timeout):
+            if self.close_connection or not self.server._move(  # busy until finish() lingered
+                    self.connection, _BUSY, _IDLE, self.server.idle_timeout):
                 self.close_connection = True
 
     def _reset(self):  # forget the previous request on this connection
@@ -1856,7 +1857,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._state = threading.RLock()  # guards what follows; reentrant for a signal's shutdown()
         self._stopping = self._closing = False  # shutdown(), server_close() was called
         self._serving = None  # the thread that called serve_forever()
-        self._connections = {}  # socket -> [thread, state, deadline], oldest first
+        self._connections = {}  # socket -> [thread, state, deadline]
         self._next_sweep = 0.0
         self._date = (None, "")  # (a second, its Date header): see date_time_string
         self._feed = _Feed(self._look)
@@ -1934,7 +1935,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             os.close(lock)  # releases the lock
 
     def process_request(self, request, client_address):
-        """A thread per connection; at the cap, the oldest idle one makes room, or a 503."""
+        """A thread per connection; at the cap, the one idle longest makes room, or a 503."""
         thread = threading.Thread(target=self.process_request_thread,
                                   args=(request, client_address), daemon=True,
                                   name="qabel_rest connection")
@@ -1942,8 +1943,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             state = _IDLE
             entries = self._connections
             if sum(entry[1] != _CLOSING for entry in entries.values()) >= self.max_connections:
-                idle = next((sock for sock, entry in entries.items() if entry[1] == _IDLE), None)
-                if idle is None:
+                idle = min(entries, key=lambda s: (entries[s][1] != _IDLE, entries[s][2]))
+                if entries[idle][1] != _IDLE:  # none is idle; else the one idle longest goes
                     state = _CLOSING  # refused at once by its handler
                 else:
                     _shut(idle)
@@ -1975,10 +1976,10 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
 
     def _move(self, sock, old, new, seconds):
         """Move a connection from state old to new, its deadline seconds from now; False
-        (and no move) if it is not in state old, or the server is closing."""
+        (and no move) if it is not in state old, or the server is closing (but for a save)."""
         with self._state:
             entry = self._connections[sock]
-            if self._closing or entry[1] != old:
+            if self._closing and seconds < math.inf or entry[1] != old:  # a save is answered
                 return False
             entry[1:] = new, time.monotonic() + seconds
             return True

@@ -13,6 +13,7 @@ import math
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -2453,14 +2454,40 @@ def test_a_refused_connection_still_lingering_does_not_count_against_the_cap(
         conn.close()
 
 
+def wait_idle(live):
+    """Wait until no connection is busy: each one's answer sent, and the server done with it."""
+    deadline = time.monotonic() + TIMEOUT
+    while any(entry[1] != qabel_rest._IDLE for entry in live.server._connections.values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def test_idle_connections_make_room_for_new_ones(live_with):
     live = live_with(max_connections=2)
     idle = [live.conn() for _ in range(2)]  # open, no request yet: idle
     fresh = live.conn()
     assert fresh.request("GET", "/health").status == 200
-    assert idle[0].closed()  # the longest idle went
-    assert idle[1].request("GET", "/health").status == 200
+    ended, _, _ = select.select([conn.sock for conn in idle], [], [], TIMEOUT)
+    assert len(ended) == 1  # one of the two went (they have been idle about as long)
+    gone, kept = idle if ended[0] is idle[0].sock else idle[::-1]
+    assert gone.closed()
+    assert kept.request("GET", "/health").status == 200
     for conn in (fresh, *idle):
+        conn.close()
+
+
+def test_the_connection_idle_longest_makes_room_not_the_one_accepted_first(live_with):
+    # A pool reuses the connection it used last (Node's agent, urllib3): that one stays.
+    live = live_with(max_connections=2)
+    first, second = live.conn(), live.conn()
+    assert second.request("GET", "/health").status == 200
+    assert first.request("GET", "/health").status == 200  # idle since now: the other longer
+    wait_idle(live)
+    fresh = live.conn()
+    assert fresh.request("GET", "/health").status == 200
+    assert first.request("GET", "/health").status == 200
+    assert second.closed()
+    for conn in (first, second, fresh):
         conn.close()
 
 
@@ -2552,6 +2579,40 @@ def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_wit
     dropping.send(b" " * 99000)
     assert dropping.request("GET", "/health").status == 200  # the same connection, kept
     for conn in (dropping, idle, third):
+        conn.close()
+
+
+@pytest.mark.parametrize("then", ["a connection at the cap", "server_close()"])
+def test_a_body_over_the_limit_keeps_coming_after_its_413_and_is_dropped_not_reset(
+        live_with, then):
+    # The server answers 413 at once, then reads and drops the body for up to 2 s before it
+    # closes: a client that sends its whole body before it reads (urllib, requests) would
+    # otherwise meet a reset and never see the 413. Neither room nor a stop cuts that short.
+    live = live_with(max_connections=2, max_body=1000)
+    dropping = live.conn()
+    dropping.send(build_request("PUT", "/settings", b" " * 1000, {
+        "X-API-Key": KEY, "Content-Type": "application/json", "Content-Length": "10000000"}))
+    assert dropping.read().status == 413  # the server now drops what follows
+    others = []
+    if then == "server_close()":
+        closing = threading.Thread(target=live.server.server_close)
+        closing.start()
+        deadline = time.monotonic() + TIMEOUT
+        with pytest.raises((ConnectionRefusedError, ConnectionResetError)):  # the port closes
+            while time.monotonic() < deadline:  # once the connections not in use were ended
+                socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT).close()
+                time.sleep(0.01)
+    else:
+        others = [live.conn(), live.conn()]  # at the cap: the first, idle, makes room
+        assert others[1].request("GET", "/health").status == 200
+        assert others[0].closed()
+    for _ in range(100):  # the rest of the body, as a client sends it: no reset
+        dropping.send(b" " * 99990)
+    assert dropping.closed()
+    if then == "server_close()":
+        closing.join(TIMEOUT)
+        assert not closing.is_alive()
+    for conn in (dropping, *others):
         conn.close()
 
 
@@ -4216,6 +4277,36 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     again = start_once_unlocked(tmp_path)  # the lock went with it: it can be served again
     assert again.get("/settings").json()["poll_interval"] == 3
     stop(again)
+
+
+def test_a_change_whose_body_ends_after_server_close_began_is_answered_after_its_save(
+        live, monkeypatch):
+    # Its body came within the grace, so it is saved; a save outlasting the grace is still
+    # answered when it ends, as one under way when server_close() began is: on disk, not
+    # answered, a client would send it again.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 1.0)
+    entered, gate = hold_first_save(monkeypatch)
+    body = b'{"key": "drop_servers.-", "value": {"id": 1, "url": "https://d.example"}}'
+    request = build_request("PUT", "/synced", body, {"X-API-Key": KEY,
+                                                     "Content-Type": "application/json"})
+    conn = live.conn()
+    conn.send(request[:-len(body)])  # all but the body: the server waits for it
+    closing = threading.Thread(target=live.server.server_close)
+    closing.start()
+    deadline = time.monotonic() + TIMEOUT
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):  # the port closes
+        while time.monotonic() < deadline:  # once server_close() has begun
+            socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT).close()
+            time.sleep(0.01)
+    conn.send(body)
+    assert entered.wait(TIMEOUT)  # being saved
+    closing.join(TIMEOUT)  # after the grace, the save still held
+    assert not closing.is_alive()
+    gate.set()
+    response = conn.read()
+    assert response.status == 200 and response.headers["Connection"] == "close"
+    assert live.doc("synced.json")["drop_servers"] == [{"id": 1, "url": "https://d.example"}]
+    conn.close()
 
 
 def test_server_close_refuses_changes_to_both_documents_while_a_save_goes_on(
@@ -6196,7 +6287,6 @@ def feed_rewrite(data_dir, name, document):
 
 def feed_readable(conns, wait):
     """The connections with an answer (or EOF) waiting to be read within wait seconds."""
-    import select
     ready, _, _ = select.select([conn.sock for conn in conns], [], [], wait)
     return [conn for conn in conns if conn.sock in ready]
 
@@ -9729,7 +9819,7 @@ def test_a_server_bound_elsewhere_still_allows_the_three_local_names(tmp_path, h
 
 
 def test_the_default_connection_cap_is_512(tmp_path):
-    # README: up to 512 open connections (max_connections); at the cap the oldest idle one
+    # README: up to 512 open connections (max_connections); at the cap the one idle longest
     # makes room. With the defaults, 512 idle keep-alive connections all stay open; the 513th
     # closes the first.
     assert inspect.signature(qabel_rest.make_server).parameters[
@@ -9743,9 +9833,11 @@ def test_the_default_connection_cap_is_512(tmp_path):
         for _ in range(512):
             conns.append(live.conn())
             assert conns[-1].request("GET", "/health").status == 200
+            if len(conns) == 1:  # the server is done with it before the next one comes
+                wait_idle(live)
         conns.append(live.conn())  # the first one has been idle longest
         assert conns[-1].request("GET", "/health").status == 200
-        assert conns[0].closed()  # the oldest idle one made room
+        assert conns[0].closed()  # it made room
         assert conns[1].request("GET", "/health").status == 200
     finally:
         for conn in conns:

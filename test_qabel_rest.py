@@ -4287,10 +4287,12 @@ def test_a_change_whose_body_ends_after_server_close_began_is_answered_after_its
     monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 1.0)
     entered, gate = hold_first_save(monkeypatch)
     body = b'{"key": "drop_servers.-", "value": {"id": 1, "url": "https://d.example"}}'
-    request = build_request("PUT", "/synced", body, {"X-API-Key": KEY,
-                                                     "Content-Type": "application/json"})
+    request = build_request("PUT", "/synced", body, {
+        "X-API-Key": KEY, "Content-Type": "application/json", "Expect": "100-continue"})
     conn = live.conn()
-    conn.send(request[:-len(body)])  # all but the body: the server waits for it
+    conn.send(request[:-len(body)])  # all but the body
+    assert conn.file.readline().startswith(b"HTTP/1.1 100 ")  # the server waits for it now
+    assert conn.file.readline() == b"\r\n"
     closing = threading.Thread(target=live.server.server_close)
     closing.start()
     deadline = time.monotonic() + TIMEOUT

@@ -10069,3 +10069,279 @@ def test_cli_body_refused_with_a_reset_while_sending_is_the_servers_413(live_wit
                               f"http://127.0.0.1:{live.port}", "--api-key", KEY])
     assert status == 1
     assert capsys.readouterr().err == "qabel_rest: 413 the body is larger than 10 bytes\n"
+
+
+def test_a_rename_refused_for_a_tenth_of_a_second_still_saves(live, monkeypatch):
+    # A virus scanner may hold the file for a moment: the retries are spread over 0.3 s,
+    # so a refusal lasting 0.1 s clears before the last one.
+    real = os.replace
+    calls = []
+
+    def refused_for_a_while(source, target):
+        calls.append(time.monotonic())
+        if calls[-1] - calls[0] < 0.1:
+            raise PermissionError(errno.EACCES, "sharing violation")
+        real(source, target)
+
+    monkeypatch.setattr(os, "replace", refused_for_a_while)
+    assert live.put("/settings", "poll_interval", 2).status == 200
+    monkeypatch.undo()
+    assert live.doc("settings.json")["poll_interval"] == 2
+    assert 2 <= len(calls) <= 6
+
+
+def test_the_request_log_line_names_the_status_by_its_number(live, caplog):
+    caplog.set_level(logging.DEBUG, logger="qabel_rest")
+    assert live.get("/health").status == 200
+    assert live.get("/nothing-here").status == 404
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert '127.0.0.1 "GET /health" 200' in lines
+    assert '127.0.0.1 "-" 404' in lines
+
+
+def at_a_changes_turn(monkeypatch, meanwhile):
+    """Run meanwhile() once, with the document free, when the first change is queued and its
+    save has not begun; a change that saved the queue meanwhile leaves nothing to save."""
+    real = qabel_rest.SettingsDocument._save_queue
+    calls = []
+
+    def save_queue(self):  # called holding the document's lock
+        calls.append(self)
+        if len(calls) == 1:
+            self._lock.release()
+            try:
+                meanwhile()
+            finally:
+                self._lock.acquire()
+            if not self._queue:
+                return
+        real(self)
+
+    monkeypatch.setattr(qabel_rest.SettingsDocument, "_save_queue", save_queue)
+
+
+def test_a_change_that_changes_nothing_fails_with_the_queued_save_before_it(live, monkeypatch):
+    # A PATCH {} that comes while a change waits for its save answers that change's tag: it
+    # is answered once that save is on disk, and fails with it (507), never before.
+    before = snapshot(live.data_dir)
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qabel_rest, "atomic_write", disk_full)
+    answers = []
+    at_a_changes_turn(monkeypatch, lambda: answers.append(
+        patch_call(live, "/settings", {})))
+    assert live.put("/settings", "poll_interval", 5).status == 507
+    assert [answer.status for answer in answers] == [507]
+    monkeypatch.undo()
+    assert snapshot(live.data_dir) == before
+    assert live.get("/settings").json()["poll_interval"] == 30
+
+
+def test_a_read_while_a_change_waits_for_its_save_sees_another_programs_rewrite(live,
+                                                                               monkeypatch):
+    # Another program rewrites the file while a change is queued: a read that comes then
+    # waits for that change's save, which takes the rewrite in, and serves both.
+    document = live.server.settings
+    path = os.path.join(live.data_dir, "settings.json")
+    answers = []
+
+    def rewrite_then_read():
+        with open(path + ".theirs", "w") as f:
+            json.dump({"poll_interval": 30, "drop_last_update": "theirs", "module_data": {}}, f)
+        os.replace(path + ".theirs", path)
+        reader = threading.Thread(target=lambda: answers.append(live.get("/settings")))
+        reader.start()
+        deadline = time.monotonic() + TIMEOUT
+        while reader.is_alive() and not document._saved._waiters:  # until it waits, if it does
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return reader
+
+    readers = []
+    at_a_changes_turn(monkeypatch, lambda: readers.append(rewrite_then_read()))
+    assert live.put("/settings", "poll_interval", 5).status == 200
+    readers[0].join(TIMEOUT)
+    assert answers[0].status == 200
+    assert answers[0].json() == {"poll_interval": 5, "drop_last_update": "theirs",
+                                 "module_data": {}}
+    assert live.doc("settings.json") == answers[0].json()
+
+
+def test_a_refused_rename_is_tried_six_times_over_three_tenths_of_a_second(live, monkeypatch):
+    tries, pauses = [], []
+
+    def refuse(source, target):
+        tries.append(target)
+        raise PermissionError(errno.EACCES, "Access is denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr(time, "sleep", pauses.append)  # the server's pauses, not taken
+    assert live.put("/settings", "poll_interval", 2).status == 500
+    monkeypatch.undo()
+    assert len(tries) == 6
+    assert pauses == sorted(pauses) and sum(pauses) == pytest.approx(0.31)  # 0.01 s, doubled
+
+
+def test_a_key_that_leads_nowhere_is_no_such_key_named_up_to_where_it_ends(live):
+    # Below a number or a string there is nothing to read, whatever the string's text holds:
+    # InvalidKey (HTTP's 405 case), in process and in the client, naming the key up to the
+    # first segment that is not there.
+    settings = live.server.settings
+    settings.put("drop_last_update", "abc")
+    settings.put("module_data.m", {"n": 1, "s": "xyz"})
+    for key, named in (("poll_interval.x", "poll_interval.x"),
+                       ("drop_last_update.a", "drop_last_update.a"),
+                       ("drop_last_update.0", "drop_last_update.0"),
+                       ("module_data.m.n.x", "module_data.m.n.x"),
+                       ("module_data.m.s.y.z", "module_data.m.s.y"),
+                       ("module_data.nope.x.y", "module_data.nope")):
+        with pytest.raises(qabel_rest.InvalidKey) as raised:
+            settings.get(key)
+        assert str(raised.value) == f"{named}: no such key"
+    assert cli_line(cli_on(live, "get", "settings", "drop_last_update.a")) == (
+        "drop_last_update.a: no such key")
+
+
+@pytest.mark.parametrize("charset", ["UTF-8X", "XUTF-8", "utf-8x", "utf-16", "'utf-8'"])
+def test_a_charset_that_is_not_exactly_utf8_is_415(live, charset):
+    # Quotes around the name are a quoted-string; any other character makes another name.
+    answer = live.call("PUT", "/settings", {"key": "poll_interval", "value": 12},
+                       content_type=f"application/json; charset={charset}")
+    assert answer.status == 415
+    assert answer.json() == {"error": "only UTF-8 is accepted"}
+    assert live.doc("settings.json")["poll_interval"] == 30
+
+
+def test_a_form_key_nested_too_deep_to_parse_is_405(live):
+    # The key field of a form holds a JSON list of segments, or it is a malformed key (405),
+    # even when its nesting is too deep for the parser.
+    form = "application/x-www-form-urlencoded"
+    for key in ("[" * 100000, "[" * 100000 + "]" * 100000):
+        body = urllib.parse.urlencode({"key": key, "value": "1"})
+        answer = live.call("PUT", "/settings", body, content_type=form)
+        assert answer.status == 405, key[-1]
+        assert "PUT" in answer.headers["Allow"]
+    assert answer.json() in ({"error": "the key is not a valid JSON list"},
+                             {"error": "key segments must be strings"})  # if it parses
+    assert live.doc("settings.json") == json.loads(qabel_rest.LOCAL_DEFAULTS)
+
+
+@pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="no int digits limit")
+def test_a_list_index_of_more_digits_than_int_takes_is_405(live):
+    # An app (or PYTHONINTMAXSTRDIGITS) may lower int()'s limit to 640 digits: an index
+    # longer than that, within the key's 4,096 characters, is still no such item.
+    huge = "1" * 1000
+    assert live.put("/synced", "identities.-", item(1, alias="a")).status == 200
+    assert live.put("/settings", "module_data.m", {"list": [1]}).status == 200
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(640)
+    try:
+        assert live.put("/synced", f"identities.{huge}.alias", "b").status == 405
+        assert live.put("/settings", f"module_data.m.list.{huge}", 2).status == 405
+        with pytest.raises(qabel_rest.InvalidKey):
+            live.server.synced.get(f"identities.{huge}")
+    finally:
+        sys.set_int_max_str_digits(limit)
+    assert live.doc("settings.json")["module_data"] == {"m": {"list": [1]}}
+    assert live.doc("synced.json")["identities"] == [item(1, alias="a")]
+
+
+def test_a_dash_before_the_last_segment_names_no_item_in_any_list(live):
+    # "-" appends only as the key's last segment: before it, in a list of module_data as in
+    # one the schema declares, it names no item (405) and nothing is created.
+    assert live.put("/settings", "module_data.m", {"list": [1]}).status == 200
+    before = snapshot(live.data_dir)
+    for key in ("module_data.m.list.-.x", "module_data.m.list.-.-"):
+        answer = live.put("/settings", key, 2)
+        assert answer.status == 405, key
+        assert answer.json() == {"error": "module_data.m.list.-: no such list item"}
+    assert live.put("/synced", "identities.-.alias", "a").status == 405
+    with pytest.raises(qabel_rest.InvalidKey):
+        live.server.settings.put("module_data.m.list.-.x", 2)
+    assert snapshot(live.data_dir) == before
+
+
+def test_an_integer_key_segment_may_be_any_64_bit_count(live):
+    # A segment given as a non-negative integer within 64 bits is its decimal name; one
+    # past that is no segment (405).
+    largest = (1 << 63) - 1
+    answer = live.put("/settings", ["module_data", "m", largest], 1)
+    assert answer.status == 200
+    assert answer.json() == {"key": ["module_data", "m", largest], "value": 1}
+    assert live.doc("settings.json")["module_data"] == {"m": {str(largest): 1}}
+    for segment in (largest + 1, -1):
+        answer = live.put("/settings", ["module_data", "m", segment], 2)
+        assert answer.status == 405
+        assert answer.json() == {"error": "key segments must be strings"}
+    assert live.doc("settings.json")["module_data"] == {"m": {str(largest): 1}}
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX file modes")
+def test_a_saves_temp_file_mode_is_set_on_the_file_written_not_on_its_name(live, monkeypatch):
+    # Another program may put a link where the temp file was, once it is open: the mode is
+    # set through the descriptor, so the file the link names keeps its own.
+    other = os.path.join(live.data_dir, "other")
+    with open(other, "w") as f:
+        f.write("x")
+    os.chmod(other, 0o644)
+    real = os.open
+
+    def open_then_link(path, flags, *args, **kw):
+        fd = real(path, flags, *args, **kw)
+        if str(path).endswith(".tmp") and flags & os.O_EXCL:
+            os.symlink(other, str(path) + ".link")
+            os.replace(str(path) + ".link", path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_link)
+    live.put("/settings", "poll_interval", 5)
+    monkeypatch.undo()
+    assert stat.S_IMODE(os.stat(other).st_mode) == 0o644
+
+
+def test_an_unexpected_error_in_a_save_is_logged_with_its_traceback(live, monkeypatch, caplog):
+    # The 500 says only "internal error while saving": the log keeps the cause.
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(qabel_rest, "atomic_write", broken)
+    answer = live.put("/settings", "poll_interval", 5)
+    assert (answer.status, answer.json()) == (500, {"error": "internal error while saving"})
+    path = os.path.join(live.data_dir, "settings.json")
+    records = [r for r in caplog.records if r.getMessage() == f"unexpected error saving {path}"]
+    assert len(records) == 1 and records[0].levelno == logging.ERROR
+    assert records[0].exc_info[0] is RuntimeError
+
+
+def test_after_a_queued_change_fails_its_if_match_on_a_rebase_rewrites_are_still_read(
+        live, monkeypatch):
+    # A change queued with the tag of the save under way fails (412) when that save finds
+    # another program's rewrite; nothing of it is left waiting, so a later rewrite is read
+    # at once, as ever.
+    document = live.server.settings
+    path = os.path.join(live.data_dir, "settings.json")
+
+    def rewrite(value):
+        with open(path + ".theirs", "w") as f:
+            json.dump({"drop_last_update": value}, f)
+        os.replace(path + ".theirs", path)
+
+    entered, gate = hold_first_save(monkeypatch)
+    answers = {}
+    first = threading.Thread(target=lambda: answers.update(
+        first=live.put("/settings", "poll_interval", 5)))
+    first.start()
+    assert entered.wait(TIMEOUT)
+    second = threading.Thread(target=lambda: answers.update(second=live.put(
+        "/settings", "poll_interval", 6, headers={"If-Match": document._head_tag})))
+    second.start()
+    wait_queued(document, 1)
+    rewrite("theirs")
+    gate.set()
+    first.join(TIMEOUT)
+    second.join(TIMEOUT)
+    assert (answers["first"].status, answers["second"].status) == (200, 412)
+    rewrite("theirs again")
+    assert live.get("/settings").json()["drop_last_update"] == "theirs again"

@@ -2583,6 +2583,19 @@ def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_wit
         conn.close()
 
 
+def server_close_begun(live):
+    """Call server_close() from a thread; return the thread once the port is closed, which
+    server_close() does after ending the connections not in use."""
+    closing = threading.Thread(target=live.server.server_close)
+    closing.start()
+    deadline = time.monotonic() + TIMEOUT
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+        while time.monotonic() < deadline:
+            socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT).close()
+            time.sleep(0.01)
+    return closing
+
+
 @pytest.mark.parametrize("then", ["a connection at the cap", "server_close()"])
 def test_a_body_over_the_limit_keeps_coming_after_its_413_and_is_dropped_not_reset(
         live_with, then):
@@ -2596,13 +2609,7 @@ def test_a_body_over_the_limit_keeps_coming_after_its_413_and_is_dropped_not_res
     assert dropping.read().status == 413  # the server now drops what follows
     others = []
     if then == "server_close()":
-        closing = threading.Thread(target=live.server.server_close)
-        closing.start()
-        deadline = time.monotonic() + TIMEOUT
-        with pytest.raises((ConnectionRefusedError, ConnectionResetError)):  # the port closes
-            while time.monotonic() < deadline:  # once the connections not in use were ended
-                socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT).close()
-                time.sleep(0.01)
+        closing = server_close_begun(live)
     else:
         others = [live.conn(), live.conn()]  # at the cap: the first, idle, makes room
         assert others[1].request("GET", "/health").status == 200
@@ -4294,13 +4301,7 @@ def test_a_change_whose_body_ends_after_server_close_began_is_answered_after_its
     conn.send(request[:-len(body)])  # all but the body
     assert conn.file.readline().startswith(b"HTTP/1.1 100 ")  # the server waits for it now
     assert conn.file.readline() == b"\r\n"
-    closing = threading.Thread(target=live.server.server_close)
-    closing.start()
-    deadline = time.monotonic() + TIMEOUT
-    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):  # the port closes
-        while time.monotonic() < deadline:  # once server_close() has begun
-            socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT).close()
-            time.sleep(0.01)
+    closing = server_close_begun(live)
     conn.send(body)
     assert entered.wait(TIMEOUT)  # being saved
     closing.join(TIMEOUT)  # after the grace, the save still held
@@ -10144,13 +10145,11 @@ def test_a_read_while_a_change_waits_for_its_save_sees_another_programs_rewrite(
     # Another program rewrites the file while a change is queued: a read that comes then
     # waits for that change's save, which takes the rewrite in, and serves both.
     document = live.server.settings
-    path = os.path.join(live.data_dir, "settings.json")
     answers = []
 
     def rewrite_then_read():
-        with open(path + ".theirs", "w") as f:
-            json.dump({"poll_interval": 30, "drop_last_update": "theirs", "module_data": {}}, f)
-        os.replace(path + ".theirs", path)
+        feed_rewrite(live.data_dir, "settings", {"poll_interval": 30, "drop_last_update": "theirs",
+                                                 "module_data": {}})
         reader = threading.Thread(target=lambda: answers.append(live.get("/settings")))
         reader.start()
         deadline = time.monotonic() + TIMEOUT
@@ -10321,12 +10320,9 @@ def test_after_a_queued_change_fails_its_if_match_on_a_rebase_rewrites_are_still
     # another program's rewrite; nothing of it is left waiting, so a later rewrite is read
     # at once, as ever.
     document = live.server.settings
-    path = os.path.join(live.data_dir, "settings.json")
 
     def rewrite(value):
-        with open(path + ".theirs", "w") as f:
-            json.dump({"drop_last_update": value}, f)
-        os.replace(path + ".theirs", path)
+        feed_rewrite(live.data_dir, "settings", {"drop_last_update": value})
 
     entered, gate = hold_first_save(monkeypatch)
     answers = {}

@@ -1278,8 +1278,7 @@ def _openapi():
                 "description": "tags or *: change only the version named (else 412)"}
     paths = {path: {"get": {"security": [], "responses": {
         "200": answer(description, {"type": "object"}), **refusals}}}
-        for path, description in (("/health", "the server is up"),
-                                  ("/openapi.json", "this description"))}
+        for path, description in zip(_OPEN, ("the server is up", "this description"))}
     paths["/events"] = {"get": {"parameters": [
         {"name": "since", "in": "query", "schema": text,
          "description": "a cursor of this run; without it, the answer is at once"},
@@ -1542,10 +1541,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             # allows, and never parsed (a body parser of our own is a smuggling risk).
             raise _Malformed("send the body with a Content-Length", HTTPStatus.LENGTH_REQUIRED)
         elif lengths:
-            values = {value.strip(_OWS) for value in lengths}
-            if not all(map(_is_digits, values)):
+            if not all(_is_digits(value.strip(_OWS)) for value in lengths):
                 raise _Malformed("malformed Content-Length")
-            values = {value.lstrip("0") for value in values}
+            values = {value.strip(_OWS).lstrip("0") for value in lengths}
             if len(values) > 1:
                 raise _Malformed("conflicting Content-Length")
             value = values.pop() or "0"
@@ -1628,7 +1626,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                                  f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
             getattr(self, "_do_" + method.lower())(document, self._read_body(), media == _FORM_TYPE)
 
-    # The methods of RFC 9110 9 get 404 or 405 by path; http.server answers others 501.
+    # The methods of RFC 9110 9, logged by name; any other comes by send_error: 404 or 405.
     do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
 
     def _read_body(self):
@@ -1699,17 +1697,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, stored, (("ETag", tag),))
 
     def _do_events(self):
-        pairs = urllib.parse.parse_qsl(self.path.partition("?")[2], True, errors="replace")
-        if len(query := dict(pairs)) != len(pairs):  # which one would count? (as a form's)
-            raise InvalidValue("a query parameter appears twice")
+        query = _parse_form(self.path.partition("?")[2], "a query parameter", errors="replace")
         timeout = query.get("timeout", "30")
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
         self.server._move(self.connection, _BUSY, _BUSY,  # more time: it may wait for events
                           self.server.request_timeout + min(max(seconds or 0, 0), MAX_WAIT))
         answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
-            self.wfile.write(answer)
-            self.wfile.flush()
+            self.wfile.write(answer)  # flushed by http.server once do_GET returns
         else:
             self._send_json(HTTPStatus.OK, answer)
 
@@ -1809,15 +1804,15 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         return self.path.partition("?")[0] if self.command else ""
 
 
-def _parse_form(body):
-    """The fields of a form-encoded body; 400 for bad encoding or a repeated field."""
+def _parse_form(data, what="a form field", errors="strict"):
+    """The fields of a form body (bytes) or a query (text); 400 for bad encoding or a repeat."""
     try:  # as many fields as max_body allows
-        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), True, errors="strict")
+        text = data.decode("utf-8") if type(data) is bytes else data
+        pairs = urllib.parse.parse_qsl(text, True, errors=errors)
     except ValueError:  # UnicodeDecodeError included
         raise InvalidValue("the form body is malformed") from None
-    fields = dict(pairs)
-    if len(fields) != len(pairs):
-        raise InvalidValue("a form field appears twice")
+    if len(fields := dict(pairs)) != len(pairs):  # which one would count?
+        raise InvalidValue(f"{what} appears twice")
     return fields
 
 

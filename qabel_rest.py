@@ -1820,6 +1820,7 @@ def _parse_form(data, what="a form field", errors="strict"):
 
 # A connection waits for a request, serves one, or is being ended by us (shut or refused).
 _IDLE, _BUSY, _CLOSING = range(3)
+_ROOM_AFTER = 1.0  # seconds idle before a connection may be closed for room
 
 
 def _shut(sock):
@@ -1935,16 +1936,18 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
                                   args=(request, client_address), daemon=True,
                                   name="qabel_rest connection")
         with self._state:
-            state = _IDLE
+            state, deadline = _IDLE, time.monotonic() + self.idle_timeout
             entries = self._connections
             if sum(entry[1] != _CLOSING for entry in entries.values()) >= self.max_connections:
                 idle = min(entries, key=lambda s: (entries[s][1] != _IDLE, entries[s][2]))
-                if entries[idle][1] != _IDLE:  # none is idle; else the one idle longest goes
-                    state = _CLOSING  # refused at once by its handler
+                # Idle for a second at least: not new (its request on its way), nor pooled and
+                # used a moment ago (its client may be sending again); else the new one waits.
+                if entries[idle][1] != _IDLE or entries[idle][2] > deadline - _ROOM_AFTER:
+                    state = _CLOSING  # refused at once by its handler: 503, Retry-After
                 else:
                     _shut(idle)
                     entries[idle][1] = _CLOSING
-            entries[request] = [thread, state, time.monotonic() + self.idle_timeout]
+            entries[request] = [thread, state, deadline]
         thread.start()  # no thread to be had: socketserver shuts the request down, as below
 
     def shutdown_request(self, request):  # the end of every connection, served or not

@@ -2465,9 +2465,38 @@ def test_a_refused_connection_still_lingering_does_not_count_against_the_cap(
         conn.close()
 
 
+def idle_for_room(live, count):
+    """Wait until the server holds count connections, then as long as one must be idle before
+    it may be closed for room (one answered meanwhile is idle for less)."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(live.server._connections) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(qabel_rest._ROOM_AFTER)
+
+
+@pytest.mark.parametrize("idle", ["new", "used a moment ago"])
+def test_a_connection_idle_less_than_a_second_is_not_closed_for_room(live_with, idle):
+    # One opened a moment ago has its first request on the way; one a pool used a moment ago
+    # may be carrying its next: closing either loses a request. The newcomer gets the 503.
+    live = live_with(max_connections=1)
+    conn = live.conn()
+    if idle == "used a moment ago":
+        assert conn.request("GET", "/health").status == 200
+        wait_connections(live)  # idle, not busy
+    extra = live.conn()
+    response = extra.request("GET", "/health")
+    assert response.status == 503 and response.json() == {"error": "too many connections"}
+    assert response.headers["Retry-After"] == "1" and extra.closed()
+    assert conn.request("GET", "/health").status == 200  # kept
+    for each in (conn, extra):
+        each.close()
+
+
 def test_idle_connections_make_room_for_new_ones(live_with):
     live = live_with(max_connections=2)
     idle = [live.conn() for _ in range(2)]  # open, no request yet: idle
+    idle_for_room(live, 2)
     fresh = live.conn()
     assert fresh.request("GET", "/health").status == 200
     ended, _, _ = select.select([conn.sock for conn in idle], [], [], TIMEOUT)
@@ -2487,6 +2516,7 @@ def test_the_connection_idle_longest_makes_room_not_the_one_accepted_first(live_
     wait_connections(live)  # the server is done with it: idle since now
     assert first.request("GET", "/health").status == 200
     wait_connections(live)  # idle since now: the other one longer
+    idle_for_room(live, 2)
     fresh = live.conn()
     assert fresh.request("GET", "/health").status == 200
     assert first.request("GET", "/health").status == 200
@@ -2577,6 +2607,7 @@ def test_connection_dropping_a_refused_body_is_busy_not_closed_for_room(live_wit
     dropping.send(build_request("PUT", "/settings", b" " * 1000, {"Content-Length": "100000"}))
     assert dropping.read().status == 401  # the server now reads and drops the rest
     idle = live.conn()  # open, no request yet: idle from the start
+    idle_for_room(live, 2)
     third = live.conn()  # at the cap: the idle connection makes room, not the dropping one
     assert third.request("GET", "/health").status == 200
     assert idle.closed()
@@ -2606,15 +2637,17 @@ def test_a_body_over_the_limit_keeps_coming_after_its_413_and_is_dropped_not_res
     # closes: a client that sends its whole body before it reads (urllib, requests) would
     # otherwise meet a reset and never see the 413. Neither room nor a stop cuts that short.
     live = live_with(max_connections=2, max_body=1000)
+    others = [live.conn()] if then == "a connection at the cap" else []  # idle from the start
+    if others:
+        idle_for_room(live, 1)
     dropping = live.conn()
     dropping.send(build_request("PUT", "/settings", b" " * 1000, {
         "X-API-Key": KEY, "Content-Type": "application/json", "Content-Length": "10000000"}))
     assert dropping.read().status == 413  # the server now drops what follows
-    others = []
     if then == "server_close()":
         closing = server_close_begun(live)
     else:
-        others = [live.conn(), live.conn()]  # at the cap: the first, idle, makes room
+        others.append(live.conn())  # at the cap: the idle one makes room
         assert others[1].request("GET", "/health").status == 200
         assert others[0].closed()
     for _ in range(100):  # the rest of the body, as a client sends it: no reset
@@ -4753,6 +4786,7 @@ def test_shutdown_from_the_serving_thread_holding_the_connection_table(
     real = qabel_rest._shut
     monkeypatch.setattr(qabel_rest, "_shut", lambda sock: (live.server.shutdown(), real(sock)))
     idle = live.conn()
+    idle_for_room(live, 1)
     fresh = live.conn()
     live.thread.join(TIMEOUT)
     assert not live.thread.is_alive()
@@ -9840,8 +9874,9 @@ def test_the_default_connection_cap_is_512(tmp_path):
         for _ in range(512):
             conns.append(live.conn())
             assert conns[-1].request("GET", "/health").status == 200
-            if len(conns) == 1:  # the server is done with it before the next one comes
-                wait_connections(live)
+            if len(conns) == 1:  # the server is done with it before the next one comes,
+                wait_connections(live)  # and it stays idle long enough to make room
+                idle_for_room(live, 1)
         conns.append(live.conn())  # the first one has been idle longest
         assert conns[-1].request("GET", "/health").status == 200
         assert conns[0].closed()  # it made room
@@ -9976,6 +10011,9 @@ def test_a_connection_closed_for_room_is_refused_even_if_its_request_got_through
     live = live_with(max_connections=2)
     monkeypatch.setattr(qabel_rest, "_shut", lambda sock: None)  # the shutdown comes late
     idle = [live.conn() for _ in range(2)]  # open, no request yet: idle
+    assert idle[1].request("GET", "/health").status == 200  # idle since now: idle[0] longer
+    wait_connections(live)
+    idle_for_room(live, 2)
     fresh = live.conn()
     assert fresh.request("GET", "/health").status == 200
     response = idle[0].request("GET", "/health")

@@ -1773,6 +1773,7 @@ def test_change_the_rewritten_file_already_holds_keeps_its_tag_and_is_no_event(l
     assert [e["key"] for e in events] == [None]  # the rewrite; the change is none
     assert result[0] == (60, events[0]["etag"])  # the change keeps the rewrite's tag
     assert live.get("/settings").headers["ETag"] == events[0]["etag"]
+    assert live.file("settings.json") == b'{"poll_interval": 60}'  # nothing left to write
 
 
 def test_file_rewritten_invalid_gives_503_and_is_never_overwritten(live):
@@ -1855,6 +1856,24 @@ def test_corrupt_file_at_startup_refuses_and_touches_nothing(tmp_path, content, 
     # the lock was released: a good file starts now
     (tmp_path / "settings.json").write_bytes(b"{}")
     stop(start(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["settings.json", "synced.json"])
+def test_a_start_refused_for_an_invalid_document_creates_no_file_even_for_a_moment(
+        tmp_path, monkeypatch, name):
+    # The documents are read before anything is made: no lock file or probe comes and goes.
+    (tmp_path / name).write_bytes(b"{not json")
+    created, real = [], os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            created.append(os.path.basename(path))
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", open_)
+    with pytest.raises(qabel_rest.StartupError, match=f"^{name}: "):
+        qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    assert created == []
+    assert os.listdir(tmp_path) == [name]
 
 
 @pytest.mark.skipif(ROOT or not POSIX, reason="root reads any file")
@@ -3543,6 +3562,32 @@ def test_main_without_arguments_starts_on_127_0_0_1_port_9696(monkeypatch, capsy
     assert capsys.readouterr().err == "qabel_rest: stop here\n"
 
 
+def test_main_serving_in_process_returns_0_once_stopped_and_releases_the_data_dir(
+        tmp_path, monkeypatch, capsys):
+    servers, real = [], qabel_rest.make_server
+
+    def make_server(*args, **options):
+        servers.append(real(*args, **options))
+        return servers[0]
+    monkeypatch.setattr(qabel_rest, "make_server", make_server)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # the suite's stay
+    monkeypatch.setattr(logging, "basicConfig", lambda **options: None)  # the suite's logging
+
+    def stop_once_started():
+        deadline = time.monotonic() + TIMEOUT
+        while not servers:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        servers[0].shutdown()  # as SIGTERM's handler does
+    stopper = threading.Thread(target=stop_once_started)
+    stopper.start()
+    assert qabel_rest.main(["--port", "0", "--data-dir", str(tmp_path), "--api-key", KEY]) == 0
+    stopper.join(TIMEOUT)
+    assert capsys.readouterr().out == (f"qabel_rest listening on {servers[0].url} "
+                                       "(API key from the command line)\n")
+    stop(start(tmp_path))  # the data dir was released
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
 @pytest.mark.parametrize("unbuffered", ["", "1"])
 def test_process_whose_ready_line_cannot_be_written_serves_all_the_same(tmp_path, unbuffered):
@@ -4323,6 +4368,29 @@ def test_server_close_is_bounded_with_a_save_that_never_ends(tmp_path, monkeypat
     stop(again)
 
 
+def test_server_close_waits_for_saves_on_both_documents_within_one_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
+    live = start(tmp_path)
+    entered, proceed = held_saves(monkeypatch)
+    writers = [threading.Thread(target=live.put, args=(path, "module_data.m", {}))
+               for path in ("/settings", "/synced")]
+    for writer in writers:
+        writer.start()
+    assert entered.acquire(timeout=TIMEOUT) and entered.acquire(timeout=TIMEOUT)
+    live.server.shutdown()
+    started = time.monotonic()
+    live.server.server_close()
+    elapsed = time.monotonic() - started
+    proceed.release()
+    proceed.release()
+    for writer in writers:
+        writer.join(TIMEOUT)
+    assert elapsed < 1.5  # the grace once: no further wait for each document's save
+    assert live.doc("settings.json")["module_data"] == {"m": {}}
+    assert live.doc("synced.json")["module_data"] == {"m": {}}
+    stop(start_once_unlocked(tmp_path))  # the lock went once both saves ended
+
+
 def test_a_change_whose_body_ends_after_server_close_began_is_answered_after_its_save(
         live, monkeypatch):
     # Its body came within the grace, so it is saved; a save outlasting the grace is still
@@ -4834,7 +4902,7 @@ def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monke
 
 
 @LINUX_FDS
-def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, monkeypatch):
+def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, monkeypatch, caplog):
     # The directory fsync fails after the rename, then the file system refuses the write
     # that would put the old content back (as ext4 remounted read-only after an error).
     live.put("/settings", "poll_interval", 5)
@@ -4858,6 +4926,10 @@ def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, mon
     assert response.status == 500
     assert response.json() == {"error": "could not save settings.json: Input/output error; "
                                         "undoing it failed too, so the file may hold it"}
+    path = os.path.join(live.data_dir, "settings.json")  # the log says why, with the path
+    assert {r.getMessage() for r in caplog.records if r.levelno == logging.ERROR} == {
+        f"could not save {path}: Input/output error",
+        f"could not restore {path}: Read-only file system"}
     assert live.doc("settings.json")["poll_interval"] == 6
     answer = live.get("/settings")  # then taken as another program's rewrite, as README says
     assert answer.json()["poll_interval"] == 6
@@ -5238,6 +5310,15 @@ def test_data_dir_unlistable_after_the_lock_is_a_startup_error_that_unlocks(
     qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0).server_close()  # unlocked
 
 
+def test_a_new_data_dir_unlistable_after_the_lock_is_removed_with_the_lock(tmp_path, monkeypatch):
+    data_dir = tmp_path / "new"  # no listing before the lock: there was no data dir
+    calls = failing_listdir(monkeypatch, data_dir, {1: permission_denied})
+    with pytest.raises(qabel_rest.StartupError, match="^the data dir is not readable: "):
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == [] and len(calls) == 2  # the second: the clean-up's
+
+
 def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path):
     stale = [".settings.json.0a1b2c.tmp", ".synced.json.x.tmp", ".api-key.y.tmp",
              ".qabel_rest.lock.z.tmp"]
@@ -5297,28 +5378,31 @@ def test_file_unreadable_at_the_check_before_a_save_is_503_and_kept(live, monkey
     assert live.get("/settings").json()["poll_interval"] == 30
 
 
-def eagain_on_read(monkeypatch, name, partial=False):
+def eagain_on_read(monkeypatch, name, partial=False, then=None):
     """The server's reads of the file name get EAGAIN (the server opens files O_NONBLOCK, for
     a FIFO; a FUSE file system may answer it), for which FileIO.read gives None, or with
-    partial after a first byte, that byte as if the file ended there."""
+    partial after a first byte, that byte as if the file ended there; the reads after the
+    first EAGAIN give then (None: EAGAIN again, b"": the end of the file)."""
     class Eagain(io.FileIO):
-        first = partial
+        first, again = partial, False
 
         def read(self, size=-1):
             if self.first:
                 self.first = False
                 return super().read(1)
-            return None
+            result, self.again = then if self.again else None, True
+            return result
 
     def fake_open(path, mode, buffering=-1, opener=None):
         return (Eagain if os.path.basename(path) == name else io.FileIO)(path, mode, opener=opener)
     monkeypatch.setattr(qabel_rest, "open", fake_open, raising=False)
 
 
-@pytest.mark.parametrize("partial", [False, True], ids=["none", "partial"])
+@pytest.mark.parametrize("partial, then", [(False, None), (True, None), (False, b"")],
+                         ids=["none", "partial", "then-the-end"])
 @pytest.mark.parametrize("name", ["settings.json", "synced.json", "api-key"])
 def test_a_file_whose_read_gets_eagain_is_a_startup_error_never_a_missing_file(
-        tmp_path, monkeypatch, name, partial):
+        tmp_path, monkeypatch, name, partial, then):
     """Taken for a missing file, the document was overwritten with its defaults, or the key
     file with a new key (every client's key refused from then on); taken for the whole file,
     a key cut after its first character was the key."""
@@ -5327,7 +5411,7 @@ def test_a_file_whose_read_gets_eagain_is_a_startup_error_never_a_missing_file(
              "api-key": KEY.encode() + b"\n"}
     for file, content in found.items():
         (tmp_path / file).write_bytes(content)
-    eagain_on_read(monkeypatch, name, partial)
+    eagain_on_read(monkeypatch, name, partial, then)
     with pytest.raises(qabel_rest.StartupError,
                        match=f"^{message}: Resource temporarily unavailable \\("):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)
@@ -8757,7 +8841,9 @@ def ok(body, length=None):
      "MemoryError|cannot reach .*IncompleteRead"),  # reads what comes: the server closes
     (["watch"], [ok(b'{"cursor": "1-a"}'), ok(b'{"cursor": "1-a", "events": 5}')],
      "'int' object is not iterable"),
-], ids=["deep", "huge", "events-not-a-list"])
+    (["get", "settings"], [b"SSH-2.0-OpenSSH_9.6\r\n"],  # no HTTP: as if unreachable
+     r"cannot reach http://127\.0\.0\.1:\d+: SSH-2\.0"),
+], ids=["deep", "huge", "events-not-a-list", "not-http"])
 def test_client_answers_no_server_would_give_are_one_line_and_exit_1(capsys, command, answers,
                                                                       reason):
     # Any program may hold the port while the server is down (README): whatever it answers,
@@ -8806,6 +8892,26 @@ def test_client_interrupted_while_an_answer_is_built_prints_one_line_only(live, 
     assert sys.unraisablehook == reported.append  # put back
     gc.collect()
     assert reported == []
+
+
+def test_client_waits_90_s_for_each_read_from_the_server(live, monkeypatch, capsys):
+    timeouts, real = [], socket.create_connection  # the timeout of the client's socket
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout, *args: (
+        timeouts.append(timeout) or real(address, timeout, *args)))
+    assert qabel_rest.main(["get", "settings", "poll_interval", "--url", cli_url(live),
+                            "--api-key", KEY]) == 0
+    assert capsys.readouterr().out == "30\n"
+    assert timeouts == [90]
+
+
+def test_watch_in_process_ended_by_ctrl_c_returns_0_and_prints_nothing(live, monkeypatch,
+                                                                      capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt  # Ctrl-C while the watch waits for an answer
+    monkeypatch.setattr(http.client.HTTPConnection, "getresponse", interrupted)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # the suite's stays
+    assert qabel_rest.main(["watch", "--url", cli_url(live), "--api-key", KEY]) == 0
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.skipif(not POSIX, reason="SIGINT delivery to a child process")
@@ -9913,6 +10019,17 @@ def test_a_low_limit_on_open_files_is_raised_to_hold_the_connections(tmp_path):
         assert proc.finish()[0] == 0
     qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0,
                            max_connections=10).server_close()  # 74 files: fewer than here
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # never lowered
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX: a limit on open files")
+def test_a_limit_on_open_files_above_what_the_connections_need_is_kept(tmp_path):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 256:
+        pytest.skip("too few open files allowed here")
+    qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0,
+                           max_connections=1).server_close()  # 65 files would do
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # never lowered
 
 

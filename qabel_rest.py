@@ -1414,7 +1414,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle(self):
         with contextlib.suppress(OSError):  # while answering an error or draining
-            if self.server._move(self.connection, _IDLE, _IDLE, self.server.idle_timeout):
+            if self.server._move(self.connection, _IDLE, _IDLE,  # new: see process_request
+                                 self.server.idle_timeout + _ROOM_AFTER):
                 super().handle()
             else:  # refused for want of room, or closing: at once, not after a request
                 self._refuse()
@@ -1820,7 +1821,7 @@ def _parse_form(data, what="a form field", errors="strict"):
 
 # A connection waits for a request, serves one, or is being ended by us (shut or refused).
 _IDLE, _BUSY, _CLOSING = range(3)
-_ROOM_AFTER = 1.0  # seconds idle before a connection may be closed for room
+_ROOM_AFTER = 1.0  # seconds before a new connection may be closed for room
 
 
 def _shut(sock):
@@ -1940,14 +1941,14 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             entries = self._connections
             if sum(entry[1] != _CLOSING for entry in entries.values()) >= self.max_connections:
                 idle = min(entries, key=lambda s: (entries[s][1] != _IDLE, entries[s][2]))
-                # Idle for a second at least: not new (its request on its way), nor pooled and
-                # used a moment ago (its client may be sending again); else the new one waits.
-                if entries[idle][1] != _IDLE or entries[idle][2] > deadline - _ROOM_AFTER:
+                # A new one's deadline is _ROOM_AFTER later: its first request is on its way,
+                # so until then it is neither idle longest nor due to make room.
+                if entries[idle][1] != _IDLE or entries[idle][2] > deadline:
                     state = _CLOSING  # refused at once by its handler: 503, Retry-After
                 else:
                     _shut(idle)
                     entries[idle][1] = _CLOSING
-            entries[request] = [thread, state, deadline]
+            entries[request] = [thread, state, deadline + _ROOM_AFTER]
         thread.start()  # no thread to be had: socketserver shuts the request down, as below
 
     def shutdown_request(self, request):  # the end of every connection, served or not

@@ -2488,13 +2488,13 @@ def test_a_refused_connection_still_lingering_does_not_count_against_the_cap(
 
 
 def idle_for_room(live, count):
-    """Wait until the server holds count connections, then as long as a new one must wait
-    before it may be closed for room."""
-    deadline = time.monotonic() + TIMEOUT
-    while len(live.server._connections) < count:
+    """Wait until the server holds count connections, and the second in which a new one may
+    not be closed for room is over for each (its deadline is a second later: see handle())."""
+    entries, deadline = live.server._connections, time.monotonic() + TIMEOUT
+    while len(entries) < count or any(entry[2] > time.monotonic() + live.server.idle_timeout
+                                      for entry in list(entries.values())):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(qabel_rest._ROOM_AFTER)
 
 
 def test_a_new_connection_is_not_closed_for_room_within_a_second_a_used_one_is(live_with):

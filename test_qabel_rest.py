@@ -2499,8 +2499,8 @@ def idle_for_room(live, count):
 
 def test_a_new_connection_is_not_closed_for_room_within_a_second_a_used_one_is(live_with):
     # One opened a moment ago has its first request on the way (closing it loses that
-    # request, which no client retries): the newcomer gets the 503. One used a moment ago
-    # makes room, or a client keeping its connections busy would shut every other one out.
+    # request; most clients do not send it again): the newcomer gets the 503. One used a
+    # moment ago makes room, or a client keeping its connections busy would shut others out.
     live = live_with(max_connections=1)
     conn = live.conn()
     extra = live.conn()

@@ -1270,7 +1270,7 @@ def _openapi():
               "405": answer("a key that is not valid, or settings that are not JSON "
                             "(the Qabel spec), or another method", error, "Allow"),
               "409": answer("another program kept rewriting the file", error),
-              "412": answer("If-Match names no current tag", error),
+              "412": answer("If-Match names no current tag, or If-None-Match is *", error),
               "413": answer("a body over the limit", error),
               "415": answer("another content type", error, "Accept-Patch"),
               "500": answer("saving failed", error), "507": answer("the disk is full", error)}
@@ -1617,14 +1617,15 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if self._unread > self.server.max_body:  # refused unread, whatever its type
                 raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
                                  HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            # No Content-Type is read as JSON (RFC 9110 8.3): some libraries send none.
-            media, others = self._content_type()
+            media, others = self._content_type()  # none is JSON (RFC 9110 8.3): some send none
             if method == "PATCH" and (media != _PATCH_TYPE or others):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                  f"a merge patch must be {_PATCH_TYPE}")
             if method != "PATCH" and media not in (None, _JSON_TYPE, _FORM_TYPE):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                  f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
+            if self._elements("if-none-match") == ["*"]:  # RFC 9110 13.1.2: it always exists
+                raise PreconditionFailed(f"{document.name} exists: If-None-Match: * never holds")
             getattr(self, "_do_" + method.lower())(document, self._read_body(), media == _FORM_TYPE)
 
     # The methods of RFC 9110 9, logged by name; any other comes by send_error: 404 or 405.

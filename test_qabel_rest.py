@@ -5545,6 +5545,42 @@ def test_if_match_on_post_and_patch(live):
     assert live.doc("synced.json")["module_data"] == {}
 
 
+@pytest.mark.parametrize("method, body, media", [
+    ("PUT", b'{"key": "poll_interval", "value": 5}', "application/json"),
+    ("POST", b"settings=%7B%22poll_interval%22%3A5%7D", "application/x-www-form-urlencoded"),
+    ("PATCH", b'{"poll_interval": 5}', "application/merge-patch+json"),
+    ("PUT", b"not JSON", "application/json"),  # refused before it is read: not its 400
+], ids=["PUT", "POST form", "PATCH", "PUT not JSON"])
+def test_if_none_match_star_on_a_change_is_412_before_its_body_is_read(live, method, body,
+                                                                         media):
+    """Both documents always exist: If-None-Match: * never holds on a change (RFC 9110
+    13.1.2), so it is refused after the checks of the request itself, before its body."""
+    tag = live.get("/settings").headers["ETag"]
+    before = documents(live.data_dir)
+    conn = live.conn()
+    response = conn.request(method, "/settings", body, {
+        "X-API-Key": KEY, "Content-Type": media, "If-None-Match": "*"})
+    assert response.status == 412
+    assert response.json() == {"error": "settings.json exists: If-None-Match: * never holds"}
+    assert conn.request("GET", "/health").status == 200  # the body was dropped: in step
+    conn.close()
+    assert documents(live.data_dir) == before
+    assert live.get("/settings").headers["ETag"] == tag
+
+
+def test_if_none_match_on_a_change_refuses_only_star_and_after_the_requests_own_checks(live):
+    star = {"If-None-Match": "*"}
+    assert live.call("PATCH", "/settings", {}, headers=star).status == 415  # its own 4xx
+    assert live.call("PUT", "/settings", {}, headers=star, key="wrong").status == 401
+    # "*" counts alone, as on GET; a list of tags is not looked at on a change
+    for value in ('"other", *', "{tag}", "W/{tag}", '"other", {tag}'):
+        tag = live.get("/settings").headers["ETag"]
+        response = live.put("/settings", "poll_interval", 6,
+                            headers={"If-None-Match": value.format(tag=tag)})
+        assert response.status == 200 and live.doc("settings.json")["poll_interval"] == 6
+        live.put("/settings", "poll_interval", 30)
+
+
 def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     tag = live.get("/settings").headers["ETag"]
     entered, gate = hold_first_save(monkeypatch)  # both race while a save is under way

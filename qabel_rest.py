@@ -208,7 +208,7 @@ class SaveError(QabelRestError):
 
 
 class PreconditionFailed(QabelRestError):
-    """If-Match names no tag the document has now (RFC 9110 13.1.1): 412."""
+    """If-Match names no tag the document has now, or If-None-Match is *: 412 (RFC 9110 13.1)."""
 
     status = HTTPStatus.PRECONDITION_FAILED
 
@@ -1565,9 +1565,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key", _BEARER)
 
     def _elements(self, name):
-        """The elements of a comma-separated list header, over all its lines."""
+        """The non-empty elements (RFC 9110 5.6.1) of a comma-separated list header's lines."""
         return [element.strip(_OWS) for value in self.fields.get(name, ())
-                for element in value.split(",")]
+                for element in value.split(",") if element.strip(_OWS)]
 
     def _content_type(self):
         """(the body's media type in lower case, or None without a Content-Type;
@@ -1617,14 +1617,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if self._unread > self.server.max_body:  # refused unread, whatever its type
                 raise _Malformed(f"the body is larger than {self.server.max_body} bytes",
                                  HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            media, others = self._content_type()  # none is JSON (RFC 9110 8.3): some send none
+            media, others = self._content_type()  # none: read as JSON (RFC 9110 8.3)
             if method == "PATCH" and (media != _PATCH_TYPE or others):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                  f"a merge patch must be {_PATCH_TYPE}")
             if method != "PATCH" and media not in (None, _JSON_TYPE, _FORM_TYPE):
                 raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                                  f"the body must be {_JSON_TYPE} or {_FORM_TYPE}")
-            if self._elements("if-none-match") == ["*"]:  # RFC 9110 13.1.2: it always exists
+            if set(self._elements("if-none-match")) == {"*"}:  # RFC 9110 13.1.2: it exists
                 raise PreconditionFailed(f"{document.name} exists: If-None-Match: * never holds")
             getattr(self, "_do_" + method.lower())(document, self._read_body(), media == _FORM_TYPE)
 

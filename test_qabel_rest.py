@@ -2062,6 +2062,7 @@ def test_chunked_body_is_refused_with_411_and_close(live, chunked):
 @pytest.mark.parametrize("extra, status", [
     ("Transfer-Encoding: gzip\r\n", 501),
     ("Transfer-Encoding: gzip, chunked\r\n", 501),
+    ("Transfer-Encoding: , chunked,\r\n", 411),  # empty list elements count for nothing
     ("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", 400),
     ("Content-Length: -1\r\n", 400),
     ("Content-Length: abc\r\n", 400),
@@ -2193,6 +2194,7 @@ def test_http_1_0_keep_alive(live, connection):
     ({"X-API-Key": KEY, "Content-Type": "text/plain"}, 415),
     ({"X-API-Key": KEY, "Origin": "http://evil.com"}, 403),
     ({"X-API-Key": KEY, "Content-Length": "999999999"}, 413),
+    ({"X-API-Key": KEY, "If-None-Match": "*"}, 412),  # never holds: no 100 for it
 ])
 def test_expect_100_continue_only_after_checks(live, headers, status):
     body = b'{"key": "poll_interval", "value": 12}'
@@ -4088,7 +4090,7 @@ def test_etag_and_if_none_match(live):
     etag = first.headers["ETag"]
     assert etag.startswith('"') and etag.endswith('"')
     assert live.get("/settings").headers["ETag"] == etag  # unchanged: same tag
-    for value in (etag, f'"other", {etag}', "*", "W/" + etag, f"*, {etag}"):
+    for value in (etag, f'"other", {etag}', "*", "W/" + etag, f"*, {etag}", "*,", f", {etag}"):
         response = live.get("/settings", headers={"If-None-Match": value})
         assert response.status == 304
         assert response.body == b"" and "Content-Type" not in response.headers
@@ -5517,6 +5519,7 @@ def test_every_successful_change_answers_the_new_tag_that_get_then_serves(live):
     ("{tag}", 200), ('"other", {tag}', 200), ("*", 200),
     ('"other"', 412), ("W/{tag}", 412),  # a weak tag never matches
     ('"other", *', 412), ("*, {tag}", 200), ("*, *", 412),  # "*" or tags (RFC 9110 13.1.1)
+    ("*,", 200), (", {tag}", 200),  # an empty list element is none (RFC 9110 5.6.1)
 ])
 def test_if_match_on_put(live, if_match, status):
     tag = live.get("/settings").headers["ETag"]
@@ -5572,6 +5575,18 @@ def test_if_none_match_on_a_change_refuses_only_star_and_after_the_requests_own_
     star = {"If-None-Match": "*"}
     assert live.call("PATCH", "/settings", {}, headers=star).status == 415  # its own 4xx
     assert live.call("PUT", "/settings", {}, headers=star, key="wrong").status == 401
+    conn = live.conn()  # over the limit: refused unread, whatever If-None-Match says
+    conn.send(put_bytes(b"x", "If-None-Match: *\r\nContent-Length: 9999999\r\n"))
+    assert conn.read().status == 413
+    conn.close()
+    response = live.post("/synced", {}, headers=star)
+    assert response.status == 412 and "synced.json exists" in response.json()["error"]
+    conn = live.conn()  # "*" on two lines is "*" still, as on GET
+    conn.send(put_bytes(b'{"key": "poll_interval", "value": 6}',
+                        "If-None-Match: *\r\nIf-None-Match: *\r\nContent-Length: 36\r\n"))
+    assert conn.read().status == 412
+    conn.close()
+    assert documents(live.data_dir) == live.initial
     # "*" counts alone, as on GET; a list of tags is not looked at on a change
     for value in ('"other", *', "{tag}", "W/{tag}", '"other", {tag}'):
         tag = live.get("/settings").headers["ETag"]

@@ -1566,8 +1566,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _elements(self, name):
         """The non-empty elements (RFC 9110 5.6.1) of a comma-separated list header's lines."""
-        return [element.strip(_OWS) for value in self.fields.get(name, ())
-                for element in value.split(",") if element.strip(_OWS)]
+        return [item for value in self.fields.get(name, ())
+                for element in value.split(",") if (item := element.strip(_OWS))]
 
     def _content_type(self):
         """(the body's media type in lower case, or None without a Content-Type;

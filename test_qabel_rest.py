@@ -8435,6 +8435,37 @@ def test_cli_output_cut_by_a_reader_that_left_is_exit_1_and_whole_otherwise(live
     assert err.startswith("qabel_rest: ") and err.count("\n") == 1 and "Broken pipe" in err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_GETPIPE_SZ, FIONREAD")
+def test_cli_output_cut_once_the_pipe_was_full_is_one_line_and_exit_1(live):
+    """The reader left once the pipe was full: the write that waited returned a part and
+    buffered stdout kept the rest, which the exit's flush could not write either: an
+    "Exception ignored" traceback on stderr and exit 120 (every run on Python 3.14, whose
+    buffer of 128 KiB holds the whole document; else for a document just over the pipe)."""
+    import fcntl
+    import termios
+    read_end, write_end = os.pipe()
+    capacity = fcntl.fcntl(read_end, 1032)  # F_GETPIPE_SZ (Python 3.9 has no name for it)
+    env = {**os.environ, "PYTHONUNBUFFERED": ""}
+    env.pop("QABEL_REST_API_KEY", None)
+    command = [sys.executable, MODULE, "export", "synced", "--url", cli_url(live), "--api-key",
+               KEY]
+    for size in (1, None):  # the output: capacity + 100 bytes, then the pipe holds all but 100
+        size = size or capacity + 100 - len(subprocess.run(command, capture_output=True,
+                                                            env=env).stdout) + 1
+        assert live.put("/synced", "module_data.m.pad", "a" * size).status == 200
+    assert len(subprocess.run(command, capture_output=True, env=env).stdout) == capacity + 100
+    proc = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, env=env)
+    os.close(write_end)
+    deadline = time.monotonic() + TIMEOUT
+    while struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0] < capacity:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    os.close(read_end)  # the process waits in a write that has not taken the last 100 bytes
+    err = proc.stderr.read().decode()
+    assert proc.wait(TIMEOUT) == 1
+    assert err.startswith("qabel_rest: ") and err.count("\n") == 1 and "Broken pipe" in err
+
+
 def test_cli_double_dash_before_doc_still_ends_the_options(live):
     """Intermixed parsing drops a "--" before DOC: `set -- settings K -y` lost its VALUE."""
     env = {**os.environ, "QABEL_REST_URL": cli_url(live)}

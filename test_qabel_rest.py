@@ -8466,6 +8466,24 @@ def test_cli_output_cut_once_the_pipe_was_full_is_one_line_and_exit_1(live):
     assert err.startswith("qabel_rest: ") and err.count("\n") == 1 and "Broken pipe" in err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="a device that is always full")
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+@pytest.mark.parametrize("command", [["get", "settings"], ["export", "synced", "-"], ["watch"]])
+def test_cli_output_to_a_full_disk_is_one_line_and_exit_1(live, command, unbuffered):
+    """stdout on a full disk: buffered stdout kept the output whose flush failed, and the
+    exit's flush failed again: exit 120 and an "Exception ignored" traceback on stderr."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    env.pop("QABEL_REST_API_KEY", None)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.Popen([sys.executable, MODULE, *command, "--url", cli_url(live),
+                                 "--api-key", KEY], stdout=full, stderr=subprocess.PIPE, env=env)
+    if command == ["watch"]:  # an event once it follows the feed
+        watch_waiting(live.server)
+        assert live.put("/settings", "poll_interval", 7).status == 200
+    err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    assert (proc.returncode, err) == (1, "qabel_rest: [Errno 28] No space left on device\n")
+
+
 def test_cli_double_dash_before_doc_still_ends_the_options(live):
     """Intermixed parsing drops a "--" before DOC: `set -- settings K -y` lost its VALUE."""
     env = {**os.environ, "QABEL_REST_URL": cli_url(live)}

@@ -177,8 +177,7 @@ class QabelRestError(Exception):
 
     def __init__(self, message, status=None):
         super().__init__(message)
-        self.message = message
-        self.status = HTTPStatus(status or self.status)
+        self.message, self.status = message, HTTPStatus(status or self.status)
 
 
 class StartupError(QabelRestError):
@@ -1930,7 +1929,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         with self._state:  # once: a second server_close() may end its wait at the same time
             lock, self._dir_lock = self._dir_lock, None
         if lock is not None:
-            os.close(lock)  # releases the lock
+            with contextlib.suppress(OSError):  # EIO (a share's handle lost): closed all the same
+                os.close(lock)  # releases the lock
 
     def process_request(self, request, client_address):
         """A thread per connection; at the cap, the one idle longest makes room, or a 503."""

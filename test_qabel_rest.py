@@ -4534,6 +4534,28 @@ def test_server_close_twice_while_a_save_outlasts_both_closes_the_lock_once(
 
 
 @LINUX_FDS
+def test_server_close_whose_lock_file_close_fails_still_stops_and_unlocks(tmp_path, monkeypatch):
+    """On a share whose handle was lost (sshfs after a reconnect, NFS) closing the lock file
+    fails with EIO, though Linux closes it all the same: server_close() raised, and a server
+    stopped by SIGTERM ended in a traceback, exit 1."""
+    live = start(tmp_path)
+    lock = [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
+        f"/proc/self/fd/{fd}") == os.path.realpath(tmp_path / "qabel_rest.lock")]
+    closes, real = [], os.close
+
+    def failing_close(fd):
+        real(fd)
+        if fd in lock:
+            closes.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(os, "close", failing_close)
+    live.server.server_close()
+    monkeypatch.undo()
+    assert len(lock) == 1 and closes == lock
+    stop(start_once_unlocked(tmp_path))
+
+
+@LINUX_FDS
 def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer(
         live, monkeypatch):
     events = []

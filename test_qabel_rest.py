@@ -8483,8 +8483,8 @@ def test_cli_output_cut_once_the_pipe_was_full_is_one_line_and_exit_1(live):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
     os.close(read_end)  # the process waits in a write that has not taken the last 100 bytes
-    err = proc.stderr.read().decode()
-    assert proc.wait(TIMEOUT) == 1
+    err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    assert proc.returncode == 1
     assert err.startswith("qabel_rest: ") and err.count("\n") == 1 and "Broken pipe" in err
 
 

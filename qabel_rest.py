@@ -2137,12 +2137,12 @@ def _client(command, argv):
 
     def write(name, value, indent=2):  # UTF-8, whatever the console's encoding
         text = json.dumps(value, indent=indent, ensure_ascii=False).encode("utf-8") + b"\n"
-        with (open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE))  # 0600, as
-              if name not in (None, "-") else contextlib.nullcontext(  # the server's (synced
-                  getattr(sys.stdout.buffer, "raw", sys.stdout.buffer))) as file:  # holds keys)
-            view = memoryview(text)  # stdout unbuffered: a part its buffer kept as the reader
-            while view:  # left would fail the exit's flush too (exit 120). A raw file may take
-                view = view[file.write(view):]  # a part, and not raise; a file's close flushes
+        with (open(name, "wb", opener=lambda p, flags: os.open(p, flags, _FILE_MODE))  # 0600:
+              if name not in (None, "-") else contextlib.nullcontext(  # synced holds keys
+                  getattr(sys.stdout.buffer, "raw", sys.stdout.buffer))) as file:  # unbuffered:
+            view = memoryview(text)  # what a buffer kept as a reader left would fail the exit's
+            while view:  # flush too (exit 120). A raw file may take a part, and not raise;
+                view = view[file.write(view):]  # FILE's close flushes it, inside the `with`
 
     try:
         data_dir = os.path.abspath(args.data_dir or default_data_dir())

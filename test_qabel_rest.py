@@ -4501,13 +4501,18 @@ def test_server_close_ends_a_request_its_client_stalls_once_the_grace_is_over(
     assert json.loads(live.file("settings.json"))["poll_interval"] == 30
 
 
+def lock_descriptors(data_dir):
+    """This process's descriptors open on the data dir's lock file (Linux)."""
+    return [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
+        f"/proc/self/fd/{fd}") == os.path.realpath(data_dir / "qabel_rest.lock")]
+
+
 @LINUX_FDS
 def test_server_close_twice_while_a_save_outlasts_both_closes_the_lock_once(
         tmp_path, monkeypatch):
     monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
     live = start(tmp_path)
-    lock = [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
-        f"/proc/self/fd/{fd}") == os.path.realpath(tmp_path / "qabel_rest.lock")]
+    lock = lock_descriptors(tmp_path)
     entered, gate = hold_first_save(monkeypatch)
     writer = threading.Thread(target=lambda: live.put("/settings", "poll_interval", 3))
     writer.start()
@@ -4539,8 +4544,7 @@ def test_server_close_whose_lock_file_close_fails_still_stops_and_unlocks(tmp_pa
     fails with EIO, though Linux closes it all the same: server_close() raised, and a server
     stopped by SIGTERM ended in a traceback, exit 1."""
     live = start(tmp_path)
-    lock = [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
-        f"/proc/self/fd/{fd}") == os.path.realpath(tmp_path / "qabel_rest.lock")]
+    lock = lock_descriptors(tmp_path)
     closes, real = [], os.close
 
     def failing_close(fd):
@@ -8469,14 +8473,13 @@ def test_cli_output_cut_once_the_pipe_was_full_is_one_line_and_exit_1(live):
     capacity = fcntl.fcntl(read_end, 1032)  # F_GETPIPE_SZ (Python 3.9 has no name for it)
     env = {**os.environ, "PYTHONUNBUFFERED": ""}
     env.pop("QABEL_REST_API_KEY", None)
-    command = [sys.executable, MODULE, "export", "synced", "--url", cli_url(live), "--api-key",
-               KEY]
-    for size in (1, None):  # the output: capacity + 100 bytes, then the pipe holds all but 100
-        size = size or capacity + 100 - len(subprocess.run(command, capture_output=True,
-                                                            env=env).stdout) + 1
-        assert live.put("/synced", "module_data.m.pad", "a" * size).status == 200
-    assert len(subprocess.run(command, capture_output=True, env=env).stdout) == capacity + 100
-    proc = subprocess.Popen(command, stdout=write_end, stderr=subprocess.PIPE, env=env)
+    export = ("export", "synced", "--url", cli_url(live), "--api-key", KEY)
+    assert live.put("/synced", "module_data.m.pad", "a").status == 200
+    pad = "a" * (capacity + 100 - len(run_cli(*export, env=env).stdout) + 1)
+    assert live.put("/synced", "module_data.m.pad", pad).status == 200
+    assert len(run_cli(*export, env=env).stdout) == capacity + 100  # the pipe holds all but 100
+    proc = subprocess.Popen([sys.executable, MODULE, *export], stdout=write_end,
+                            stderr=subprocess.PIPE, env=env)
     os.close(write_end)
     deadline = time.monotonic() + TIMEOUT
     while struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0] < capacity:

@@ -524,9 +524,6 @@ _REPLACE_BACKOFF = 0.01  # seconds, doubled each attempt (0.31 s in all)
 _REBASE_ATTEMPTS = 3  # a file rewritten under us this often in one save: 409
 _WAKE_EVERY = 0.5  # seconds a queued writer waits before it looks again (its turn may be lost)
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # 507
-# O_EXCL: never reuse or follow an existing name. Windows: binary, not inherited.
-_TEMP_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-               | getattr(os, "O_NOINHERIT", 0))
 
 
 def _replace_file(source, target):
@@ -569,8 +566,10 @@ def atomic_write(path, data, check=lambda: None):
     removed and path untouched (unless the directory fsync failed)."""
     with _synced_dir(path) as directory:  # by name, as the rename finds it (it may be replaced)
         temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
-        fd = os.open(temp, _TEMP_FLAGS, _FILE_MODE)
+        file = open(temp, "xb", buffering=0,  # "x": O_EXCL, never reusing or following a name;
+                    opener=lambda name, flags: os.open(name, flags, _FILE_MODE))  # Windows: binary
         try:
+            fd = file.fileno()
             with contextlib.suppress(OSError):  # what the umask took away (Windows: read-only;
                 os.chmod(fd if os.chmod in os.supports_fd else temp, _FILE_MODE)  # FAT: no modes)
             view = memoryview(data)
@@ -583,18 +582,18 @@ def atomic_write(path, data, check=lambda: None):
                     raise  # EIO or a full disk is data lost, which a retried fsync would hide
                 os.fsync(fd)
             check()
-            if os.name != "posix":  # pragma: no cover - Windows cannot rename an open file
-                os.close(fd)
-                fd = None
+            if os.name != "posix":  # Windows cannot rename an open file. A rename keeps what
+                st = os.fstat(fd)  # fstat tells there (st_ctime: the creation time); on POSIX
+                file.close()  # it changes st_ctime, so the descriptor is read after it
             _replace_file(temp, path)
-            signature = _signature(os.fstat(fd) if fd is not None else os.stat(path), lambda: data)
+            signature = _signature(st if file.closed else os.fstat(fd), lambda: data)
+            file.close()
         except BaseException:
+            with contextlib.suppress(OSError):  # first: Windows cannot remove an open file
+                file.close()
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
-        finally:
-            if fd is not None:
-                os.close(fd)
     return signature
 
 
@@ -1156,8 +1155,9 @@ def _lock_data_dir(directory):
     """One server per data dir: lock the lock file (the OS unlocks it if we die), return its
     fd (closing it unlocks). It stays: else a third process could lock another inode."""
     path = os.path.join(directory, _LOCK_FILE)
-    with _startup_error("the data dir is not writable", directory):  # a link: refused (ELOOP)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), _FILE_MODE)
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # a link: refused (ELOOP)
+    with _startup_error("the data dir is not writable", directory):  # Windows: the pid's "\n"
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0), _FILE_MODE)  # as is, not "\r\n"
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2042,7 +2042,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             existed = (existed or set()) | set(os.listdir(data_dir)) - {_LOCK_FILE}
         probe = os.path.join(data_dir, f".{_LOCK_FILE}.{os.urandom(6).hex()}.tmp")
         with _startup_error("the data dir is not writable", data_dir):  # for saves' temp files
-            os.close(os.open(probe, _TEMP_FLAGS, _FILE_MODE))
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
             os.unlink(probe)
         for document in (settings, synced):
             document.load(create=True)  # again, now that no other instance can be writing

@@ -37,9 +37,16 @@ KEY = "test-key-0123456789abcdef0123456789abcdef"
 TIMEOUT = 10  # seconds: every socket and wait in these tests is bounded
 POSIX = os.name == "posix"
 ROOT = POSIX and os.geteuid() == 0
-# Tests that ask which file a descriptor is (a directory?) through /proc (Linux)
-LINUX_FDS = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
+# Tests that ask which file a descriptor is (a directory?) through /proc (Linux; Wine has
+# one too, of its own descriptors)
+LINUX_FDS = pytest.mark.skipif(not (POSIX and os.path.isdir("/proc/self/fd")),
                                reason="names a descriptor's file")
+
+
+def descriptors_on(path):
+    """This process's descriptors open on the file at path (Linux)."""
+    return [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
+        f"/proc/self/fd/{fd}") == os.path.realpath(path)]
 
 
 # ---------------------------------------------------------------------------
@@ -2007,6 +2014,56 @@ def test_replace_refused_briefly_succeeds(live, monkeypatch, refused):
     monkeypatch.undo()
     assert live.doc("settings.json")["poll_interval"] == 2
     assert (len(calls) == 3) if refused == "twice" else (2 <= len(calls) <= 6)
+
+
+@contextlib.contextmanager
+def windows_file_rules():
+    """Windows' rules, on Linux: os.name is "nt", and a file open in this process can be
+    neither renamed nor removed (Python opens files without FILE_SHARE_DELETE)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("replace", "unlink"):
+            def refuse_if_open(source, *rest, real=getattr(os, name)):
+                if descriptors_on(source):
+                    raise PermissionError(errno.EACCES, "Access is denied")
+                return real(source, *rest)
+            patch.setattr(os, name, refuse_if_open)
+        patch.setattr(os, "name", "nt")
+        yield
+
+
+@LINUX_FDS
+@pytest.mark.parametrize("fault", ["none", "fsync fails", "rewritten meanwhile"])
+def test_saves_under_windows_file_rules_leave_no_temp_file(live, monkeypatch, fault):
+    """A save closes its temp file before the rename, and a failed or redone one (another
+    program rewrote the file meanwhile) before removing it: Windows can do neither to an
+    open file."""
+    path = os.path.join(live.data_dir, "settings.json")
+    theirs = {"poll_interval": 77, "drop_last_update": "theirs", "module_data": {}}
+    before, calls, real = snapshot(live.data_dir), [], os.fsync
+
+    def fsync(fd):  # the first temp file's: it fails, or another program rewrites the file
+        calls.append(fd)
+        if len(calls) == 1 and fault == "fsync fails":
+            raise OSError(errno.EIO, "Input/output error")
+        if len(calls) == 1 and fault == "rewritten meanwhile":
+            with open(path + ".other", "w") as f:
+                json.dump(theirs, f)
+            os.replace(path + ".other", path)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with windows_file_rules():
+        response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert sorted(os.listdir(live.data_dir)) == ["qabel_rest.lock", "settings.json", "synced.json"]
+    if fault == "fsync fails":
+        assert response.status == 500 and snapshot(live.data_dir) == before
+    else:
+        assert response.status == 200
+        expected = {**json.loads(qabel_rest.LOCAL_DEFAULTS), "poll_interval": 6}
+        if fault == "rewritten meanwhile":
+            expected = {**theirs, "poll_interval": 6}
+        assert live.doc("settings.json") == expected == live.get("/settings").json()
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX resource limits")
@@ -4501,10 +4558,6 @@ def test_server_close_ends_a_request_its_client_stalls_once_the_grace_is_over(
     assert json.loads(live.file("settings.json"))["poll_interval"] == 30
 
 
-def lock_descriptors(data_dir):
-    """This process's descriptors open on the data dir's lock file (Linux)."""
-    return [int(fd) for fd in os.listdir("/proc/self/fd") if os.path.realpath(
-        f"/proc/self/fd/{fd}") == os.path.realpath(data_dir / "qabel_rest.lock")]
 
 
 @LINUX_FDS
@@ -4512,7 +4565,7 @@ def test_server_close_twice_while_a_save_outlasts_both_closes_the_lock_once(
         tmp_path, monkeypatch):
     monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.2)
     live = start(tmp_path)
-    lock = lock_descriptors(tmp_path)
+    lock = descriptors_on(tmp_path / "qabel_rest.lock")
     entered, gate = hold_first_save(monkeypatch)
     writer = threading.Thread(target=lambda: live.put("/settings", "poll_interval", 3))
     writer.start()
@@ -4544,7 +4597,7 @@ def test_server_close_whose_lock_file_close_fails_still_stops_and_unlocks(tmp_pa
     fails with EIO, though Linux closes it all the same: server_close() raised, and a server
     stopped by SIGTERM ended in a traceback, exit 1."""
     live = start(tmp_path)
-    lock = lock_descriptors(tmp_path)
+    lock = descriptors_on(tmp_path / "qabel_rest.lock")
     closes, real = [], os.close
 
     def failing_close(fd):
@@ -5380,7 +5433,6 @@ def test_a_start_failing_once_it_holds_the_lock_changes_no_file_it_found(
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == found
 
 
-@pytest.mark.skipif(not POSIX, reason="Windows writes the pid in text mode")
 def test_a_start_whose_cut_of_the_old_pid_fails_leaves_its_pid_before_the_rest(
         tmp_path, monkeypatch):
     """README (Files): the pid is written over the old one, then the rest cut off; a cut that
@@ -10196,10 +10248,13 @@ def test_a_malformed_header_line_before_an_inner_message_is_400(live):
                          "malformed header line")
 
 
-def test_a_rewrite_right_after_a_saves_rename_is_not_taken_for_the_save(live, monkeypatch):
-    # The save's signature comes from its own descriptor, not by name: another program
-    # replacing the file between the rename and that look must not be taken for the saved
-    # version (past the time stamps' tick, the stat fields alone tell versions apart).
+@pytest.mark.parametrize("rules", ["native", pytest.param("windows", marks=LINUX_FDS)])
+def test_a_rewrite_right_after_a_saves_rename_is_not_taken_for_the_save(live, monkeypatch,
+                                                                        rules):
+    # The save's signature comes from its own descriptor (Windows: before the close that
+    # its rename needs), not by name: another program replacing the file between the rename
+    # and that look must not be taken for the saved version (past the time stamps' tick,
+    # the stat fields alone tell versions apart).
     ticks_over(monkeypatch)
     path = os.path.join(live.data_dir, "settings.json")
     theirs = {"poll_interval": 77, "drop_last_update": "theirs", "module_data": {}}
@@ -10213,7 +10268,9 @@ def test_a_rewrite_right_after_a_saves_rename_is_not_taken_for_the_save(live, mo
             os.replace(path + ".other", path)
 
     monkeypatch.setattr(qabel_rest, "_replace_file", replace_then_rewrite)
-    assert live.put("/settings", "poll_interval", 5).status == 200
+    with windows_file_rules() if rules == "windows" else contextlib.nullcontext():
+        response = live.put("/settings", "poll_interval", 5)
+    assert response.status == 200
     monkeypatch.setattr(qabel_rest, "_replace_file", real)
     assert live.get("/settings").json() == theirs
     assert live.put("/settings", "module_data.m", {}).status == 200  # on top of theirs

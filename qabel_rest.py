@@ -1432,8 +1432,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 return
             if self.server._move(self.connection, _IDLE, _BUSY, self.server.request_timeout):
                 super().handle_one_request()
-            else:  # closed to make room as it came (never half served), or closing
-                self._refuse()
+            elif self.server._closing:  # else closed for room or as idle as it came: shut,
+                self._refuse()  # never half served, and no answer could go out (nor a log)
         except QabelRestError as exc:
             self._send_error(exc)
         except OSError:  # reset, broken pipe, or closed past its deadline: no answer

@@ -2359,6 +2359,21 @@ def test_http_2_is_505_and_long_lines_are_refused(live):
         conn.close()
 
 
+def test_an_h2c_upgrade_is_answered_in_http_1_1_on_a_connection_kept(live):
+    # curl --http2 and Java's HttpClient (by default) ask to switch to HTTP/2 on http:// URLs;
+    # a server of HTTP/1.1 alone answers as if they had not (RFC 9110 7.8), the PUT applied.
+    conn = live.conn()
+    upgrade = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+               "HTTP2-Settings": "AAMAAABkAAQCAAAAAAIAAAAA", "X-API-Key": KEY}
+    response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 4}',
+                            {**upgrade, "Content-Type": "application/json"})
+    assert (response.status, response.json()) == (200, {"key": "poll_interval", "value": 4})
+    assert "Upgrade" not in response.headers and response.headers["Keep-Alive"] == "timeout=30"
+    assert conn.request("GET", "/settings", headers=upgrade).json()["poll_interval"] == 4
+    conn.close()
+    assert live.doc("settings.json")["poll_interval"] == 4
+
+
 def test_refusals_of_what_a_client_sent_log_no_warning(live, caplog):
     # A WARNING says the server went wrong; HTTP/2, a transfer coding, a wrong path or value
     # is the client's doing.

@@ -1667,7 +1667,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if type(request) is not dict:
                 raise InvalidValue("the body must be a JSON object")
         if "key" not in request:
-            raise InvalidKey("the key is missing")
+            raise InvalidKey(f"the key is missing from the {'form' if form else 'JSON'} body")
         key, value = request["key"], request.get("value", _MISSING)
         if form and value is not _MISSING:
             # A string-typed field takes the text as given ("2026"); others JSON, if it parses.
@@ -1683,7 +1683,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             request = _parse_form(body) if form else _parse_json(body)
             if type(request) is not dict or "settings" not in request:
-                raise InvalidKey("settings is missing")
+                raise InvalidKey(f"settings is missing from the {'form' if form else 'JSON'} body")
             settings = _parse_json(request["settings"]) if form else request["settings"]
         except _NotJSON as exc:
             raise InvalidKey(f"settings is not a valid JSON document: {exc}") from None

@@ -83,7 +83,7 @@ _OWS = " \t"  # the white space around HTTP header values (RFC 9110 5.6.3); not 
 # A Host header value (RFC 9110 7.2): a name or a bracketed IPv6 literal, then :port
 _HOST = re.compile(r"(\[[^\]]+\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a port may be empty
 # An absolute http(s) URL (RFC 3986, 3987), the same on every Python (urlsplit's checks are not)
-_URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]]*@)?"  # compiled (0.5 ms) when first used
+_URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]\\]*@)?"  # compiled (0.5 ms) when first used
         r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=%]|[^\x00-\x7f])+|\[(?P<ip>[0-9A-Fa-f:.]+)\]))"
         r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"

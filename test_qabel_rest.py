@@ -936,7 +936,10 @@ SCHEMA_CASES = [
         "http://[fe80::1%x y]/", "http://[fe80::1%25eth0]/", "http://[v1.x]/",
         # NFKC (as IDNA applies it) would make a delimiter: urlsplit refuses these
         "http://good.com\uff20evil.com/", "http://a\uff1a80/", "http://u\uff20p@a/",
-        "http://a\u2100b/", "http\u017f://a/")),
+        "http://a\u2100b/", "http\u017f://a/",
+        # a backslash before the host: WHATWG parsers (browsers, Node) end the authority
+        # there, so they would connect to evil.example, urlsplit to good.example
+        "http://evil.example\\@good.example/", "http://good.example\\evil/")),
     # ...but other text NFKC changes is as good as urlsplit finds it (NFD, superscripts)
     ("synced", "drop_servers.0.url", "http://cafe\u0301.example/", True),
     ("synced", "drop_servers.0.url", "http://u:p\u00b2@\uff45xample.com/", True),

@@ -10386,6 +10386,37 @@ def test_a_connection_closed_for_room_is_dropped_even_if_its_request_got_through
         conn.close()
 
 
+def test_a_request_on_an_idle_connection_as_server_close_begins_gets_the_503_for_it(
+        live, monkeypatch):
+    # server_close() marks the server closing, then shuts the idle connections: a request
+    # that reaches one in between (made certain here: the shutdown late) is answered 503
+    # and never served, its connection closed.
+    conn = live.conn()
+    assert conn.request("GET", "/settings", headers={"X-API-Key": KEY}).status == 200
+    monkeypatch.setattr(qabel_rest, "_shut", lambda sock: None)
+    closer = threading.Thread(target=live.server.server_close)
+    closer.start()
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # closing once the port is: it is closed after the mark
+        with contextlib.suppress(OSError), socket.create_connection(live.server.server_address,
+                                                                    timeout=TIMEOUT):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+            continue
+        break
+    response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert response.status == 503
+    assert response.json() == {"error": "the server is shutting down"}
+    assert_common_headers(response)
+    assert response.headers["Retry-After"] == "1" and response.headers["Connection"] == "close"
+    assert conn.closed()
+    conn.close()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive()
+    assert live.doc("settings.json")["poll_interval"] == 30  # never served
+
+
 def test_an_idle_connection_swept_as_its_change_arrives_never_applies_it(live_with, monkeypatch):
     # An idle connection past idle_timeout is marked closing as it is shut: a change that
     # still reaches it (sent before the shutdown took) is dropped whole, never saved.

@@ -429,7 +429,7 @@ def _child_node(node, segment, path, last):
         return node.item
     if node == "any":
         return "any"
-    raise InvalidKey(f"{format_key(path)}: cannot go below a {node} value")
+    raise InvalidKey(f"{format_key(path[:-1])}: cannot go below a scalar value")  # a leaf
 
 
 def _node_at(node, path):

@@ -2939,6 +2939,8 @@ KEY_BYTES = KEY.encode()
     ("PUT", "/settings", b'{"key":5,"value":1}', JSON_BODY, 405,
      "the key must be a string or a list of strings"),
     ("PUT", "/settings", b'{"key":"","value":1}', JSON_BODY, 405, "the key is empty"),
+    ("PUT", "/settings", b'{"key":"poll_interval.x","value":1}', JSON_BODY, 405,
+     "poll_interval: cannot go below a scalar value"),
     ("PUT", "/settings", b'{"key":["module_data",true],"value":1}', JSON_BODY, 405,
      "key segments must be strings"),
     ("PUT", "/settings", b'{"key":"module_data..x","value":1}', JSON_BODY, 405,

@@ -291,7 +291,7 @@ def run_cli(*args, env=None):
     environment = dict(os.environ if env is None else env)
     environment.pop("QABEL_REST_API_KEY", None)
     return subprocess.run([sys.executable, MODULE, *args], capture_output=True, text=True,
-                          timeout=TIMEOUT * 3, env=environment)
+                          encoding="utf-8", timeout=TIMEOUT * 3, env=environment)  # the client's
 
 
 # ---------------------------------------------------------------------------
@@ -3342,7 +3342,8 @@ def test_default_data_dir_per_platform():
     home = os.path.expanduser("~")
     assert qabel_rest.default_data_dir({"QABEL_REST_DATA_DIR": "/x"}, "linux") == "/x"
     assert qabel_rest.default_data_dir({}, "linux") == os.path.join(home, ".config", "qabel-rest")
-    assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "/cfg"}, "linux") == "/cfg/qabel-rest"
+    assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "/cfg"}, "linux") == \
+        os.path.join("/cfg", "qabel-rest")  # (with "\\" when the test runs on Windows)
     assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "rel"}, "linux") == \
         os.path.join(home, ".config", "qabel-rest")
     assert qabel_rest.default_data_dir({}, "darwin") == \
@@ -4593,6 +4594,7 @@ def test_an_answer_after_server_close_to_a_client_that_never_reads_ends_at_its_d
     assert live.doc("settings.json")["module_data"] == settings["module_data"]
 
 
+@pytest.mark.skipif(not POSIX, reason="Windows: shutdown() ends no blocked read (README)")
 @pytest.mark.parametrize("stall", [b"PUT /settings HTTP/1.1\r\nHost: localhost\r\nX-API-Key: "
                                    + KEY.encode() + b"\r\nContent-Length: 50\r\n\r\n{",
                                    b"GET /health HTTP/1.1\r\nHost: loc"], ids=["body", "headers"])
@@ -8323,7 +8325,7 @@ def cli_line(result, code=1):
     """The one stderr line of a failed command (stdout empty); its text after the prefix."""
     out, err = result.stdout, result.stderr
     if isinstance(out, bytes):
-        out, err = out.decode(), err.decode()
+        out, err = out.decode(), err.decode().replace(os.linesep, "\n")  # Windows: CRLF
     assert result.returncode == code, (result.returncode, out, err)
     assert out == ""
     assert err.endswith("\n") and err.count("\n") == 1, err
@@ -8439,9 +8441,10 @@ def test_cli_lone_surrogate_is_the_servers_400_in_one_line(live, tmp_path):
     refused = live.put("/settings", "drop_last_update", "\ud800").json()["error"]
     assert cli_line(cli_on(live, "set", "settings", "drop_last_update", '"\\ud800"')) == \
         f"400 {refused}"
-    undecodable = os.fsdecode(b"\xff")  # an argument that is not UTF-8: a surrogate escape
-    assert cli_line(cli_on(live, "set", "settings", "drop_last_update", undecodable)).startswith(
-        "400 drop_last_update: ")
+    if POSIX:  # an argument that is not UTF-8: a surrogate escape (Windows' are Unicode)
+        undecodable = os.fsdecode(b"\xff")
+        assert cli_line(cli_on(live, "set", "settings", "drop_last_update",
+                               undecodable)).startswith("400 drop_last_update: ")
     document = tmp_path / "d.json"
     document.write_text('{"drop_last_update": "\\udc80"}')
     for command in ("patch", "import"):
@@ -8620,7 +8623,7 @@ def test_cli_output_to_a_full_disk_is_one_line_and_exit_1(live, command, unbuffe
     if command == ["watch"]:  # an event once it follows the feed
         watch_waiting(live.server)
         assert live.put("/settings", "poll_interval", 7).status == 200
-    err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    err = proc.communicate(timeout=TIMEOUT)[1].decode().replace(os.linesep, "\n")  # Windows: CRLF
     assert (proc.returncode, err) == (1, "qabel_rest: [Errno 28] No space left on device\n")
 
 
@@ -8743,7 +8746,8 @@ def test_cli_key_sources_in_the_servers_order(tmp_path, live_with, monkeypatch):
 
     def outcome(*args, env=None):
         result = cli_exec("get", "settings", "poll_interval", "--url", url, *args, env=env)
-        return result.returncode, result.stdout.decode(), result.stderr.decode()
+        return (result.returncode, result.stdout.decode(),
+                result.stderr.decode().replace(os.linesep, "\n"))  # Windows: a CRLF
 
     ok = (0, "30\n", "")
     assert outcome("--data-dir", str(tmp_path)) == ok  # the key file
@@ -10362,12 +10366,16 @@ def test_a_file_unreadable_when_a_save_compares_it_is_503_and_kept(live, monkeyp
 
 
 def test_a_taken_port_is_named_by_its_reason_alone(tmp_path):
-    # The error line gives the system's reason as a person reads it, without "[Errno 98]".
+    # The error line gives the system's reason as a person reads it, without "[Errno 98]"
+    # (Windows words it otherwise than strerror(EADDRINUSE): its own words, from a bind).
     with taken_port() as port:
+        with socket.socket() as again, pytest.raises(OSError) as refused:
+            again.bind(("127.0.0.1", port))
         with pytest.raises(qabel_rest.StartupError) as caught:
             qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=port)
+    assert refused.value.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None))
     assert caught.value.message == (f"cannot listen on 127.0.0.1:{port}: "
-                                    f"{os.strerror(errno.EADDRINUSE)} ({tmp_path})")
+                                    f"{refused.value.strerror} ({tmp_path})")
 
 
 def test_a_connection_closed_for_room_is_dropped_even_if_its_request_got_through(

@@ -8321,11 +8321,16 @@ def cli_exec(*args, env=None, stdin=None):
                           timeout=TIMEOUT * 3, env=environment)
 
 
+def text_lines(data):
+    """A child's output as text with "\n" line ends (Windows' text streams write os.linesep)."""
+    return data.decode().replace(os.linesep, "\n")
+
+
 def cli_line(result, code=1):
     """The one stderr line of a failed command (stdout empty); its text after the prefix."""
     out, err = result.stdout, result.stderr
     if isinstance(out, bytes):
-        out, err = out.decode(), err.decode().replace(os.linesep, "\n")  # Windows: CRLF
+        out, err = out.decode(), text_lines(err)
     assert result.returncode == code, (result.returncode, out, err)
     assert out == ""
     assert err.endswith("\n") and err.count("\n") == 1, err
@@ -8623,7 +8628,7 @@ def test_cli_output_to_a_full_disk_is_one_line_and_exit_1(live, command, unbuffe
     if command == ["watch"]:  # an event once it follows the feed
         watch_waiting(live.server)
         assert live.put("/settings", "poll_interval", 7).status == 200
-    err = proc.communicate(timeout=TIMEOUT)[1].decode().replace(os.linesep, "\n")  # Windows: CRLF
+    err = text_lines(proc.communicate(timeout=TIMEOUT)[1])
     assert (proc.returncode, err) == (1, "qabel_rest: [Errno 28] No space left on device\n")
 
 
@@ -8746,8 +8751,7 @@ def test_cli_key_sources_in_the_servers_order(tmp_path, live_with, monkeypatch):
 
     def outcome(*args, env=None):
         result = cli_exec("get", "settings", "poll_interval", "--url", url, *args, env=env)
-        return (result.returncode, result.stdout.decode(),
-                result.stderr.decode().replace(os.linesep, "\n"))  # Windows: a CRLF
+        return result.returncode, result.stdout.decode(), text_lines(result.stderr)
 
     ok = (0, "30\n", "")
     assert outcome("--data-dir", str(tmp_path)) == ok  # the key file
@@ -10404,16 +10408,7 @@ def test_a_request_on_an_idle_connection_as_server_close_begins_gets_the_503_for
     conn = live.conn()
     assert conn.request("GET", "/settings", headers={"X-API-Key": KEY}).status == 200
     monkeypatch.setattr(qabel_rest, "_shut", lambda sock: None)
-    closer = threading.Thread(target=live.server.server_close)
-    closer.start()
-    deadline = time.monotonic() + TIMEOUT
-    while True:  # closing once the port is: it is closed after the mark
-        with contextlib.suppress(OSError), socket.create_connection(live.server.server_address,
-                                                                    timeout=TIMEOUT):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-            continue
-        break
+    closer = server_close_begun(live)  # the port is closed after the mark
     response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',
                             {"X-API-Key": KEY, "Content-Type": "application/json"})
     assert response.status == 503

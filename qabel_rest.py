@@ -1466,12 +1466,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def parse_request(self):
         """http.server's parse, then the contract's checks: framing, Host, Origin, key."""
         line = str(self.raw_requestline, "iso-8859-1")
-        words = line.split()  # as http.server does
-        if len(words) == 2 or len(words) == 3 and words[2].startswith("HTTP/0."):
-            raise _Malformed("HTTP/0.9 is not supported")  # http.server: no status line
+        words = line.split()  # as http.server does; RFC 9112 3: method SP target SP version
         if (line.rstrip("\r\n").split(" ") != words  # split() also splits on \x85, \xa0
-                or not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[-1])):  # not HTTP/01.1 or 1.00
-            raise _Malformed("malformed request line")  # RFC 9112 3: method SP target SP version
+                or not re.fullmatch(r"HTTP/[1-9]\.[0-9]", words[-1])):  # not HTTP/01.1 or 1.00,
+            raise _Malformed("malformed request line")  # nor 0.9 (http.server: no status line)
         if not super().parse_request():
             return False  # http.server has answered
         self.path = words[1]  # as sent: http.server serves "//x" as "/x" (gh-87389); not here
@@ -1842,8 +1840,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
     def __init__(self, address, handler_class, *, data_dir, settings, synced, max_body,
                  allowed_hosts, idle_timeout, request_timeout, max_connections):
         self.address_family = socket.AF_INET6 if ":" in address[0] else self.address_family
-        self.data_dir = data_dir
-        self.key_source = None  # where the API key came from: set by make_server
+        self.data_dir, self.key_source = data_dir, None  # key_source: set by make_server
         self.settings, self.synced = settings, synced
         self.max_body, self.max_connections = max_body, max_connections
         self.idle_timeout, self.request_timeout = idle_timeout, request_timeout
@@ -1855,7 +1852,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._stopping = self._closing = False  # shutdown(), server_close() was called
         self._serving = None  # the thread that called serve_forever()
         self._connections = {}  # socket -> [thread, state, deadline]
-        self._next_sweep = 0.0
         self._date = (None, "")  # (a second, its Date header): see date_time_string
         self._feed = _Feed(self._look)
         self.subscribe = self._feed.subscribe  # callback(event) for each later one, on disk
@@ -1952,6 +1948,13 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             entries[request] = [thread, state, deadline + _ROOM_AFTER]
         thread.start()  # no thread to be had: socketserver shuts the request down, as below
 
+    def get_request(self):  # a pause after an error: a port still ready (out of descriptors,
+        try:  # EMFILE) would spin the loop, a core busy until a connection closes
+            return super().get_request()
+        except OSError:
+            time.sleep(_ROOM_AFTER / 10)
+            raise
+
     def shutdown_request(self, request):  # the end of every connection, served or not
         with self._state:
             self._connections.pop(request, None)
@@ -1961,9 +1964,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         """Close connections idle past idle_timeout or busy past request_timeout (a client
         trickling bytes or never reading): on a socket, a timeout costs a poll() per read."""
         now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 0.1
         with self._state:
             for sock, entry in self._connections.items():
                 if entry[1] != _CLOSING and entry[2] < now:

@@ -8,6 +8,7 @@ import http.client
 import http.server
 import inspect
 import io
+import itertools
 import json
 import math
 import logging
@@ -17,6 +18,7 @@ import select
 import shutil
 import signal
 import socket
+import socketserver
 import struct
 import stat
 import subprocess
@@ -2998,7 +3000,7 @@ def test_each_refusal_says_what_is_wrong(live, method, path, body, headers, stat
 
 
 @pytest.mark.parametrize("request_bytes, status, error", [
-    (b"GET /settings\r\n\r\n", 400, "HTTP/0.9 is not supported"),
+    (b"GET /settings\r\n\r\n", 400, "malformed request line"),  # HTTP/0.9
     (b"GET  /settings HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "malformed request line"),
     (b"PUT /settings HTTP/1.0\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nX-API-Key: "
      + KEY_BYTES + b"\r\n\r\n", 400, "Transfer-Encoding in an HTTP/1.0 request"),
@@ -3990,15 +3992,9 @@ def test_an_idle_server_process_uses_no_cpu(tmp_path):
     proc = Process(tmp_path)
     try:
         assert proc.port, proc.line
-
-        def cpu_seconds():
-            with open(f"/proc/{proc.proc.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-        before = cpu_seconds()
+        before = process_cpu_seconds(proc.proc.pid)
         time.sleep(2)
-        used = cpu_seconds() - before
+        used = process_cpu_seconds(proc.proc.pid) - before
     finally:
         assert proc.finish()[0] == 0
     assert used < 0.2, used
@@ -10272,6 +10268,98 @@ def test_a_low_limit_on_open_files_is_raised_to_hold_the_connections(tmp_path):
     qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0,
                            max_connections=10).server_close()  # 74 files: fewer than here
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # never lowered
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX: a limit on open files")
+def test_out_of_descriptors_the_accept_loop_pauses_and_serves_once_a_connection_closes(
+        tmp_path):
+    # A hard limit below what the connections need (or an embedding app using descriptors):
+    # accept() fails, and the port stays ready. The accept loop spun at full CPU then.
+    import resource
+    proc = Process(tmp_path, "--api-key", KEY,
+                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)))
+    conns = []
+    try:
+        assert proc.port, proc.finish()
+        conns = [Conn(proc.port) for _ in range(40)]  # idle: more than 32 descriptors hold
+        conns[-1].send(build_request("GET", "/health"))  # waits, not yet accepted
+        before = process_cpu_seconds(proc.proc.pid)
+        time.sleep(1)
+        used = None if before is None else process_cpu_seconds(proc.proc.pid) - before
+        for conn in conns[:20]:
+            conn.close()  # room for the others
+        response = conns[-1].read()
+        assert response.status == 200, response
+        assert Client(proc.port).get("/settings").status == 200
+    finally:
+        for conn in conns:
+            conn.close()
+        code, _, err = proc.finish()
+    assert code == 0 and "Traceback" not in err, err
+    assert used is None or used < 0.5, used  # a busy loop takes the whole second
+
+
+def process_cpu_seconds(pid):
+    """The CPU time a process has used (Linux: /proc), else None."""
+    with contextlib.suppress(FileNotFoundError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX: a limit on open files")
+def test_a_connection_that_meets_the_limit_on_open_files_waits_for_room(live, monkeypatch):
+    # In process: this process's limit, lowered to leave one descriptor, which the client's
+    # socket takes; the server's accept() fails (EMFILE), and pauses, until one is closed.
+    import resource
+    idle = live.conn()
+    assert idle.request("GET", "/health").status == 200
+    accepts = record_accepts(monkeypatch)
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free = next(fd for fd in itertools.count() if not is_open(fd))
+    sock = socket.socket()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (free + 1, limits[1]))
+        started = time.monotonic()
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", live.port))  # numeric: no resolver, no file
+        sock.sendall(build_request("GET", "/health"))
+        while len(accepts) < 3:  # failed: the descriptor it would take is the client's
+            assert time.monotonic() < started + TIMEOUT
+            time.sleep(0.01)
+        idle.close()  # the server's end of it closes: room
+        response = read_response(sock.makefile("rb"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        sock.close()
+    assert response.status == 200
+    assert set(accepts[:-1]) == {errno.EMFILE} and accepts[-1] is None
+    assert len(accepts) < 20 * (time.monotonic() - started) + 5  # a pause after each failure
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def record_accepts(monkeypatch):
+    """The errno of each accept() of a server from now on (None: it returned a connection)."""
+    real, accepts = socketserver.TCPServer.get_request, []
+
+    def get_request(server):
+        try:
+            result = real(server)
+        except OSError as exc:
+            accepts.append(exc.errno)
+            raise
+        accepts.append(None)
+        return result
+    monkeypatch.setattr(socketserver.TCPServer, "get_request", get_request)
+    return accepts
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX: a limit on open files")

@@ -553,10 +553,11 @@ def _synced_dir(path):
 def _signature(st, content):
     """What changes when another program rewrites a file, and content() while a rewrite in place
     may keep all that: within the time stamps' tick (whole seconds: HFS+, FAT; else a few ms)."""
-    stamp = max(st.st_mtime_ns, st.st_ctime_ns)  # a rewrite may set the mtime back, not ctime
+    ctime = st.st_ctime_ns if os.name == "posix" else 0  # Windows: fstat's is not stat's (3.12)
+    stamp = max(st.st_mtime_ns, ctime)  # a rewrite may set the mtime back, not ctime
     tick = 3 * 10**9 if stamp % 10**9 == 0 else 10**8  # with a margin: the stamps' clock lags
     racy = time.time_ns() - stamp < tick and content()  # as git's "racily clean"
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, racy)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ctime, racy)
 
 
 def atomic_write(path, data, check=lambda: None):
@@ -583,8 +584,8 @@ def atomic_write(path, data, check=lambda: None):
                 os.fsync(fd)
             check()
             if os.name != "posix":  # Windows cannot rename an open file. A rename keeps what
-                st = os.fstat(fd)  # fstat tells there (st_ctime: the creation time); on POSIX
-                file.close()  # it changes st_ctime, so the descriptor is read after it
+                st = os.fstat(fd)  # _signature reads there; on POSIX it changes st_ctime,
+                file.close()  # so the descriptor is read after it
             _replace_file(temp, path)
             signature = _signature(st if file.closed else os.fstat(fd), lambda: data)
             file.close()
@@ -638,8 +639,7 @@ class _Change:
         if if_match is not None and (type(if_match) not in (list, tuple)
                                      or not all(isinstance(t, str) for t in if_match)):
             raise InvalidValue("if_match must be a tag or a list of tags")
-        self.apply = apply
-        self.if_match = None if if_match is None else tuple(if_match)
+        self.apply, self.if_match = apply, None if if_match is None else tuple(if_match)
         self.result = self.key = self.tag = self.error = None  # tag: the document's after it
         self.changed = self.done = False  # changed: an event; done: saved, or failed (error: why)
         self.wake = threading.Condition(lock)  # notified when done, or to save the queue
@@ -1259,7 +1259,7 @@ def _openapi():
                 "411": answer("a chunked body: send Content-Length", error),
                 "414": answer("a request line over 64 KiB", error),
                 "417": answer("an Expect other than 100-continue", error),
-                "431": answer("a header line over 64 KiB, or 100 of them", error),
+                "431": answer("a header line over 64 KiB, 100 of them, or 128 KiB in all", error),
                 "501": answer("a transfer coding other than chunked", error),
                 "505": answer("HTTP/2 to HTTP/9: versions not spoken here", error),
                 "503": answer("a document invalid on disk, too many connections (with "
@@ -1352,7 +1352,7 @@ _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...
 _LINGER_BYTES = 64 << 20  # ...and this much (about 30 ms on loopback)
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n|\Z)")  # not HTAB, CRLF, LF
+_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")  # not HTAB; a CR only as the line end's
 # http.client stops at a malformed header line (a space before the colon, no colon) and
 # takes the rest as a body; a "From " line (mbox envelope) it drops.
 _HEADER_DEFECTS = (email.errors.MissingHeaderBodySeparatorDefect,
@@ -1366,7 +1366,10 @@ class _LineReader(io.BufferedReader):
 
     def readline(self, limit=-1):
         line = super().readline(limit)  # a LF can only be its last byte
-        if _CONTROL.search(line):
+        self.room -= len(line)  # left for the request line and headers: see RequestHandler._reset
+        if self.room < 0:  # 100 lines of 64 KiB each would hold MBs while they trickle in
+            raise _Malformed("header section too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        if _CONTROL.search(line.removesuffix(b"\n").removesuffix(b"\r")):  # one class: fast
             raise _Malformed("a control character in a line")
         if line[:1] in (b" ", b"\t") and len(line) != limit:  # a fold (RFC 9112 5.2), which
             raise _Malformed("a line starts with white space")  # newer email parsers join
@@ -1455,7 +1458,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _reset(self):  # forget the previous request on this connection
         self.command, self.request_version = None, "HTTP/1.1"
         self._responded = self._expect = self._linger = False
-        self._unread = 0  # the length of a body not read yet
+        self._unread, self.rfile.room = 0, 1 << 17  # a body's unread length; the head's limit
 
     def _refuse(self):
         """Answer 503 without reading the request: no room for it, or closing."""
@@ -1499,16 +1502,14 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         self.server.logger.info("%s " + format, self.client_address[0], *args)
 
-    def log_request(self, code="-", size="-"):
-        # Never the query string (a client may misplace the key there), never a body.
+    def log_request(self, code="-", size="-"):  # never the query (a key misplaced?), nor a body
         if self.server.logger.isEnabledFor(10):  # logging.DEBUG: _what() costs a little
             self.server.logger.debug('%s "%s" %s', self.client_address[0], self._what(),
                                      int(code) if code != "-" else code)
 
     def _check_framing(self):
         """RFC 9112: a well-formed header block and one way to find the body's end."""
-        # By lower-case name, read once: each lookup in an email.message.Message walks all.
-        self.fields = fields = {}
+        self.fields = fields = {}  # by lower-case name: each lookup in a Message walks them all
         for name, value in self.headers.raw_items():
             fields.setdefault(name.lower(), []).append(value)
         payload = self.headers.get_payload()  # a last "From " line is taken for a body...
@@ -1556,8 +1557,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 presented.append(token)
         if not presented:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required", _BEARER)
-        valid = [self.server._compare_digest(token.strip(_OWS).encode("latin-1"),
-                                             self.server._api_key) for token in presented]
+        import hmac  # see _logger()
+        valid = [hmac.compare_digest(token.strip(_OWS).encode("latin-1"), self.server._api_key)
+                 for token in presented]
         if not all(valid):  # every one presented must be right, each in constant time
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key", _BEARER)
 
@@ -1747,7 +1749,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _send_json(self, status, payload, headers=()):  # the client's time again (after a save)
         seconds = self.server.request_timeout
         if not self.server._move(self.connection, _BUSY, _BUSY, seconds):  # closing: no sweeps
-            self.connection.settimeout(min(seconds, threading.TIMEOUT_MAX))  # bound each send
+            self.connection.settimeout(min(seconds, 2147483))  # each send (Windows: < 2**31 ms)
         self._send(status, _dump_document(payload), headers)
 
     def _send_error(self, error):
@@ -1844,8 +1846,6 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self.settings, self.synced = settings, synced
         self.max_body, self.max_connections = max_body, max_connections
         self.idle_timeout, self.request_timeout = idle_timeout, request_timeout
-        import hmac  # see _logger()
-        self._compare_digest = hmac.compare_digest
         self.logger = _logger()
         self._api_key = self._dir_lock = None  # make_server's: key (bytes, never shown), lock fd
         self._state = threading.RLock()  # guards what follows; reentrant for a signal's shutdown()
@@ -1888,8 +1888,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             self._stopping = True
             serving = self._serving
         self._feed.close()  # requests waiting for events are answered now
-        if serving is threading.current_thread():
-            threading.Thread(target=super().shutdown, daemon=True).start()
+        if serving is threading.current_thread():  # what socketserver's shutdown() sets, without
+            self._BaseServer__shutdown_request = True  # its wait, or a thread (there may be none)
         elif serving is not None:
             super().shutdown()
 

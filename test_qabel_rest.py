@@ -1683,6 +1683,8 @@ def test_rewrite_in_place_within_the_time_stamps_tick_is_read_and_an_event(live,
     assert response.json()["drop_last_update"] == "bbbb" and response.headers["ETag"] == tag
 
 
+@pytest.mark.skipif(not POSIX, reason="Windows: no ctime in the signature (its st_ctime is "
+                    "no change time), so such a rewrite is seen by the next save (README)")
 def test_rewrite_in_place_that_sets_the_mtime_back_is_read_within_the_ctime_tick(
         live, monkeypatch):
     # cp -p, rsync --inplace -t, a sync client keeping the remote mtime: only the ctime,

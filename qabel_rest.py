@@ -661,8 +661,7 @@ class SettingsDocument:
         self.schema, self._defaults = schema, defaults  # the default document, as text
         prefix, numbers = os.urandom(6).hex(), itertools.count(1)  # a new prefix per process:
         self._new_tag = lambda: f'"{prefix}-{next(numbers)}"'  # never repeats; next() is atomic
-        # _lock guards what follows; the writer that set _saving writes the file without it.
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards what follows (not the save's write: see _save_queue)
         self._saved = threading.Condition(self._lock)  # notified when a save or the queue ends
         self._disk = _Version(*[None] * 6)  # _Version on disk: what readers get (none read yet)
         self._head = self._head_tag = None  # newest accepted document and its tag: If-Match's
@@ -1133,9 +1132,8 @@ class _Feed:
 
 # --- Data directory: location, lock, API key ----------------------------------
 
-def default_data_dir(environ=None, platform=None):
+def default_data_dir(environ=os.environ, platform=None):
     """$QABEL_REST_DATA_DIR, else the platform's per-user config dir + qabel-rest."""
-    environ = os.environ if environ is None else environ
     platform = sys.platform if platform is None else platform
     if environ.get(_ENV_DATA_DIR):
         return environ[_ENV_DATA_DIR]
@@ -1557,9 +1555,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
                 presented.append(token)
         if not presented:
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "an API key is required", _BEARER)
-        import hmac  # see _logger()
-        valid = [hmac.compare_digest(token.strip(_OWS).encode("latin-1"), self.server._api_key)
-                 for token in presented]
+        valid = [self.server._compare_digest(token.strip(_OWS).encode("latin-1"),
+                                             self.server._api_key) for token in presented]
         if not all(valid):  # every one presented must be right, each in constant time
             raise _HTTPError(HTTPStatus.UNAUTHORIZED, "wrong API key", _BEARER)
 
@@ -1846,6 +1843,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self.settings, self.synced = settings, synced
         self.max_body, self.max_connections = max_body, max_connections
         self.idle_timeout, self.request_timeout = idle_timeout, request_timeout
+        import hmac  # see _logger(); here: a request out of descriptors could not import it
+        self._compare_digest = hmac.compare_digest
         self.logger = _logger()
         self._api_key = self._dir_lock = None  # make_server's: key (bytes, never shown), lock fd
         self._state = threading.RLock()  # guards what follows; reentrant for a signal's shutdown()
@@ -1948,11 +1947,12 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             entries[request] = [thread, state, deadline + _ROOM_AFTER]
         thread.start()  # no thread to be had: socketserver shuts the request down, as below
 
-    def get_request(self):  # a pause after an error: a port still ready (out of descriptors,
-        try:  # EMFILE) would spin the loop, a core busy until a connection closes
+    def get_request(self):  # out of descriptors or memory, the port stays ready: a pause, or
+        try:  # the loop would spin, a core busy until a connection closes (asyncio pauses too)
             return super().get_request()
-        except OSError:
-            time.sleep(_ROOM_AFTER / 10)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(_ROOM_AFTER / 10)
             raise
 
     def shutdown_request(self, request):  # the end of every connection, served or not

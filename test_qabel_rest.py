@@ -10386,6 +10386,8 @@ def test_out_of_descriptors_the_accept_loop_pauses_and_serves_once_a_connection_
         before = process_cpu_seconds(proc.proc.pid)
         time.sleep(1)
         used = None if before is None else process_cpu_seconds(proc.proc.pid) - before
+        response = conns[0].request("OPTIONS", "/settings", headers={"X-API-Key": KEY})
+        assert response.status == 200, response  # at the limit: the key's check opens no file
         for conn in conns[:20]:
             conn.close()  # room for the others
         response = conns[-1].read()
@@ -10436,6 +10438,22 @@ def test_a_connection_that_meets_the_limit_on_open_files_waits_for_room(live, mo
     assert response.status == 200
     assert set(accepts[:-1]) == {errno.EMFILE} and accepts[-1] is None
     assert len(accepts) < 20 * (time.monotonic() - started) + 5  # a pause after each failure
+
+
+def test_an_accept_error_that_is_no_lack_of_resources_has_no_pause(live, monkeypatch):
+    # A client that resets its connection before it is accepted (ECONNABORTED on macOS and
+    # Windows): pausing for each would let such clients stall every other one.
+    real, failed = socketserver.TCPServer.get_request, []
+
+    def get_request(server):
+        if len(failed) < 30:
+            failed.append(True)
+            raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+        return real(server)
+    monkeypatch.setattr(socketserver.TCPServer, "get_request", get_request)
+    started = time.monotonic()
+    assert live.get("/health").status == 200
+    assert len(failed) == 30 and time.monotonic() - started < 2  # 3 s with a pause for each
 
 
 def is_open(fd):

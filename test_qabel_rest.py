@@ -6622,8 +6622,17 @@ def test_feed_in_process_a_wait_between_shutdown_and_server_close_returns_at_onc
         stop(live)
 
 
-def test_the_largest_finite_timeouts_serve(live_with, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sockets", ["native", "windows"])
+def test_the_largest_finite_timeouts_serve(live_with, tmp_path, monkeypatch, sockets):
     # A timeout is any positive float up to the largest one; only inf (and beyond) is refused.
+    if sockets == "windows":  # a socket timeout of 2**31 ms or more is an OverflowError there
+        real = socket.socket.settimeout
+
+        def settimeout(sock, seconds):
+            if seconds is not None and seconds >= 2**31 / 1000:
+                raise OverflowError("timeout doesn't fit into C timeval")
+            return real(sock, seconds)
+        monkeypatch.setattr(socket.socket, "settimeout", settimeout)
     huge = {"idle_timeout": sys.float_info.max, "request_timeout": sys.float_info.max}
     live = live_with(**huge)
     assert live.put("/settings", "poll_interval", 5).status == 200

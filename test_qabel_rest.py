@@ -1408,18 +1408,16 @@ def test_a_412_for_a_change_being_saved_stands_when_that_save_fails(live, monkey
 
 
 def held_saves(monkeypatch):
-    """Each save waits after its rename, once it has the new file's signature (before its
-    directory's fsync, which Windows has not), for a release: (entered, released when one
-    waits; proceed, to release one)."""
-    real, entered, proceed = qabel_rest._signature, threading.Semaphore(0), threading.Semaphore(0)
+    """Each save waits right after its rename (before its directory's fsync, which Windows
+    has not), for a release: (entered, released when one waits; proceed, to release one)."""
+    real = qabel_rest._replace_file
+    entered, proceed = threading.Semaphore(0), threading.Semaphore(0)
 
-    def signature(*args):
-        result = real(*args)
-        if sys._getframe(1).f_code.co_name == "atomic_write":  # a save's, after its rename
-            entered.release()
-            assert proceed.acquire(timeout=10)
-        return result
-    monkeypatch.setattr(qabel_rest, "_signature", signature)
+    def replace_file(source, target):
+        real(source, target)
+        entered.release()
+        assert proceed.acquire(timeout=10)
+    monkeypatch.setattr(qabel_rest, "_replace_file", replace_file)
     return entered, proceed
 
 

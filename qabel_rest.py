@@ -1952,7 +1952,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
             return super().get_request()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                time.sleep(_ROOM_AFTER / 10)
+                time.sleep(0.1)
             raise
 
     def shutdown_request(self, request):  # the end of every connection, served or not

@@ -1466,11 +1466,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def parse_request(self):
         """http.server's parse, then the contract's checks: framing, Host, Origin, key."""
-        line = str(self.raw_requestline, "iso-8859-1")
-        words = line.split()  # as http.server does; RFC 9112 3: method SP target SP version
-        if (line.rstrip("\r\n").split(" ") != words  # split() also splits on \x85, \xa0
-                or not re.fullmatch(r"HTTP/[1-9]\.[0-9]", words[-1])):  # not HTTP/01.1 or 1.00,
-            raise _Malformed("malformed request line")  # nor 0.9 (http.server: no status line)
+        line = str(self.raw_requestline, "latin-1")  # RFC 9112 3: method SP target SP HTTP/d.d,
+        words = re.fullmatch(r"\S+ (\S+) HTTP/[1-9]\.[0-9]\r?\n", line)  # the words split() finds
+        if words is None:  # (\s: \x85, \xa0 too). Not HTTP/01.1, 1.00 or 0.9: http.server's 0.9
+            raise _Malformed("malformed request line")  # has no status line (gh-70765: no headers)
         if not super().parse_request():
             return False  # http.server has answered
         self.path = words[1]  # as sent: http.server serves "//x" as "/x" (gh-87389); not here

@@ -2351,6 +2351,7 @@ def test_a_body_over_the_limit_of_a_read_is_not_413_it_is_answered_and_the_conne
     b"GET /health HTTP/1.00\r\nHost: localhost\r\n\r\n",  # RFC 9112 2.3: one digit each
     b"GET /health HTTP/01.1\r\nHost: localhost\r\n\r\n",
     b"GET /health HTTP/0.9\r\nHost: localhost\r\n\r\n",  # answered with a status line
+    b"GET HTTP/1.1\r\nHost: localhost\r\n\r\n",  # HTTP/0.9 of the path "HTTP/1.1"
     b"GET\xa0/health\r\nHost: localhost\r\n\r\n",  # HTTP/0.9 as http.server splits it
     b"   \r\nHost: localhost\r\n\r\n",
     b"GET /health\x85HTTP/1.1\r\nHost: localhost\r\n\r\n",
@@ -2370,6 +2371,32 @@ def test_malformed_requests_400_and_close(live, raw):
     assert response.headers["Content-Type"] == "application/json"
     assert "error" in response.json()
     assert conn.closed()
+    conn.close()
+
+
+def test_a_request_line_of_two_words_is_refused_before_http_server_parses_it(live, monkeypatch):
+    # Newer http.server (gh-70765, in 3.13 and 3.14 since late 2025) takes "GET x" for
+    # HTTP/0.9 and reads no headers of it: self.headers is a dict, not a message. As it does:
+    parse_request = http.server.BaseHTTPRequestHandler.parse_request
+
+    def newer_parse_request(handler):
+        words = str(handler.raw_requestline, "iso-8859-1").split()
+        if len(words) != 2 or words[0] != "GET":
+            return parse_request(handler)
+        handler.command, handler.path, handler.headers = "GET", words[1], {}
+        handler.close_connection = True
+        return True
+
+    monkeypatch.setattr(http.server.BaseHTTPRequestHandler, "parse_request", newer_parse_request)
+    for line in (b"GET HTTP/1.1", b"GET /health"):
+        conn = live.conn()
+        conn.send(line + b"\r\nHost: localhost\r\n\r\n")
+        response = conn.read()
+        assert (response.status, response.json()) == (400, {"error": "malformed request line"})
+        assert response.headers["Connection"] == "close" and conn.closed()
+        conn.close()
+    conn = live.conn()  # the emulation serves a request of HTTP/1.1
+    assert conn.request("GET", "/health").status == 200
     conn.close()
 
 
@@ -3030,6 +3057,7 @@ def test_each_refusal_says_what_is_wrong(live, method, path, body, headers, stat
 @pytest.mark.parametrize("request_bytes, status, error", [
     (b"GET /settings\r\n\r\n", 400, "malformed request line"),  # HTTP/0.9
     (b"GET  /settings HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "malformed request line"),
+    (b"GET HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "malformed request line"),  # 0.9 too
     (b"PUT /settings HTTP/1.0\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nX-API-Key: "
      + KEY_BYTES + b"\r\n\r\n", 400, "Transfer-Encoding in an HTTP/1.0 request"),
     (b"PUT /settings HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nX-API-Key: "

@@ -86,6 +86,9 @@ _HOST = re.compile(r"(\[[^\]]+\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a
 _URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]\\]*@)?"  # compiled (0.5 ms) when first used
         r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=%]|[^\x00-\x7f])+|\[(?P<ip>[0-9A-Fa-f:.]+)\]))"
         r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
+# Nor: controls, spaces, invisible formats (zero width, bidi, BOM, tags), surrogates, private use
+_UNSEEN = (r"[\s\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
+           r"\ud800-\uf8ff\ufdd0-\ufdef\ufff9-\uffff\U000e0000-\U000e007f\U000f0000-\U0010ffff]")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -102,8 +105,8 @@ _List = collections.namedtuple("_List", "item")
 _Map = collections.namedtuple("_Map", "item")
 
 
-def _is_url(value):  # RFC 3986: no spaces or control characters anywhere in a URI
-    match = type(value) is str and value.isprintable() and re.fullmatch(_URL, value)
+def _is_url(value):  # fixed ranges: str.isprintable() follows each Python's Unicode version
+    match = type(value) is str and not re.search(_UNSEEN, value) and re.fullmatch(_URL, value)
     try:  # NFKC, as IDNA applies it, must not make a delimiter of "\uff20" (CVE-2019-9636)
         return (bool(match) and int(match["port"] or 0) <= 0xFFFF
                 and not re.search(r"[/?#@:\[\]]", unicodedata.normalize(
@@ -652,9 +655,8 @@ class SettingsDocument:
     """One settings document: its file, schema, and current version. Thread-safe.
 
     Group commit: changes are validated and queued; a writer finding no save running writes them
-    all (the newest document) with one fsync; each returns once durable. A reader that finds the
-    file changed while saves run waits for the save under way and the next one (5 s at most),
-    which takes in another program's rewrite."""
+    all with one fsync; each returns once durable. A reader finding the file changed during saves
+    waits for the one under way and the next (at most 5 s), which takes in the rewrite."""
 
     def __init__(self, path, schema, defaults):
         self.path, self.name = path, os.path.basename(path)
@@ -1988,9 +1990,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                 max_body=DEFAULT_MAX_BODY, allowed_hosts=(),
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                 max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
-    """Load both documents and the key, bind, lock the data dir, write any missing document
-    (and a new key file); return a QabelRestServer. data_dir defaults to $QABEL_REST_DATA_DIR
-    or the platform's config dir; api_key to $QABEL_REST_API_KEY, the key file, or a new one.
+    """Load both documents and the key, bind, lock the data dir, write any missing document (and a
+    new key file); return a QabelRestServer. data_dir and api_key default as on the command line.
     StartupError if the server cannot start: then no file was changed or created."""
     limits = (("max_body", max_body, int), ("max_connections", max_connections, int),
               ("idle_timeout", idle_timeout, float), ("request_timeout", request_timeout, float))

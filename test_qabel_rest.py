@@ -971,6 +971,16 @@ SCHEMA_CASES = [
     # ...but other text NFKC changes is as good as urlsplit finds it (NFD, superscripts)
     ("synced", "drop_servers.0.url", "http://cafe\u0301.example/", True),
     ("synced", "drop_servers.0.url", "http://u:p\u00b2@\uff45xample.com/", True),
+    # characters of Unicode 14, 15 and 15.1, and one not yet assigned: valid whatever Unicode
+    # version the Python at hand knows (str.isprintable() refuses what it does not know)
+    *(("synced", "drop_servers.0.url", url, True) for url in (
+        "http://ab.de/\u0870", "http://ab.de/\u0cf3", "http://ab.de/?\u2ffc", "http://\u0378.de/")),
+    # ...but never what cannot be seen: controls, white space, zero width, bidi, BOM, tags,
+    # private use, non-characters, a replacement character
+    *(("synced", "drop_servers.0.url", url, False) for url in (
+        "http://a.de/\x85", "http://a.de/\x9b", "http://a\u3000b/", "http://a\u200b.de/",
+        "http://a.de/\u202e", "http://u\u00ad@a/", "http://a.de/#\ufeff", "http://a.de/\U000e0041",
+        "http://a.de/\ue000", "http://a.de/\U0010fffd", "http://a.de/\ufdd0", "http://a.de/\ufffd")),
     # NAME, KEY, lists
     ("synced", "identities.0.alias", "a", True),
     ("synced", "identities.0.alias", "", False),

@@ -86,9 +86,10 @@ _HOST = re.compile(r"(\[[^\]]+\]|(?!\[)[^:]*)(?::[0-9]*)?")  # RFC 3986 3.2.3: a
 _URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]\\]*@)?"  # compiled (0.5 ms) when first used
         r"(?:(?:[A-Za-z0-9\-._~!$&'()*+,;=%]|[^\x00-\x7f])+|\[(?P<ip>[0-9A-Fa-f:.]+)\]))"
         r"(?::(?P<port>[0-9]{0,5}))?(?:[/?#]\S*)?")
-# Nor: controls, spaces, invisible formats (zero width, bidi, BOM, tags), surrogates, private use
+# Nor controls, spaces, invisible formats (zero width, bidi, BOM, tags), surrogates, private use
 _UNSEEN = (r"[\s\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
-           r"\ud800-\uf8ff\ufdd0-\ufdef\ufff9-\uffff\U000e0000-\U000e007f\U000f0000-\U0010ffff]")
+           r"\ud800-\uf8ff\ufdd0-\ufdef\ufff9-\ufffb\ufffe\uffff\U00013430-\U0001343f"
+           r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f\U000f0000-\U0010ffff]")
 _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
@@ -675,10 +676,9 @@ class SettingsDocument:
 
     def get(self, key=None):
         """A copy of the whole document, or of the value at key."""
-        version = self.current()
         if key is None:
-            return json.loads(version.body)
-        return copy.deepcopy(_lookup(version.document, parse_key(key)))
+            return json.loads(self.current().body)
+        return copy.deepcopy(_lookup(self.current().document, parse_key(key)))
 
     def put(self, key, value, merge=False, if_match=None):
         """Set value at key (deep-merged if merge); return a copy as stored.
@@ -2098,8 +2098,8 @@ def _client(command, argv):
     after = argv[argv.index("--") + 1:] if "--" in argv else []  # intermixed parsing takes a
     args, unknown = (parser.parse_known_args if any(a[:1] == "-" for a in after)  # "-x" there
                      else parser.parse_known_intermixed_args)(argv)  # for an option
-    if unknown:  # not shown, as argparse would: a mistyped option may precede the key
-        parser.error("unrecognized arguments")
+    if unknown or [] in vars(args).values():  # []: a later "--" argparse dropped (gh-81691)
+        parser.error("unrecognized arguments")  # not shown: a mistyped option may precede a key
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
         parser.error("DOC must be settings or synced")  # may be a key after a mistyped option
     if not (_is_url(args.url) and re.fullmatch(r"(?i:http)://[^/?#@]+/?", args.url)):

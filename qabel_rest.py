@@ -2098,8 +2098,8 @@ def _client(command, argv):
     after = argv[argv.index("--") + 1:] if "--" in argv else []  # intermixed parsing takes a
     args, unknown = (parser.parse_known_args if any(a[:1] == "-" for a in after)  # "-x" there
                      else parser.parse_known_intermixed_args)(argv)  # for an option
-    if unknown or [] in vars(args).values():  # []: a later "--" argparse dropped (gh-81691)
-        parser.error("unrecognized arguments")  # not shown: a mistyped option may precede a key
+    if unknown or "--" in after:  # not shown, as argparse would: a mistyped option may precede
+        parser.error("unrecognized arguments")  # the key; a 2nd "--": dropped until gh-81691
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
         parser.error("DOC must be settings or synced")  # may be a key after a mistyped option
     if not (_is_url(args.url) and re.fullmatch(r"(?i:http)://[^/?#@]+/?", args.url)):

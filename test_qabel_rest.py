@@ -8453,13 +8453,13 @@ def cli_on(client, *args, key=KEY):
     return run_cli(*args, "--url", cli_url(client), "--api-key", key)
 
 
-def cli_exec(*args, env=None, stdin=None):
-    """The real process with stdin (bytes or text) and the environment the test chooses:
-    os.environ without qabel_rest's variables (they never leak in), then env."""
+def cli_exec(*args, env=None, stdin=None, cwd=None):
+    """The real process with stdin (bytes or text), in cwd, with the environment the test
+    chooses: os.environ without qabel_rest's variables (they never leak in), then env."""
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("QABEL_REST_")}
     environment.update(env or {})
-    return subprocess.run([sys.executable, MODULE, *args], capture_output=True,
+    return subprocess.run([sys.executable, MODULE, *args], capture_output=True, cwd=cwd,
                           input=stdin.encode() if isinstance(stdin, str) else stdin,
                           timeout=TIMEOUT * 3, env=environment)
 
@@ -8797,8 +8797,7 @@ def test_cli_a_second_double_dash_is_a_usage_error_on_every_python(live, tmp_pat
     env = {"QABEL_REST_URL": cli_url(live), "QABEL_REST_API_KEY": KEY}
     before, work = documents(live.data_dir), tmp_path / "work"
     work.mkdir()
-    result = subprocess.run([sys.executable, MODULE, *args], capture_output=True, cwd=work,
-                            timeout=TIMEOUT * 3, env={**os.environ, **env})
+    result = cli_exec(*args, env=env, cwd=work)
     assert (result.returncode, result.stdout) == (2, b""), result
     assert text_lines(result.stderr).endswith("error: unrecognized arguments\n")
     assert documents(live.data_dir) == before and os.listdir(work) == []
@@ -10712,10 +10711,7 @@ def test_a_request_on_an_idle_connection_as_server_close_begins_gets_the_503_for
     # and never served, its connection closed.
     conn = live.conn()
     assert conn.request("GET", "/settings", headers={"X-API-Key": KEY}).status == 200
-    deadline = time.monotonic() + TIMEOUT  # idle: its thread may still be busy after the
-    while [entry[1] for entry in live.server._connections.values()] != [qabel_rest._IDLE]:
-        assert time.monotonic() < deadline  # answer, and a busy one is never refused
-        time.sleep(0.01)
+    wait_connections(live)  # its thread may still be busy after the answer: never refused
     monkeypatch.setattr(qabel_rest, "_shut", lambda sock: None)
     closer = server_close_begun(live)  # the port is closed after the mark
     response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 3}',

@@ -812,11 +812,10 @@ class SettingsDocument:
         document, tag, base = self._head, self._head_tag, self._disk
         self._saving = True
         self._lock.release()
-        # A bug, or an interrupt of this thread, fails the batch and goes on.
         disk, rebased, error = base, None, SaveError("internal error while saving")
         try:
             disk, rebased, error = self._write(document, tag, base, batch)
-        except Exception:
+        except Exception:  # a bug, or (by the finally) an interrupt: the batch fails, all goes on
             _logger().exception("unexpected error saving %s", self.path)
         finally:
             self._lock.acquire()
@@ -1491,8 +1490,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         return True  # RFC 9110 10.1.1: the 100 goes out after every check (_read_body)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a bad request line, 414, 431, 501), as JSON."""
-        # Cut before the request text it quotes, which may hold a secret.
+        """http.server's own refusals (a bad request line, 414, 431, 501), as JSON, cut before
+        the request text they quote, which may hold a secret."""
         if code == HTTPStatus.NOT_IMPLEMENTED:  # a method with no do_ method: 404 or 405
             return self.do_GET()  # by path, as any other (a 5xx would blame the server)
         message = (message or HTTPStatus(code).phrase).partition(" (")[0]
@@ -1991,7 +1990,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
                 idle_timeout=DEFAULT_IDLE_TIMEOUT, request_timeout=DEFAULT_REQUEST_TIMEOUT,
                 max_connections=DEFAULT_MAX_CONNECTIONS, handler_class=RequestHandler):
     """Load both documents and the key, bind, lock the data dir, write any missing document (and a
-    new key file); return a QabelRestServer. data_dir and api_key default as on the command line.
+    new key file); return a QabelRestServer. data_dir, api_key, host default as on the command line.
     StartupError if the server cannot start: then no file was changed or created."""
     limits = (("max_body", max_body, int), ("max_connections", max_connections, int),
               ("idle_timeout", idle_timeout, float), ("request_timeout", request_timeout, float))
@@ -2003,12 +2002,11 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         raise StartupError("handler_class must be a subclass of RequestHandler")  # or a partial
     allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
     data_dir = os.path.abspath(data_dir or default_data_dir())
+    host = host or DEFAULT_HOST  # "" too: every interface is 0.0.0.0 or ::, never by mistake
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
     synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA, SYNCED_DEFAULTS)
-    # What can fail without writing comes first: the documents, the key file, the port.
-    # Only then is anything created: the data dir, the lock, missing documents, a key file;
-    # what changes files that were there (the pid in the lock file, old temp files) comes last.
+    # First what can fail without writing; then what creates files; last what changes some.
     settings.load()
     synced.load()
     api_key, key_source = _find_api_key(api_key, data_dir)
@@ -2220,6 +2218,8 @@ def main(argv=None):
         parser.error("unrecognized arguments")
     if args.max_body < 1:
         parser.error("--max-body must be a positive number of bytes")
+    if "" in (args.host, args.data_dir):  # "$X" with X unset: never every interface, or the
+        parser.error("--host and --data-dir must not be empty")  # user's own data by mistake
     import logging
     logging.basicConfig(level="INFO", format="%(asctime)s qabel_rest %(levelname)s %(message)s")
     try:

@@ -519,6 +519,8 @@ def test_health_needs_no_key(live):
     head = live.call("HEAD", "/health", key=None)
     assert head.status == 200 and head.body == b""
     assert live.call("PUT", "/health", {}).status == 405
+    for path in ("/health", "/openapi.json"):  # a key sent there is not looked at: a monitor
+        assert live.get(path, key="stale").status == 200  # with an old one still gets its 200
 
 
 def test_unknown_path_404_other_method_405(live):
@@ -1243,6 +1245,35 @@ def test_allowed_host_option_and_bound_host(live_with):
     for host in ("app.test:8080", "app.test", "app.test:1", "[::3]"):  # a port given: any port
         assert live.get("/settings", host=host).status == 200
     assert live.get("/settings", host="other.local").status == 403
+
+
+def test_an_empty_or_no_host_in_process_is_the_loopback_default_never_every_interface(tmp_path):
+    # A socket bound to "" listens on every interface: a host left empty by mistake must not
+    # put the server on the network. In process "" counts as not given, as None does.
+    for host in ("", None):
+        server = qabel_rest.make_server(tmp_path, KEY, host=host, port=0)
+        try:
+            assert server.server_address[0] == "127.0.0.1"
+            assert server.url == f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.server_close()
+
+
+@pytest.mark.parametrize("option", ["--host", "--data-dir"])
+def test_an_empty_host_or_data_dir_on_the_command_line_is_a_usage_error(tmp_path, option):
+    # `--data-dir "$DIR"` with DIR unset would serve (and let a script overwrite) the user's own
+    # settings; `--host "$HOST"` would listen on every interface.
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("QABEL_REST_DATA_DIR", None)
+    arguments = ["--port", "0", "--api-key", KEY, option, ""]
+    if option == "--host":
+        arguments += ["--data-dir", str(tmp_path / "data")]
+    result = run_cli(*arguments, env=env)
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines()[-1].endswith(
+        "error: --host and --data-dir must not be empty")
+    assert "listening" not in result.stdout
+    assert os.listdir(tmp_path) == []  # neither the data dir given nor the default one
 
 
 @pytest.mark.parametrize("origin, status", [
@@ -3398,11 +3429,16 @@ def test_api_key_sources(tmp_path, monkeypatch):
     assert live.get("/settings", key="from-env").status == 200
     assert live.get("/settings", key=generated).status == 401
     stop(live)
+    monkeypatch.setenv("QABEL_REST_API_KEY", "")  # empty: unset, the key file again
+    live = start(tmp_path, api_key=None)
+    assert live.get("/settings", key=generated).status == 200
+    stop(live)
 
 
-def test_data_dir_from_environment(tmp_path, monkeypatch):
+@pytest.mark.parametrize("given", [None, ""])  # in process, an empty data_dir is none given
+def test_data_dir_from_environment(tmp_path, monkeypatch, given):
     monkeypatch.setenv("QABEL_REST_DATA_DIR", str(tmp_path / "env"))
-    live = start(None)
+    live = start(given)
     try:
         assert live.data_dir == str(tmp_path / "env")
         live.put("/settings", "poll_interval", 4)
@@ -3415,6 +3451,8 @@ def test_default_data_dir_per_platform():
     home = os.path.expanduser("~")
     assert qabel_rest.default_data_dir({"QABEL_REST_DATA_DIR": "/x"}, "linux") == "/x"
     assert qabel_rest.default_data_dir({}, "linux") == os.path.join(home, ".config", "qabel-rest")
+    assert qabel_rest.default_data_dir({"QABEL_REST_DATA_DIR": ""}, "linux") == \
+        os.path.join(home, ".config", "qabel-rest")  # empty: not set
     assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "/cfg"}, "linux") == \
         os.path.join("/cfg", "qabel-rest")  # (with "\\" when the test runs on Windows)
     assert qabel_rest.default_data_dir({"XDG_CONFIG_HOME": "rel"}, "linux") == \
@@ -5891,6 +5929,21 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     writers[0].join(TIMEOUT)
     assert sorted(answers) == [200, 412]
     assert live.doc("settings.json")["poll_interval"] == 10
+
+
+def test_a_no_op_change_leaves_the_tag_to_the_next_writer_and_a_read_ignores_if_match(live):
+    tag = live.put("/settings", "poll_interval", 5).headers["ETag"]
+    same = live.put("/settings", "poll_interval", 5, headers={"If-Match": tag})
+    assert same.status == 200 and same.headers["ETag"] == tag  # nothing changed: still current
+    first = live.put("/settings", "poll_interval", 6, headers={"If-Match": tag})
+    assert first.status == 200 and first.headers["ETag"] != tag
+    second = live.put("/settings", "poll_interval", 7, headers={"If-Match": tag})
+    assert second.status == 412
+    assert live.doc("settings.json")["poll_interval"] == 6
+    for method in ("GET", "HEAD"):  # If-Match is for changes: a read is answered as without it
+        read = live.call(method, "/settings", headers={"If-Match": tag})
+        assert read.status == 200 and read.headers["ETag"] == first.headers["ETag"]
+    assert read.headers["Content-Length"] == str(len(live.file("settings.json")))
 
 
 @pytest.mark.parametrize("call, status", [

@@ -123,8 +123,7 @@ def _is_count(value):
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX,
           "description": "written without a fraction or exponent: 1, not 1.0"}
-# leaf name -> (what it must be, for errors; its check; its JSON Schema: /openapi.json, forms)
-_LEAVES = MappingProxyType({
+_LEAVES = MappingProxyType({  # leaf name -> (what it must be, its check, its JSON Schema)
     "id": ("an integer >= 0", _is_count, _COUNT),
     "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
     "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0,
@@ -816,7 +815,7 @@ class SettingsDocument:
         try:
             disk, rebased, error = self._write(document, tag, base, batch)
         except Exception:  # a bug, or (by the finally) an interrupt: the batch fails, all goes on
-            _logger().exception("unexpected error saving %s", self.path)
+            _logger().exception("unexpected error saving %s", _one_line(self.path))
         finally:
             self._lock.acquire()
             self._saving = False
@@ -889,7 +888,7 @@ class SettingsDocument:
                 undone = self._put_back(base, body)
                 if not isinstance(exc, OSError):
                     raise  # a bug, or an interrupt: _save_queue fails the batch
-                _logger().error("could not save %s: %s", self.path, exc.strerror)
+                _logger().error("could not save %s: %s", _one_line(self.path), exc.strerror)
                 return base, rebased, SaveError(
                     f"could not save {self.name}: {exc.strerror or 'error'}{undone}",
                     HTTPStatus.INSUFFICIENT_STORAGE if exc.errno in _DISK_FULL else None)
@@ -912,7 +911,7 @@ class SettingsDocument:
                 else:
                     atomic_write(self.path, base.raw)
         except OSError as exc:
-            _logger().error("could not restore %s: %s", self.path, exc.strerror)
+            _logger().error("could not restore %s: %s", _one_line(self.path), exc.strerror)
             return "; undoing it failed too, so the file may hold it"
         return ""
 
@@ -1490,8 +1489,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         return True  # RFC 9110 10.1.1: the 100 goes out after every check (_read_body)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (a bad request line, 414, 431, 501), as JSON, cut before
-        the request text they quote, which may hold a secret."""
+        """http.server's refusals (a bad request line, 414, 431, 501), in JSON without its quote."""
         if code == HTTPStatus.NOT_IMPLEMENTED:  # a method with no do_ method: 404 or 405
             return self.do_GET()  # by path, as any other (a 5xx would blame the server)
         message = (message or HTTPStatus(code).phrase).partition(" (")[0]
@@ -2022,7 +2020,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         server = QabelRestServer((host, port), handler_class, data_dir=data_dir, settings=settings,
                                  synced=synced, allowed_hosts=allowed_hosts,
                                  **{name: value for name, value, _ in limits})  # as checked
-    except (OSError, OverflowError) as exc:
+    except (OSError, OverflowError, TypeError) as exc:  # TypeError: a host IDNA cannot encode
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
     try:
@@ -2049,7 +2047,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             api_key = secrets.token_hex(32)
             with _startup_error("cannot write the key file", key_source):
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))
-            _logger().info("generated a new API key in %s", key_source)
+            _logger().info("generated a new API key in %s", _one_line(key_source))
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next,
             written = os.write(server._dir_lock, f"{os.getpid()}\n".encode())  # over the old one
             os.ftruncate(server._dir_lock, written)  # then the rest: a failed write changes nothing
@@ -2100,6 +2098,8 @@ def _client(command, argv):
         parser.error("unrecognized arguments")  # the key; a 2nd "--": dropped until gh-81691
     if getattr(args, "doc", "settings") not in ("settings", "synced"):  # nor quoted: it
         parser.error("DOC must be settings or synced")  # may be a key after a mistyped option
+    if args.data_dir == "":  # "$DIR" with DIR unset: never the user's own key by mistake
+        parser.error("--data-dir must not be empty")
     if not (_is_url(args.url) and re.fullmatch(r"(?i:http)://[^/?#@]+/?", args.url)):
         parser.error("--url (or $QABEL_REST_URL) must be http://HOST[:PORT]")  # no path: the
     url = urllib.parse.urlsplit(args.url)  # server answers at its root (a proxy's prefix too)

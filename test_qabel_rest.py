@@ -5207,12 +5207,9 @@ def test_directory_fsync_failing_after_the_rename_puts_the_file_back(live, monke
     assert live.get("/settings").json()["poll_interval"] == 5
 
 
-@LINUX_FDS
-def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, monkeypatch, caplog):
-    # The directory fsync fails after the rename, then the file system refuses the write
-    # that would put the old content back (as ext4 remounted read-only after an error).
-    live.put("/settings", "poll_interval", 5)
-    cursor = live.get("/events").json()["cursor"]
+def fail_directory_fsync_and_its_undoing(monkeypatch):
+    """The directory fsync fails after a save's rename, then the file system refuses the write
+    that would put the old content back (as ext4 remounted read-only after an error)."""
     real_fsync, real_open, failed = os.fsync, os.open, []
 
     def fsync(fd):
@@ -5227,6 +5224,39 @@ def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, mon
         return real_open(path, flags, *args, **kwargs)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "open", open_)
+
+
+@LINUX_FDS
+def test_log_lines_that_name_a_path_escape_what_does_not_print(tmp_path, monkeypatch, caplog):
+    # A data dir named with a newline or a terminal escape: every log line stays one line.
+    caplog.set_level(logging.INFO, logger="qabel_rest")
+    data_dir = tmp_path / "q\nx\x1b[2J"
+    live = start(data_dir, api_key=None)  # a new key file: logged with its path
+    key = (data_dir / "api-key").read_text().strip()
+    try:
+        fail_directory_fsync_and_its_undoing(monkeypatch)
+        assert live.put("/settings", "poll_interval", 6, key=key).status == 500
+        monkeypatch.undo()
+        monkeypatch.setattr(qabel_rest, "atomic_write", lambda *a, **k: 1 / 0)  # a bug
+        assert live.put("/settings", "poll_interval", 7, key=key).status == 500
+    finally:
+        monkeypatch.undo()
+        stop(live)
+    shown = str(data_dir).replace("\n", "\\n").replace("\x1b", "\\x1b")
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"generated a new API key in {os.path.join(shown, 'api-key')}" in messages
+    settings = os.path.join(shown, "settings.json")
+    assert f"could not save {settings}: Input/output error" in messages
+    assert f"could not restore {settings}: Read-only file system" in messages
+    assert f"unexpected error saving {settings}" in messages
+    assert not [m for m in messages if "\n" in m or "\x1b" in m]
+
+
+@LINUX_FDS
+def test_a_failed_save_that_cannot_be_undone_says_the_file_may_hold_it(live, monkeypatch, caplog):
+    live.put("/settings", "poll_interval", 5)
+    cursor = live.get("/events").json()["cursor"]
+    fail_directory_fsync_and_its_undoing(monkeypatch)
     response = live.put("/settings", "poll_interval", 6)
     monkeypatch.undo()
     assert response.status == 500
@@ -10297,6 +10327,19 @@ def test_a_304_sends_no_body_so_the_next_answer_follows_its_header_block(live):
     conn.close()
 
 
+def test_cli_an_empty_data_dir_is_a_usage_error_never_the_default_one(live):
+    # `--data-dir "$DIR"` with DIR unset, as the server takes it: the key of the default data
+    # dir (here $QABEL_REST_DATA_DIR: the user's own, say) is never read, nor sent to --url.
+    with open(os.path.join(live.data_dir, "api-key"), "w") as key_file:
+        key_file.write(KEY + "\n")
+    env = {"QABEL_REST_DATA_DIR": live.data_dir}
+    assert cli_exec("get", "settings", "--url", cli_url(live), env=env).returncode == 0
+    result = cli_exec("get", "settings", "--data-dir", "", "--url", cli_url(live), env=env)
+    assert result.returncode == 2 and result.stdout == b""
+    assert text_lines(result.stderr).splitlines()[-1] == \
+        "qabel_rest get: error: --data-dir must not be empty"
+
+
 @pytest.mark.parametrize("args, message", [
     (("get", "setings"), "DOC must be settings or synced"),
     (("get", "settings", "--bogus"), "unrecognized arguments"),
@@ -10724,6 +10767,20 @@ def test_a_file_unreadable_when_a_save_compares_it_is_503_and_kept(live, monkeyp
     assert response.json()["error"].startswith("settings.json on disk is not valid: cannot read")
     assert os.path.isdir(path)  # never replaced
     os.rmdir(path)
+
+
+@pytest.mark.parametrize("host", ["a..\u00fc", "\u00e9" * 64, "a\x00b"])
+def test_a_host_that_cannot_be_encoded_is_a_startup_error_of_one_line(tmp_path, host):
+    # socket raises TypeError for a name IDNA cannot encode, or one with a NUL: no traceback.
+    with pytest.raises(qabel_rest.StartupError) as caught:
+        qabel_rest.make_server(data_dir=str(tmp_path / "in"), api_key=KEY, host=host, port=0)
+    assert caught.value.message.startswith(f"cannot listen on {host}:0: ")
+    if "\x00" not in host:  # (no NUL in a command line)
+        result = run_cli("--port", "0", "--data-dir", str(tmp_path / "process"), "--host", host)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"qabel_rest: cannot listen on {host}:0: ")
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_taken_port_is_named_by_its_reason_alone(tmp_path):

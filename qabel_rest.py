@@ -123,7 +123,7 @@ def _is_count(value):
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX,
           "description": "written without a fraction or exponent: 1, not 1.0"}
-_LEAVES = MappingProxyType({  # leaf name -> (what it must be, its check, its JSON Schema)
+_LEAVES = MappingProxyType({  # leaf -> (what it must be, for errors; its check; its JSON Schema)
     "id": ("an integer >= 0", _is_count, _COUNT),
     "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
     "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0,
@@ -1489,7 +1489,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         return True  # RFC 9110 10.1.1: the 100 goes out after every check (_read_body)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's refusals (a bad request line, 414, 431, 501), in JSON without its quote."""
+        """http.server's refusals (bad request line, 414, 431, 501) in JSON, unquoted (secrets)."""
         if code == HTTPStatus.NOT_IMPLEMENTED:  # a method with no do_ method: 404 or 405
             return self.do_GET()  # by path, as any other (a 5xx would blame the server)
         message = (message or HTTPStatus(code).phrase).partition(" (")[0]
@@ -1998,9 +1998,9 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             raise StartupError(f"{name} must be a positive " + ("number", "integer")[kind is int])
     if RequestHandler not in getattr(getattr(handler_class, "func", handler_class), "__mro__", ()):
         raise StartupError("handler_class must be a subclass of RequestHandler")  # or a partial
-    allowed_hosts = (allowed_hosts,) if isinstance(allowed_hosts, str) else allowed_hosts
+    allowed_hosts = [allowed_hosts] if isinstance(allowed_hosts, str) else list(allowed_hosts)
     data_dir = os.path.abspath(data_dir or default_data_dir())
-    host = host or DEFAULT_HOST  # "" too: every interface is 0.0.0.0 or ::, never by mistake
+    host = host or DEFAULT_HOST  # "" too: bound as it is, it would listen on every interface
     settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
                                 LOCAL_DEFAULTS)
     synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA, SYNCED_DEFAULTS)
@@ -2020,7 +2020,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         server = QabelRestServer((host, port), handler_class, data_dir=data_dir, settings=settings,
                                  synced=synced, allowed_hosts=allowed_hosts,
                                  **{name: value for name, value, _ in limits})  # as checked
-    except (OSError, OverflowError, TypeError) as exc:  # TypeError: a host IDNA cannot encode
+    except (OSError, OverflowError, TypeError) as exc:  # a host IDNA cannot encode, a port "1"
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"cannot listen on {host}:{port}: {reason} ({data_dir})") from None
     try:
@@ -2218,8 +2218,8 @@ def main(argv=None):
         parser.error("unrecognized arguments")
     if args.max_body < 1:
         parser.error("--max-body must be a positive number of bytes")
-    if "" in (args.host, args.data_dir):  # "$X" with X unset: never every interface, or the
-        parser.error("--host and --data-dir must not be empty")  # user's own data by mistake
+    if "" in (args.host, args.data_dir):  # "$X", X unset: not every interface, nor the user's data
+        parser.error(f"{'--host' if args.host == '' else '--data-dir'} must not be empty")
     import logging
     logging.basicConfig(level="INFO", format="%(asctime)s qabel_rest %(levelname)s %(message)s")
     try:

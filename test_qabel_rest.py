@@ -1263,15 +1263,15 @@ def test_an_empty_or_no_host_in_process_is_the_loopback_default_never_every_inte
 def test_an_empty_host_or_data_dir_on_the_command_line_is_a_usage_error(tmp_path, option):
     # `--data-dir "$DIR"` with DIR unset would serve (and let a script overwrite) the user's own
     # settings; `--host "$HOST"` would listen on every interface.
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "APPDATA": str(tmp_path / "appdata")}  # had it started: not the user's own dir
     env.pop("QABEL_REST_DATA_DIR", None)
     arguments = ["--port", "0", "--api-key", KEY, option, ""]
     if option == "--host":
         arguments += ["--data-dir", str(tmp_path / "data")]
     result = run_cli(*arguments, env=env)
     assert result.returncode == 2, result
-    assert result.stderr.splitlines()[-1].endswith(
-        "error: --host and --data-dir must not be empty")
+    assert result.stderr.splitlines()[-1].endswith(f"error: {option} must not be empty")
     assert "listening" not in result.stdout
     assert os.listdir(tmp_path) == []  # neither the data dir given nor the default one
 
@@ -5230,10 +5230,11 @@ def fail_directory_fsync_and_its_undoing(monkeypatch):
 def test_log_lines_that_name_a_path_escape_what_does_not_print(tmp_path, monkeypatch, caplog):
     # A data dir named with a newline or a terminal escape: every log line stays one line.
     caplog.set_level(logging.INFO, logger="qabel_rest")
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
     data_dir = tmp_path / "q\nx\x1b[2J"
     live = start(data_dir, api_key=None)  # a new key file: logged with its path
-    key = (data_dir / "api-key").read_text().strip()
     try:
+        key = (data_dir / "api-key").read_text().strip()
         fail_directory_fsync_and_its_undoing(monkeypatch)
         assert live.put("/settings", "poll_interval", 6, key=key).status == 500
         monkeypatch.undo()
@@ -5246,8 +5247,8 @@ def test_log_lines_that_name_a_path_escape_what_does_not_print(tmp_path, monkeyp
     messages = [record.getMessage() for record in caplog.records]
     assert f"generated a new API key in {os.path.join(shown, 'api-key')}" in messages
     settings = os.path.join(shown, "settings.json")
-    assert f"could not save {settings}: Input/output error" in messages
-    assert f"could not restore {settings}: Read-only file system" in messages
+    assert f"could not save {settings}: {os.strerror(errno.EIO)}" in messages
+    assert f"could not restore {settings}: {os.strerror(errno.EROFS)}" in messages
     assert f"unexpected error saving {settings}" in messages
     assert not [m for m in messages if "\n" in m or "\x1b" in m]
 
@@ -10776,10 +10777,18 @@ def test_a_host_that_cannot_be_encoded_is_a_startup_error_of_one_line(tmp_path, 
         qabel_rest.make_server(data_dir=str(tmp_path / "in"), api_key=KEY, host=host, port=0)
     assert caught.value.message.startswith(f"cannot listen on {host}:0: ")
     if "\x00" not in host:  # (no NUL in a command line)
-        result = run_cli("--port", "0", "--data-dir", str(tmp_path / "process"), "--host", host)
+        result = run_cli("--port", "0", "--data-dir", str(tmp_path / "process"), "--host", host,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # (Windows: ANSI)
         assert result.returncode == 1 and result.stdout == ""
         assert result.stderr.startswith(f"qabel_rest: cannot listen on {host}:0: ")
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_port_that_is_no_integer_is_a_startup_error(tmp_path):
+    for port in ("9696", None, 1.5):
+        with pytest.raises(qabel_rest.StartupError, match=f"^cannot listen on 127.0.0.1:{port}: "):
+            qabel_rest.make_server(str(tmp_path), KEY, port=port)
     assert os.listdir(tmp_path) == []
 
 

@@ -94,7 +94,7 @@ _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
 _LOCK_FILE = "qabel_rest.lock"
-_SETTINGS_FILE = "settings.json"
+_LOCAL_FILE = "settings.json"
 _SYNCED_FILE = "synced.json"
 _FILE_MODE = 0o600
 _DIR_MODE = 0o700
@@ -117,15 +117,12 @@ def _is_url(value):  # fixed ranges: str.isprintable() follows each Python's Uni
         return False
 
 
-def _is_count(value):
-    return type(value) is int and 0 <= value <= _INT64_MAX
-
-
-_COUNT = {"type": "integer", "minimum": 0, "maximum": _INT64_MAX,
-          "description": "written without a fraction or exponent: 1, not 1.0"}
+_COUNT = ("an integer >= 0", lambda v: type(v) is int and 0 <= v <= _INT64_MAX,
+          {"type": "integer", "minimum": 0, "maximum": _INT64_MAX,
+           "description": "written without a fraction or exponent: 1, not 1.0"})
 _LEAVES = MappingProxyType({  # leaf -> (what it must be, for errors; its check; its JSON Schema)
-    "id": ("an integer >= 0", _is_count, _COUNT),
-    "time": ("an integer >= 0 (seconds since the epoch)", _is_count, _COUNT),
+    "id": _COUNT,
+    "time": (f"{_COUNT[0]} (seconds since the epoch)", *_COUNT[1:]),
     "interval": ("a number > 0", lambda v: type(v) in (int, float) and v > 0,
                  {"type": "number", "exclusiveMinimum": 0,
                   "description": "an integer within 64 bits, or a finite fraction"}),
@@ -1637,7 +1634,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if len(body) < self._unread:
             raise _Malformed("the body ended early")
         self._unread = 0
-        self.server._move(self.connection, _BUSY, _BUSY, math.inf)  # saving: not the client's time
+        if not self.server._move(self.connection, _BUSY, _BUSY, math.inf):  # saving: not the
+            raise ConnectionAbortedError("past its deadline")  # client's time. Cut: never served
         return body
 
     def _do_read(self, document):
@@ -1696,8 +1694,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         query = _parse_form(self.path.partition("?")[2], "a query parameter", errors="replace")
         timeout = query.get("timeout", "30")
         seconds = float(timeout) if _SECONDS.fullmatch(timeout) else None  # else the feed: 400
-        self.server._move(self.connection, _BUSY, _BUSY,  # more time: it may wait for events
-                          self.server.request_timeout + min(max(seconds or 0, 0), MAX_WAIT))
+        self.server._move(self.connection, _BUSY, _BUSY, sys.float_info.max)  # never swept (not
+        # to race its answer after a stall): its timeout ends it, server_close()'s grace too
         answer = self.server._feed.events(query.get("since"), seconds, self._deliver, self._gone)
         if type(answer) is bytes:  # delivered by the feed's thread: the rest is ours
             self.wfile.write(answer)  # flushed by http.server once do_GET returns
@@ -1906,8 +1904,11 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         for sock, (thread, state, _) in entries:
             if thread is not threading.current_thread():  # a handler may close us
                 thread.join(max(0.0, deadline - time.monotonic()))
-                if self._connections.get(sock, (0, 0, 0))[2] < math.inf:  # not saving: its
-                    _shut(sock)  # answer follows the save; others end, stalled ones too
+                with self._state:  # cut as a sweep cuts (a body read later is never applied),
+                    entry = self._connections.get(sock, [0, 0, math.inf])  # but not a save: its
+                    if entry[2] < math.inf:  # answer follows it. Others end, stalled ones too
+                        entry[1] = _CLOSING
+                        _shut(sock)
         documents = (self.settings, self.synced)
         if all([document.close(max(0.0, deadline - time.monotonic())) for document in documents]):
             return self._unlock()
@@ -2001,8 +2002,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
     allowed_hosts = [allowed_hosts] if isinstance(allowed_hosts, str) else list(allowed_hosts)
     data_dir = os.path.abspath(data_dir or default_data_dir())
     host = host or DEFAULT_HOST  # "" too: bound as it is, it would listen on every interface
-    settings = SettingsDocument(os.path.join(data_dir, _SETTINGS_FILE), LOCAL_SCHEMA,
-                                LOCAL_DEFAULTS)
+    settings = SettingsDocument(os.path.join(data_dir, _LOCAL_FILE), LOCAL_SCHEMA, LOCAL_DEFAULTS)
     synced = SettingsDocument(os.path.join(data_dir, _SYNCED_FILE), SYNCED_SCHEMA, SYNCED_DEFAULTS)
     # First what can fail without writing; then what creates files; last what changes some.
     settings.load()
@@ -2051,7 +2051,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next,
             written = os.write(server._dir_lock, f"{os.getpid()}\n".encode())  # over the old one
             os.ftruncate(server._dir_lock, written)  # then the rest: a failed write changes nothing
-        prefixes = tuple(f".{n}." for n in (_SETTINGS_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
+        prefixes = tuple(f".{n}." for n in (_LOCAL_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
         for name in existed:  # temp files of a process killed mid-write: never current
             if name.startswith(prefixes) and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
@@ -2228,17 +2228,17 @@ def main(argv=None):
     except StartupError as exc:
         print(f"qabel_rest: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 1
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-        if hasattr(signal, name):  # shutdown() returns at once in the serving thread
-            signal.signal(getattr(signal, name), lambda signum, frame: server.shutdown())
-    with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
-        sys.stdout.reconfigure(errors="backslashreplace")  # a path the encoding lacks: no crash
-    try:
-        source = f"{'file' if os.path.isabs(server.key_source) else 'from'} {server.key_source}"
-        print(f"qabel_rest listening on {server.url} (API key {_one_line(source)})", flush=True)
-    except OSError:  # stdout full, or a pipe nobody reads: serve all the same, stdout to devnull
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit flushes there)
-    try:
+    try:  # closed whatever fails: a thread but the main one cannot set a signal's handler
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):  # shutdown() returns at once in the serving thread
+                signal.signal(getattr(signal, name), lambda signum, frame: server.shutdown())
+        with contextlib.suppress(AttributeError):  # no stdout (pythonw), or not a text file
+            sys.stdout.reconfigure(errors="backslashreplace")  # a path it cannot encode
+        try:
+            source = f"{'file' if os.path.isabs(server.key_source) else 'from'} {server.key_source}"
+            print(f"qabel_rest listening on {server.url} (API key {_one_line(source)})", flush=True)
+        except OSError:  # stdout full, or a pipe nobody reads: serve all the same, to devnull
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the exit flushes)
         server.serve_forever()
     finally:
         server.server_close()

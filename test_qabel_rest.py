@@ -2613,6 +2613,65 @@ def test_a_save_slower_than_the_request_deadline_is_still_answered(live_with, mo
     assert live.doc("synced.json")["drop_servers"] == [{"id": 7}]
 
 
+def stalling_after_the_body(stall):
+    """A handler class whose thread calls stall() once it has read a body, as when the
+    process is stopped or swapped out just then."""
+    class Stalling(qabel_rest.RequestHandler):
+        def setup(self):
+            super().setup()
+            read = self.rfile.read
+
+            def read_and_stall(size=-1):  # only a body is read this way
+                data = read(size)
+                stall()
+                return data
+            self.rfile.read = read_and_stall
+    return Stalling
+
+
+def test_a_change_whose_connection_was_cut_while_it_stalled_is_never_applied(live_with):
+    # A whole request has arrived, then the process stalls (stopped, swapped out) past the
+    # request deadline: the serving loop cuts the connection, no answer can go out, and the
+    # change must not be saved either, so that the client may send it again.
+    live = live_with(request_timeout=0.3,  # the loop's sweeps run during the stall
+                     handler_class=stalling_after_the_body(lambda: time.sleep(1.0)))
+    since = feed_cursor(live)
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 7}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"}))
+    assert conn.read() is None  # closed, unanswered
+    conn.close()
+    live.server.shutdown()
+    live.server.server_close()  # once the stalled request has ended
+    assert documents(live.data_dir) == live.initial
+    assert live.server.settings.get("poll_interval") == 30
+    assert live.server.events(since) == {"cursor": since, "events": []}
+
+
+def test_a_change_whose_connection_server_close_cuts_before_it_begins_is_never_applied(
+        tmp_path, monkeypatch):
+    # Its grace over, server_close() cuts every connection in flight but a save's. A change
+    # whose whole body had arrived, its thread stalled until just after that cut, is not
+    # applied either: it could not be answered.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.5)
+    cut, real_shut = threading.Event(), qabel_rest._shut
+
+    def shut(sock):  # the thread of server_close() pauses after its cut
+        real_shut(sock)
+        cut.set()
+        time.sleep(0.3)
+    monkeypatch.setattr(qabel_rest, "_shut", shut)
+    live = start(tmp_path, handler_class=stalling_after_the_body(lambda: cut.wait(TIMEOUT)))
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 7}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"}))
+    time.sleep(0.3)  # the body read, its thread stalls
+    stop(live)
+    assert conn.read() is None  # closed, unanswered
+    conn.close()
+    assert documents(live.data_dir) == live.initial
+
+
 def test_a_client_that_never_reads_the_answers_to_its_changes_is_cut_at_the_deadline(
         live_with):
     # Once saved, the answer is the client's time again: one sending changes and never
@@ -3809,7 +3868,8 @@ def test_main_serving_in_process_returns_0_once_stopped_and_releases_the_data_di
         servers.append(real(*args, **options))
         return servers[0]
     monkeypatch.setattr(qabel_rest, "make_server", make_server)
-    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # the suite's stay
+    handled = []  # the suite's handlers stay
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: handled.append(signum))
     monkeypatch.setattr(logging, "basicConfig", lambda **options: None)  # the suite's logging
 
     def stop_once_started():
@@ -3824,6 +3884,34 @@ def test_main_serving_in_process_returns_0_once_stopped_and_releases_the_data_di
     stopper.join(TIMEOUT)
     assert capsys.readouterr().out == (f"qabel_rest listening on {servers[0].url} "
                                        "(API key from the command line)\n")
+    assert sorted(handled) == sorted({signal.SIGINT, signal.SIGTERM,  # set once, left set
+                                      getattr(signal, "SIGBREAK", signal.SIGINT)})
+    stop(start(tmp_path))  # the data dir was released
+
+
+def test_main_in_a_thread_but_the_main_one_raises_and_closes_the_server_it_made(
+        tmp_path, monkeypatch):
+    servers, real = [], qabel_rest.make_server
+
+    def make_server(*args, **options):
+        servers.append(real(*args, **options))
+        return servers[0]
+    monkeypatch.setattr(qabel_rest, "make_server", make_server)
+    monkeypatch.setattr(logging, "basicConfig", lambda **options: None)  # the suite's logging
+    raised = []
+
+    def run():
+        try:
+            qabel_rest.main(["--port", "0", "--data-dir", str(tmp_path), "--api-key", KEY])
+        except ValueError as exc:  # only the main thread may set a signal's handler
+            raised.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive() and len(raised) == 1 and len(servers) == 1
+    assert servers[0].socket.fileno() == -1  # the port is closed
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", servers[0].server_port), TIMEOUT).close()
     stop(start(tmp_path))  # the data dir was released
 
 
@@ -7595,6 +7683,26 @@ def test_feed_long_poll_is_not_cut_by_the_request_deadline_and_keeps_alive(live_
     assert 1.2 <= elapsed < 4
     assert response.headers["Keep-Alive"] == "timeout=30"
     assert conn.request("GET", "/health").status == 200  # same connection, reused
+    conn.close()
+
+
+def test_feed_a_waiting_request_is_answered_after_a_stall_past_its_deadline(
+        live_with, monkeypatch):
+    # After a stall (the process stopped; on Windows a laptop's sleep too, whose monotonic
+    # clock runs on) every deadline is due at once: the answer of a waiting request, due
+    # then as well, must still go out, not be cut by the serving loop.
+    live = live_with(request_timeout=0.5)
+    since = feed_cursor(live)
+    conn = live.conn()
+    conn.send(build_request("GET", feed_path(since, 2), headers={"X-API-Key": KEY}))
+    time.sleep(0.5)  # waiting now
+    real = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: real() + 100)  # the stall's 100 s
+    response = conn.read()
+    monkeypatch.undo()
+    assert response is not None and response.status == 200
+    assert response.json() == {"cursor": since, "events": []}
+    assert conn.request("GET", "/health").status == 200  # kept alive
     conn.close()
 
 

@@ -469,8 +469,7 @@ def _assign(node_value, node, path, depth, value, merge, ids=True):
     """(a copy of node_value with value set at path[depth:], the stored value, the event's
     key: an append "-" as the index it got). Only containers on the path are copied and
     only the new value (and, if ids, the ids of its list) validated: the rest is shared."""
-    segment = path[depth]
-    here = path[:depth + 1]
+    segment, here = path[depth], path[:depth + 1]  # and the key up to it
     last = depth == len(path) - 1
     child = _child_node(node, segment, here, last)
     if type(node_value) is dict:
@@ -1100,6 +1099,7 @@ class _Feed:
                     _logger().exception("unexpected error answering a request for events")
             for waiter in ready:
                 waiter.done.set()
+            ready = waiter = None  # not kept while this thread waits: a handler holds its socket
             if closed:
                 return
             if look:

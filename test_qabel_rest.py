@@ -7706,6 +7706,30 @@ def test_feed_a_waiting_request_is_answered_after_a_stall_past_its_deadline(
     conn.close()
 
 
+@LINUX_FDS
+def test_feed_the_connections_of_waiting_clients_that_left_are_closed(live):
+    # Clients that pipeline a request behind a waiting one, then leave: the feed answers the
+    # waiters, each handler then fails on the request behind (the peer is gone), and its
+    # socket is closed only when nothing holds the handler any more, the feed's thread
+    # included (which then sleeps until the next event or request for events).
+    def sockets():
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+    since = feed_cursor(live)
+    before = sockets()
+    clients = [live.conn() for _ in range(10)]
+    for conn in clients:
+        conn.send(build_request("GET", feed_path(since, 300), headers={"X-API-Key": KEY})
+                  + build_request("GET", "/health"))
+    time.sleep(0.5)  # all waiting
+    for conn in clients:
+        conn.close()
+    deadline = time.monotonic() + TIMEOUT
+    while sockets() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sockets() <= before  # (the server's end of feed_cursor's may have closed since)
+
+
 def test_feed_a_hundred_waiting_requests_do_not_hold_up_other_clients(live):
     since = feed_cursor(live)
     request = build_request("GET", feed_path(since, 8), headers={"X-API-Key": KEY})

@@ -2672,6 +2672,31 @@ def test_a_change_whose_connection_server_close_cuts_before_it_begins_is_never_a
     assert documents(live.data_dir) == live.initial
 
 
+def test_a_change_read_but_not_begun_when_the_grace_of_server_close_ends_gets_503(
+        tmp_path, monkeypatch):
+    # Its body was read in time, so its connection is not cut; but the documents close when
+    # the grace ends, and a change that begins after that is refused like any later one.
+    monkeypatch.setattr(qabel_rest, "SHUTDOWN_GRACE", 0.3)
+    live = start(tmp_path)
+    update, closed = live.server.settings.update, threading.Event()
+
+    def late_update(*args):
+        closed.wait(TIMEOUT)  # begins once server_close() has returned
+        return update(*args)
+    monkeypatch.setattr(live.server.settings, "update", late_update)
+    conn = live.conn()
+    conn.send(build_request("PUT", "/settings", b'{"key": "poll_interval", "value": 7}',
+                            {"X-API-Key": KEY, "Content-Type": "application/json"}))
+    time.sleep(0.2)  # its body read
+    stop(live)
+    closed.set()
+    response = conn.read()
+    assert response.status == 503 and response.headers["Connection"] == "close"
+    assert response.json() == {"error": "the server is shutting down"}
+    conn.close()
+    assert documents(live.data_dir) == live.initial
+
+
 def test_a_client_that_never_reads_the_answers_to_its_changes_is_cut_at_the_deadline(
         live_with):
     # Once saved, the answer is the client's time again: one sending changes and never

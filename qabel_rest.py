@@ -373,10 +373,9 @@ def validate(value, node, path=(), partial=False):
     elif kind not in (str, int, float, bool, type(None)):
         reason = value.message if kind is _Unfit else "not a JSON value"
         raise InvalidValue(f"{format_key(path)}: {reason}")
-    if type(node) is str:
-        what, check, _ = _LEAVES.get(node, ("", None, None))
-        if check is not None and not check(value):
-            raise InvalidValue(f"{format_key(path)}: must be {what}")
+    if type(node) is str:  # a leaf, or "any" (a scalar: any will do)
+        if node != "any" and not _LEAVES[node][1](value):
+            raise InvalidValue(f"{format_key(path)}: must be {_LEAVES[node][0]}")
     elif type(node) is _List:
         if kind is not list:
             raise InvalidValue(f"{format_key(path)}: must be a list")
@@ -646,6 +645,13 @@ class _Change:
     def matches(self, tag):
         return self.if_match is None or self.if_match == ("*",) or tag in self.if_match
 
+    def run(self, document, tag, new_tag):
+        """Apply it to a document and its tag; return both after it (a new tag if it changed)."""
+        new, self.result, self.key = self.apply(document)
+        self.changed = not _same(new, document)
+        self.tag = new_tag() if self.changed else tag
+        return (new, self.tag) if self.changed else (document, tag)
+
 
 class SettingsDocument:
     """One settings document: its file, schema, and current version. Thread-safe.
@@ -781,13 +787,9 @@ class SettingsDocument:
             if not change.matches(self._head_tag):
                 check_alone()
                 raise PreconditionFailed(f"{self.name} has changed: If-Match does not name its tag")
-            document, change.result, change.key = apply(self._head)
-            change.changed = not _same(document, self._head)
-            if change.changed:
-                self._head, self._head_tag = document, self._new_tag()
-            elif not self._queue and not self._saving:
+            self._head, self._head_tag = change.run(self._head, self._head_tag, self._new_tag)
+            if not (change.changed or self._queue or self._saving):
                 return change.result, self._head_tag  # nothing to save
-            change.tag = self._head_tag
             self._queue.append(change)
             while not change.done:
                 if self._saving:  # woken when done or to save next: one writer, not all;
@@ -849,14 +851,9 @@ class SettingsDocument:
                                                   "program: If-Match does not name its tag")
             if change.error is None:
                 try:
-                    new, change.result, change.key = change.apply(document)
+                    document, tag = change.run(document, tag, self._new_tag)
                 except QabelRestError as exc:
                     change.error = exc
-                    continue
-                change.changed = not _same(new, document)
-                if change.changed:
-                    document, tag = new, self._new_tag()
-                change.tag = tag
         return document, tag
 
     def _write(self, document, tag, base, batch):
@@ -1214,10 +1211,9 @@ def _json_schema(node, served=False):
     if type(node) is str:
         return dict(_LEAVES[node][2])
     if type(node) is _List:
-        schema = {"type": "array", "items": _json_schema(node.item)}
-        if type(node.item) is _Obj and "id" in node.item.fields:
-            schema["description"] = "no two items have the same id"
-        return schema
+        unique = type(node.item) is _Obj and "id" in node.item.fields  # as _check_ids
+        note = {"description": "no two items have the same id"} if unique else {}
+        return {"type": "array", "items": _json_schema(node.item), **note}
     if type(node) is _Map:
         return {"type": "object", "additionalProperties": _json_schema(node.item)}
     return {"type": "object", "additionalProperties": False,
@@ -1231,11 +1227,9 @@ def _openapi():
         return {"$ref": f"#/components/{kind}/{name}"}
 
     def answer(description, schema=None, *headers):
-        response = {"description": description, "headers": {name: ref("headers", name) for name
-                    in (*common, *headers)}}
-        if schema is not None:
-            response["content"] = {_JSON_TYPE: {"schema": schema}}
-        return response
+        named = {name: ref("headers", name) for name in (*common, *headers)}
+        content = {} if schema is None else {"content": {_JSON_TYPE: {"schema": schema}}}
+        return {"description": description, "headers": named, **content}
 
     def change(body, description, schema, media=_JSON_TYPE):  # a PUT, POST or PATCH
         content = {media: {"schema": body}}
@@ -1440,8 +1434,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.logger.exception("unexpected error in %s", self._what())
             self.close_connection = True
             if not self._responded:
-                self._send_error(_HTTPError(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                            "internal error", close=True))
+                self._send_error(_Malformed("internal error", HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:  # a body answered unread is dropped (else _send closed) while still busy
             with contextlib.suppress(OSError):  # a reset: the next peek ends the connection
                 if self._unread and not self.close_connection:
@@ -1589,18 +1582,15 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.NOT_FOUND, "no such resource")
         method = "GET" if self.command == "HEAD" else self.command
         if method == "OPTIONS":
-            headers = (("Allow", ", ".join(allowed)),)
-            if "PATCH" in allowed:
-                headers += (("Accept-Patch", _PATCH_TYPE),)
-            self._send_json(HTTPStatus.OK, {"allow": list(allowed)}, headers)
+            patch = (("Accept-Patch", _PATCH_TYPE),) if "PATCH" in allowed else ()
+            self._send_json(HTTPStatus.OK, {"allow": list(allowed)},
+                            (("Allow", ", ".join(allowed)), *patch))
         elif method not in allowed:
             raise _HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
-        elif path == "/health":
-            self._send_json(HTTPStatus.OK, {"status": "ok"})
+        elif path in ("/health", "/openapi.json"):
+            self._send_json(HTTPStatus.OK, {"status": "ok"} if path == "/health" else _openapi())
         elif path == "/events":
             self._do_events()
-        elif path == "/openapi.json":
-            self._send_json(HTTPStatus.OK, _openapi())
         else:
             document = self.server.settings if path == "/settings" else self.server.synced
             if method == "GET":
@@ -1928,9 +1918,8 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         """A thread per connection; at the cap, the one idle longest makes room, or a 503."""
-        thread = threading.Thread(target=self.process_request_thread,
-                                  args=(request, client_address), daemon=True,
-                                  name="qabel_rest connection")
+        thread = threading.Thread(target=self.process_request_thread, daemon=True,
+                                  args=(request, client_address), name="qabel_rest connection")
         with self._state:
             state, deadline = _IDLE, time.monotonic() + self.idle_timeout
             entries = self._connections

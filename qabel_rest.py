@@ -94,10 +94,8 @@ _ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
 _ENV_API_KEY = "QABEL_REST_API_KEY"
 _KEY_FILE = "api-key"
 _LOCK_FILE = "qabel_rest.lock"
-_LOCAL_FILE = "settings.json"
-_SYNCED_FILE = "synced.json"
-_FILE_MODE = 0o600
-_DIR_MODE = 0o700
+_LOCAL_FILE, _SYNCED_FILE = "settings.json", "synced.json"
+_FILE_MODE, _DIR_MODE = 0o600, 0o700
 
 # The Qabel "Client Configuration" schema. A node is a leaf name (of _LEAVES), "any" (any JSON),
 # an _Obj (declared fields only), a _List (unique item ids) or a _Map (any names, one kind of item).
@@ -524,8 +522,21 @@ _WAKE_EVERY = 0.5  # seconds a queued writer waits before it looks again (its tu
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # 507
 
 
-def _replace_file(source, target):
-    """os.replace, retried on PermissionError: a Windows sharing violation clears."""
+def _replace_file(source, target, check=lambda name: None):
+    """os.replace, retried on PermissionError (a Windows sharing violation clears); on Linux a
+    swap, so that check(source) sees what it took out (a rewrite since the last check: put back)."""
+    swapped = False
+    with contextlib.suppress(ImportError, AttributeError, OSError):  # else renamed: another OS
+        import ctypes  # (macOS's renamex_np untried), no ctypes, glibc < 2.28, -1 (EINVAL: vfat)
+        swapped = sys.platform.startswith("linux") and ctypes.CDLL(None).renameat2(
+            -100, os.fsencode(source), -100, os.fsencode(target), 2) == 0  # AT_FDCWD, EXCHANGE
+    if swapped:
+        try:
+            check(source)
+        except BaseException:
+            os.replace(source, target)  # back
+            raise
+        return os.unlink(source)  # the version replaced
     for attempt in range(_REPLACE_ATTEMPTS - 1):
         with contextlib.suppress(PermissionError):
             return os.replace(source, target)
@@ -558,9 +569,9 @@ def _signature(st, content):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, ctime, racy)
 
 
-def atomic_write(path, data, check=lambda: None):
+def atomic_write(path, data, check=lambda name: None):
     """Write data to path atomically and durably, mode 0600: temp file, fsync, rename,
-    fsync of the directory. What check() raises just before the rename abandons the write.
+    fsync of the directory. What check(path) raises just before the rename abandons the write.
     Returns the new file's signature (from its descriptor). On failure the temp file is
     removed and path untouched (unless the directory fsync failed)."""
     with _synced_dir(path) as directory:  # by name, as the rename finds it (it may be replaced)
@@ -580,11 +591,11 @@ def atomic_write(path, data, check=lambda: None):
                 if getattr(exc, "errno", None) in (errno.EIO, *_DISK_FULL):  # this FS (SMB). But
                     raise  # EIO or a full disk is data lost, which a retried fsync would hide
                 os.fsync(fd)
-            check()
+            check(path)
             if os.name != "posix":  # Windows cannot rename an open file. A rename keeps what
                 st = os.fstat(fd)  # _signature reads there; on POSIX it changes st_ctime,
                 file.close()  # so the descriptor is read after it
-            _replace_file(temp, path)
+            _replace_file(temp, path, check)
             signature = _signature(st if file.closed else os.fstat(fd), lambda: data)
             file.close()
         except BaseException:
@@ -859,10 +870,10 @@ class SettingsDocument:
     def _write(self, document, tag, base, batch):
         """Write document (base with batch), re-applying batch if another program rewrote the
         file. Returns (the version on disk, the other program's version or None, error)."""
-        def check_unchanged():  # by content: stat misses a rewrite within one clock tick
+        def check_unchanged(name):  # by content: stat misses a rewrite within one clock tick
             current = ()  # if unreadable: never equal, re-reading says why
             with contextlib.suppress(OSError):
-                current = _read_file(self.path)[1]
+                current = _read_file(name)[1]
             if current != base.raw:
                 raise DocumentChanged(f"{self.name} was rewritten by another program")
 

@@ -1457,8 +1457,8 @@ def held_saves(monkeypatch):
     real = qabel_rest._replace_file
     entered, proceed = threading.Semaphore(0), threading.Semaphore(0)
 
-    def replace_file(source, target):
-        real(source, target)
+    def replace_file(source, target, check):
+        real(source, target, check)
         entered.release()
         assert proceed.acquire(timeout=10)
     monkeypatch.setattr(qabel_rest, "_replace_file", replace_file)
@@ -2062,6 +2062,7 @@ def test_replace_refused_is_retried_then_500(live, monkeypatch):
         raise PermissionError(errno.EACCES, "Access is denied")
 
     monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setitem(sys.modules, "ctypes", None)  # renamed, not swapped (as on Windows)
     monkeypatch.setattr(time, "sleep", pauses.append)  # the server's pauses, not taken
     response = live.post("/settings", {"poll_interval": 2})
     monkeypatch.undo()
@@ -2087,6 +2088,7 @@ def test_replace_refused_briefly_succeeds(live, monkeypatch, refused):
         real(source, target)
 
     monkeypatch.setattr(os, "replace", flaky)
+    monkeypatch.setitem(sys.modules, "ctypes", None)  # renamed, not swapped (as on Windows)
     assert live.put("/settings", "poll_interval", 2).status == 200
     monkeypatch.undo()
     assert live.doc("settings.json")["poll_interval"] == 2
@@ -4689,16 +4691,16 @@ def test_failed_start_with_an_empty_key_file_creates_nothing(tmp_path, monkeypat
 def test_file_replaced_right_after_a_save_is_seen_by_readers(live, monkeypatch):
     path = os.path.join(live.data_dir, "settings.json")
     other = os.path.join(live.data_dir, "other.json")
-    real = os.replace
+    real = qabel_rest._replace_file
 
-    def then_another_program(source, target):
-        real(source, target)
+    def then_another_program(source, target, check):
+        real(source, target, check)
         if target == path and not os.path.exists(other):
             with open(other, "w") as f:  # replaces our file the moment it is there
                 json.dump({"poll_interval": 99}, f)
-            real(other, path)
+            os.replace(other, path)
 
-    monkeypatch.setattr(os, "replace", then_another_program)
+    monkeypatch.setattr(qabel_rest, "_replace_file", then_another_program)
     assert live.put("/settings", "poll_interval", 5).status == 200
     monkeypatch.undo()
     assert live.get("/settings").json()["poll_interval"] == 99
@@ -4908,7 +4910,7 @@ def test_server_close_whose_lock_file_close_fails_still_stops_and_unlocks(tmp_pa
 def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer(
         live, monkeypatch):
     events = []
-    real_write, real_fsync, real_replace = os.write, os.fsync, os.replace
+    real_write, real_fsync, real_replace = os.write, os.fsync, qabel_rest._replace_file
 
     def write(fd, data):
         events.append("write")
@@ -4919,13 +4921,13 @@ def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer
         events.append(f"fsync {kind}")
         return real_fsync(fd)
 
-    def replace(source, target):
+    def replace(source, target, check):  # a rename, or (Linux) a swap
         events.append("rename")
-        return real_replace(source, target)
+        return real_replace(source, target, check)
 
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(qabel_rest, "_replace_file", replace)
     response = live.put("/settings", "poll_interval", 4)
     events.append(f"answer {response.status}")
     monkeypatch.undo()
@@ -5483,6 +5485,65 @@ def test_rewrite_while_a_save_is_being_fsynced_is_not_overwritten(live, monkeypa
     monkeypatch.undo()
     assert live.doc("settings.json")["drop_last_update"] == "theirs"
     assert live.doc("settings.json")["poll_interval"] == 7
+
+
+def rewritten_after_the_last_check(path, content):
+    """An atomic_write whose first check of path passes, then another program replaces path."""
+    real, rewrites = qabel_rest.atomic_write, [content]
+
+    def write(target, data, check=lambda name: None):
+        def check_then_rewrite(name):
+            check(name)
+            if name == path and rewrites:
+                with open(path + ".theirs", "wb") as f:
+                    f.write(rewrites.pop())
+                os.replace(path + ".theirs", path)
+        return real(target, data, check_then_rewrite)
+    return write
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a swap (README: the window)")
+def test_rewrite_after_the_last_comparison_before_the_rename_is_taken_in(live, monkeypatch):
+    path, cursor = os.path.join(live.data_dir, "settings.json"), feed_cursor(live)
+    theirs, names = {"poll_interval": 30, "drop_last_update": "theirs", "module_data": {}}, \
+        sorted(os.listdir(live.data_dir))
+    monkeypatch.setattr(qabel_rest, "atomic_write",
+                        rewritten_after_the_last_check(path, json.dumps(theirs).encode()))
+    response = live.put("/settings", "poll_interval", 7)
+    monkeypatch.undo()
+    assert response.status == 200
+    assert live.doc("settings.json") == {**theirs, "poll_interval": 7}  # theirs, then ours
+    assert live.get("/settings").json() == {**theirs, "poll_interval": 7}
+    events = live.server.events(cursor)["events"]
+    assert [e["key"] for e in events] == [None, ["poll_interval"]]
+    assert events[-1]["etag"] == response.headers["ETag"]
+    assert sorted(os.listdir(live.data_dir)) == names  # no temp file left
+
+
+def cannot_load(name):
+    raise OSError(f"{name}: cannot load")
+
+
+@pytest.mark.parametrize("unswappable", ["another OS", "no ctypes", "no C library",
+                                         "no renameat2", "a file system without it"])
+def test_saves_rename_where_files_cannot_be_swapped(live, monkeypatch, unswappable):
+    import ctypes
+    names = sorted(os.listdir(live.data_dir))
+    if unswappable == "another OS":
+        monkeypatch.setattr(sys, "platform", "darwin")
+    elif unswappable == "no ctypes":
+        monkeypatch.setitem(sys.modules, "ctypes", None)  # import ctypes: ImportError
+    else:
+        monkeypatch.setattr(ctypes, "CDLL", {  # renameat2 -1: EINVAL, as vfat gives
+            "no C library": cannot_load, "no renameat2": lambda name: types.SimpleNamespace(),
+            "a file system without it": lambda name: types.SimpleNamespace(
+                renameat2=lambda *args: -1)}[unswappable])
+    path, real, renamed = os.path.join(live.data_dir, "settings.json"), os.replace, []
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(b) or real(a, b))
+    assert live.put("/settings", "poll_interval", 7).status == 200
+    monkeypatch.undo()
+    assert renamed == [path] and live.doc("settings.json")["poll_interval"] == 7
+    assert sorted(os.listdir(live.data_dir)) == names
 
 
 def test_reformat_during_a_save_keeps_the_version_and_the_if_match_change(live, monkeypatch):
@@ -6838,6 +6899,7 @@ def test_a_500_answer_is_logged_as_a_warning(live, monkeypatch, caplog):
         raise PermissionError(errno.EACCES, "Access is denied")
 
     monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setitem(sys.modules, "ctypes", None)  # renamed, not swapped
     response = live.post("/settings", {"poll_interval": 2})
     monkeypatch.undo()
     assert response.status == 500
@@ -8476,11 +8538,11 @@ def test_a_version_another_program_wrote_during_a_save_is_an_event_though_it_the
     other = b'{"poll_interval": 77}'
     real, rewrites = qabel_rest.atomic_write, [other, b"{nope"]
 
-    def another_program_first(target, data, check=lambda: None):
-        def rewrite_then_check():
-            if target == path and rewrites:
+    def another_program_first(target, data, check=lambda name: None):
+        def rewrite_then_check(name):
+            if name == path and rewrites:
                 real(path, rewrites.pop(0))  # just before our rename: our save rebases on it
-            check()
+            check(name)
         return real(target, data, rewrite_then_check)
     monkeypatch.setattr(qabel_rest, "atomic_write", another_program_first)
     assert live.put("/settings", "drop_last_update", "x").status == 503  # then it was invalid
@@ -10858,8 +10920,8 @@ def test_a_rewrite_right_after_a_saves_rename_is_not_taken_for_the_save(live, mo
     theirs = {"poll_interval": 77, "drop_last_update": "theirs", "module_data": {}}
     real = qabel_rest._replace_file
 
-    def replace_then_rewrite(source, target):
-        real(source, target)
+    def replace_then_rewrite(source, target, check):
+        real(source, target, check)
         if target == path:  # another program replaces the file at once (a new inode)
             with open(path + ".other", "w") as f:
                 json.dump(theirs, f)

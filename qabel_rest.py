@@ -90,10 +90,8 @@ _URL = (r"(?ai:https?)://(?P<authority>(?:[^\s/?#@\[\]\\]*@)?"  # compiled (0.5 
 _UNSEEN = (r"[\s\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff"
            r"\ud800-\uf8ff\ufdd0-\ufdef\ufff9-\ufffb\ufffe\uffff\U00013430-\U0001343f"
            r"\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f\U000f0000-\U0010ffff]")
-_ENV_DATA_DIR = "QABEL_REST_DATA_DIR"
-_ENV_API_KEY = "QABEL_REST_API_KEY"
-_KEY_FILE = "api-key"
-_LOCK_FILE = "qabel_rest.lock"
+_ENV_DATA_DIR, _ENV_API_KEY = "QABEL_REST_DATA_DIR", "QABEL_REST_API_KEY"
+_KEY_FILE, _LOCK_FILE = "api-key", "qabel_rest.lock"
 _LOCAL_FILE, _SYNCED_FILE = "settings.json", "synced.json"
 _FILE_MODE, _DIR_MODE = 0o600, 0o700
 
@@ -308,7 +306,7 @@ def parse_key(key):
     elif all(type(s) is str or type(s) is int and 0 <= s <= _INT64_MAX for s in key):
         segments = [str(segment) for segment in key]
     else:
-        raise InvalidKey("key segments must be strings")
+        raise InvalidKey("key segments must be strings or 64-bit integers >= 0")
     if len(segments) > MAX_DEPTH:
         raise InvalidKey(f"the key is deeper than {MAX_DEPTH} levels")
     if len(format_key(segments)) > MAX_KEY_LENGTH:  # as given, or a list's dotted form
@@ -522,28 +520,6 @@ _WAKE_EVERY = 0.5  # seconds a queued writer waits before it looks again (its tu
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # 507
 
 
-def _replace_file(source, target, check=lambda name: None):
-    """os.replace, retried on PermissionError (a Windows sharing violation clears); on Linux a
-    swap, so that check(source) sees what it took out (a rewrite since the last check: put back)."""
-    swapped = False
-    with contextlib.suppress(ImportError, AttributeError, OSError):  # else renamed: another OS
-        import ctypes  # (macOS's renamex_np untried), no ctypes, glibc < 2.28, -1 (EINVAL: vfat)
-        swapped = sys.platform.startswith("linux") and ctypes.CDLL(None).renameat2(
-            -100, os.fsencode(source), -100, os.fsencode(target), 2) == 0  # AT_FDCWD, EXCHANGE
-    if swapped:
-        try:
-            check(source)
-        except BaseException:
-            os.replace(source, target)  # back
-            raise
-        return os.unlink(source)  # the version replaced
-    for attempt in range(_REPLACE_ATTEMPTS - 1):
-        with contextlib.suppress(PermissionError):
-            return os.replace(source, target)
-        time.sleep(_REPLACE_BACKOFF * 2 ** attempt)
-    os.replace(source, target)  # the last attempt: its error is raised
-
-
 @contextlib.contextmanager
 def _synced_dir(path):
     """Open the directory of path by name (before any change), yield it, fsync it after the block:
@@ -559,6 +535,30 @@ def _synced_dir(path):
             os.close(fd)
 
 
+def _replace_file(source, target, check=lambda name: None):
+    """os.replace, retried on PermissionError (a Windows sharing violation clears); on Linux a
+    swap, so that check(source) sees what it took out (a rewrite since the last check: put back)."""
+    swapped = False  # renamed instead: another OS (macOS's renamex_np untried), no ctypes, glibc
+    with contextlib.suppress(ImportError, AttributeError, OSError):  # < 2.28, or -1: no file
+        import ctypes  # there, an old kernel or a file system without it (EINVAL)
+        swapped = sys.platform.startswith("linux") and ctypes.CDLL(None).renameat2(
+            -100, os.fsencode(source), -100, os.fsencode(target), 2) == 0  # AT_FDCWD, EXCHANGE
+    if swapped:
+        try:
+            check(source)
+        except BaseException:
+            os.replace(source, target)  # back, durably: the error skips atomic_write's fsync
+            with _synced_dir(target):
+                pass
+            raise
+        return os.unlink(source)  # the version replaced
+    for attempt in range(_REPLACE_ATTEMPTS - 1):
+        with contextlib.suppress(PermissionError):
+            return os.replace(source, target)
+        time.sleep(_REPLACE_BACKOFF * 2 ** attempt)
+    os.replace(source, target)  # the last attempt: its error is raised
+
+
 def _signature(st, content):
     """What changes when another program rewrites a file, and content() while a rewrite in place
     may keep all that: within the time stamps' tick (whole seconds: HFS+, FAT; else a few ms)."""
@@ -570,10 +570,10 @@ def _signature(st, content):
 
 
 def atomic_write(path, data, check=lambda name: None):
-    """Write data to path atomically and durably, mode 0600: temp file, fsync, rename,
-    fsync of the directory. What check(path) raises just before the rename abandons the write.
-    Returns the new file's signature (from its descriptor). On failure the temp file is
-    removed and path untouched (unless the directory fsync failed)."""
+    """Write data to path atomically and durably, mode 0600: temp file, fsync, rename, fsync of
+    the directory. What check(path) raises just before the rename (check(temp) after a swap: see
+    _replace_file) abandons the write. Returns the new file's signature (from its descriptor).
+    On failure the temp file is removed and path untouched (unless the directory fsync failed)."""
     with _synced_dir(path) as directory:  # by name, as the rename finds it (it may be replaced)
         temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
         file = open(temp, "xb", buffering=0,  # "x": O_EXCL, never reusing or following a name;

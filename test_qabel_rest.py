@@ -3129,7 +3129,7 @@ KEY_BYTES = KEY.encode()
     ("PUT", "/settings", b'{"key":"poll_interval.x","value":1}', JSON_BODY, 405,
      "poll_interval: cannot go below a scalar value"),
     ("PUT", "/settings", b'{"key":["module_data",true],"value":1}', JSON_BODY, 405,
-     "key segments must be strings"),
+     "key segments must be strings or 64-bit integers >= 0"),
     ("PUT", "/settings", b'{"key":"module_data..x","value":1}', JSON_BODY, 405,
      "the key has an empty segment"),
     ("PUT", "/settings", b'{"key":"module_data.\\ud800","value":1}', JSON_BODY, 405,
@@ -4922,8 +4922,8 @@ def test_a_save_writes_fsyncs_renames_and_fsyncs_the_directory_before_the_answer
         return real_fsync(fd)
 
     def replace(source, target, check):  # a rename, or (Linux) a swap
+        real_replace(source, target, check)
         events.append("rename")
-        return real_replace(source, target, check)
 
     monkeypatch.setattr(os, "write", write)
     monkeypatch.setattr(os, "fsync", fsync)
@@ -5502,8 +5502,22 @@ def rewritten_after_the_last_check(path, content):
     return write
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a swap (README: the window)")
-def test_rewrite_after_the_last_comparison_before_the_rename_is_taken_in(live, monkeypatch):
+def swaps_files(directory):
+    """Whether files in directory can be swapped at once, as saves on Linux do (renameat2)."""
+    import ctypes
+    a, b = (os.path.join(directory, name) for name in ("swap.a", "swap.b"))
+    open(a, "wb").close()
+    open(b, "wb").close()
+    with contextlib.suppress(AttributeError, OSError, TypeError):  # Windows: CDLL(None) TypeError
+        return sys.platform.startswith("linux") and ctypes.CDLL(None).renameat2(
+            -100, os.fsencode(a), -100, os.fsencode(b), 2) == 0
+    return False
+
+
+def test_rewrite_after_the_last_comparison_before_the_rename_is_taken_in(
+        live, monkeypatch, tmp_path):
+    if not swaps_files(tmp_path):
+        pytest.skip("files cannot be swapped here: saves rename (README: the window)")
     path, cursor = os.path.join(live.data_dir, "settings.json"), feed_cursor(live)
     theirs, names = {"poll_interval": 30, "drop_last_update": "theirs", "module_data": {}}, \
         sorted(os.listdir(live.data_dir))
@@ -5520,6 +5534,37 @@ def test_rewrite_after_the_last_comparison_before_the_rename_is_taken_in(live, m
     assert sorted(os.listdir(live.data_dir)) == names  # no temp file left
 
 
+@LINUX_FDS
+def test_a_rewrite_a_save_put_back_is_durable_though_nothing_is_left_to_write(
+        live, monkeypatch, tmp_path):
+    if not swaps_files(tmp_path):
+        pytest.skip("files cannot be swapped here: saves rename")
+    path, events = os.path.join(live.data_dir, "settings.json"), []
+    theirs = {"poll_interval": 7, "drop_last_update": "theirs", "module_data": {}}  # with ours
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            events.append("fsync directory")
+        return real_fsync(fd)
+
+    def replace(source, target):
+        real_replace(source, target)
+        events.append(f"rename {os.path.basename(target)}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(qabel_rest, "atomic_write",
+                        rewritten_after_the_last_check(path, json.dumps(theirs).encode()))
+    response = live.put("/settings", "poll_interval", 7)
+    events.append(f"answer {response.status}")
+    monkeypatch.undo()
+    # Theirs renamed in (by the other program), swapped out by the save, put back, fsync'd
+    assert events[-4:] == ["rename settings.json", "rename settings.json", "fsync directory",
+                           "answer 200"]
+    assert live.doc("settings.json") == theirs == live.get("/settings").json()
+
+
 def cannot_load(name):
     raise OSError(f"{name}: cannot load")
 
@@ -5534,7 +5579,7 @@ def test_saves_rename_where_files_cannot_be_swapped(live, monkeypatch, unswappab
     elif unswappable == "no ctypes":
         monkeypatch.setitem(sys.modules, "ctypes", None)  # import ctypes: ImportError
     else:
-        monkeypatch.setattr(ctypes, "CDLL", {  # renameat2 -1: EINVAL, as vfat gives
+        monkeypatch.setattr(ctypes, "CDLL", {  # renameat2 -1: EINVAL, a file system without it
             "no C library": cannot_load, "no renameat2": lambda name: types.SimpleNamespace(),
             "a file system without it": lambda name: types.SimpleNamespace(
                 renameat2=lambda *args: -1)}[unswappable])
@@ -11269,8 +11314,8 @@ def test_a_form_key_nested_too_deep_to_parse_is_405(live):
         answer = live.call("PUT", "/settings", body, content_type=form)
         assert answer.status == 405, key[-1]
         assert "PUT" in answer.headers["Allow"]
-    assert answer.json() in ({"error": "the key is not a valid JSON list"},
-                             {"error": "key segments must be strings"})  # if it parses
+    assert answer.json() in ({"error": "the key is not a valid JSON list"},  # or, if it parses:
+                             {"error": "key segments must be strings or 64-bit integers >= 0"})
     assert live.doc("settings.json") == json.loads(qabel_rest.LOCAL_DEFAULTS)
 
 
@@ -11320,7 +11365,7 @@ def test_an_integer_key_segment_may_be_any_64_bit_count(live):
     for segment in (largest + 1, -1):
         answer = live.put("/settings", ["module_data", "m", segment], 2)
         assert answer.status == 405
-        assert answer.json() == {"error": "key segments must be strings"}
+        assert answer.json() == {"error": "key segments must be strings or 64-bit integers >= 0"}
     assert live.doc("settings.json")["module_data"] == {"m": {str(largest): 1}}
 
 

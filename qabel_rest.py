@@ -538,11 +538,14 @@ def _synced_dir(path):
 def _replace_file(source, target, check=lambda name: None):
     """os.replace, retried on PermissionError (a Windows sharing violation clears); on Linux a
     swap, so that check(source) sees what it took out (a rewrite since the last check: put back)."""
-    swapped = False  # renamed instead: another OS (macOS's renamex_np untried), no ctypes, glibc
-    with contextlib.suppress(ImportError, AttributeError, OSError):  # < 2.28, or -1: no file
-        import ctypes  # there, an old kernel or a file system without it (EINVAL)
-        swapped = sys.platform.startswith("linux") and ctypes.CDLL(None).renameat2(
+    swapped = missing = False  # renamed instead: another OS (macOS's renamex_np untried), no
+    with contextlib.suppress(ImportError, AttributeError, OSError):  # ctypes, glibc < 2.28, -1: no
+        import ctypes  # file there, an old kernel or a file system without it (EINVAL)
+        swapped = sys.platform.startswith("linux") and ctypes.CDLL(None, use_errno=True).renameat2(
             -100, os.fsencode(source), -100, os.fsencode(target), 2) == 0  # AT_FDCWD, EXCHANGE
+        missing = not swapped and ctypes.get_errno() == errno.ENOENT
+    if missing:  # a file deleted since the last check is a change too: never undone unseen
+        check(target)
     if swapped:
         try:
             check(source)
@@ -681,8 +684,7 @@ class SettingsDocument:
         self._disk = _Version(*[None] * 6)  # _Version on disk: what readers get (none read yet)
         self._head = self._head_tag = None  # newest accepted document and its tag: If-Match's
         self._queue = []  # _Change objects accepted and not yet in a save
-        self._saving = self._closed = False
-        self._saves = 0  # saves ended
+        self._saving, self._closed, self._saves = False, False, 0  # _saves: saves ended
         self.publish = lambda key, etag: None  # the server's feed: each change on disk, under _lock
         self._refresh()  # read the file now, as every method expects
 
@@ -989,8 +991,7 @@ class _Feed:
         self._events = collections.deque(maxlen=EVENTS_KEPT)  # (document, key, etag)
         self._last = 0  # the number of the newest event
         self._changed = threading.Condition()  # notified on each event, and on close
-        self._closed = self._final = False
-        self._waiters = set()
+        self._closed, self._final, self._waiters = False, False, set()
         self._subscribers = []  # [the last event before it subscribed, callback]
         self._pending = collections.deque()  # (number, event) for the subscribers: all kept
         self._threads = set()  # the names of the feed's threads started (when needed)
@@ -1346,8 +1347,7 @@ _ROUTES = MappingProxyType({  # a path's methods, as Allow lists them (RFC 9110 
     **dict.fromkeys(("/events", "/health", "/openapi.json"), ("GET", "HEAD", "OPTIONS")),
 })
 _OPEN = ("/health", "/openapi.json")  # the paths GET needs no key for
-_JSON_TYPE = "application/json"
-_FORM_TYPE = "application/x-www-form-urlencoded"
+_JSON_TYPE, _FORM_TYPE = "application/json", "application/x-www-form-urlencoded"
 _PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 _SECONDS = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")  # a timeout= value
 _LINGER_SECONDS = 2.0  # after refusing a body, read and drop it this long at most...

@@ -5488,13 +5488,17 @@ def test_rewrite_while_a_save_is_being_fsynced_is_not_overwritten(live, monkeypa
 
 
 def rewritten_after_the_last_check(path, content):
-    """An atomic_write whose first check of path passes, then another program replaces path."""
+    """An atomic_write whose first check of path passes, then another program replaces path
+    with content (None: deletes it)."""
     real, rewrites = qabel_rest.atomic_write, [content]
 
     def write(target, data, check=lambda name: None):
         def check_then_rewrite(name):
             check(name)
             if name == path and rewrites:
+                if rewrites[0] is None:
+                    os.unlink(path)
+                    return rewrites.pop()
                 with open(path + ".theirs", "wb") as f:
                     f.write(rewrites.pop())
                 os.replace(path + ".theirs", path)
@@ -5534,6 +5538,23 @@ def test_rewrite_after_the_last_comparison_before_the_rename_is_taken_in(
     assert sorted(os.listdir(live.data_dir)) == names  # no temp file left
 
 
+def test_a_delete_after_the_last_comparison_before_the_rename_is_taken_in(
+        live, monkeypatch, tmp_path):
+    if not swaps_files(tmp_path):
+        pytest.skip("files cannot be swapped here: saves rename (README: the window)")
+    path = os.path.join(live.data_dir, "settings.json")
+    live.put("/settings", "drop_last_update", "ours")
+    cursor = feed_cursor(live)
+    monkeypatch.setattr(qabel_rest, "atomic_write", rewritten_after_the_last_check(path, None))
+    response = live.put("/settings", "poll_interval", 7)
+    monkeypatch.undo()
+    assert response.status == 200
+    defaults = json.loads(qabel_rest.LOCAL_DEFAULTS)  # a deleted file is the default document
+    assert live.doc("settings.json") == {**defaults, "poll_interval": 7}
+    events = live.server.events(cursor)["events"]
+    assert [e["key"] for e in events] == [None, ["poll_interval"]]
+
+
 @LINUX_FDS
 def test_a_rewrite_a_save_put_back_is_durable_though_nothing_is_left_to_write(
         live, monkeypatch, tmp_path):
@@ -5565,7 +5586,7 @@ def test_a_rewrite_a_save_put_back_is_durable_though_nothing_is_left_to_write(
     assert live.doc("settings.json") == theirs == live.get("/settings").json()
 
 
-def cannot_load(name):
+def cannot_load(name, use_errno):
     raise OSError(f"{name}: cannot load")
 
 
@@ -5580,8 +5601,9 @@ def test_saves_rename_where_files_cannot_be_swapped(live, monkeypatch, unswappab
         monkeypatch.setitem(sys.modules, "ctypes", None)  # import ctypes: ImportError
     else:
         monkeypatch.setattr(ctypes, "CDLL", {  # renameat2 -1: EINVAL, a file system without it
-            "no C library": cannot_load, "no renameat2": lambda name: types.SimpleNamespace(),
-            "a file system without it": lambda name: types.SimpleNamespace(
+            "no C library": cannot_load,
+            "no renameat2": lambda name, use_errno: types.SimpleNamespace(),
+            "a file system without it": lambda name, use_errno: types.SimpleNamespace(
                 renameat2=lambda *args: -1)}[unswappable])
     path, real, renamed = os.path.join(live.data_dir, "settings.json"), os.replace, []
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(b) or real(a, b))

@@ -5496,11 +5496,12 @@ def rewritten_after_the_last_check(path, content):
         def check_then_rewrite(name):
             check(name)
             if name == path and rewrites:
-                if rewrites[0] is None:
+                theirs = rewrites.pop()
+                if theirs is None:
                     os.unlink(path)
-                    return rewrites.pop()
+                    return
                 with open(path + ".theirs", "wb") as f:
-                    f.write(rewrites.pop())
+                    f.write(theirs)
                 os.replace(path + ".theirs", path)
         return real(target, data, check_then_rewrite)
     return write

@@ -467,11 +467,10 @@ def _assign(node_value, node, path, depth, value, merge, ids=True):
     segment, here = path[depth], path[:depth + 1]  # and the key up to it
     last = depth == len(path) - 1
     child = _child_node(node, segment, here, last)
+    result = copy.copy(node_value)  # a dict or list (a scalar is refused below): a shallow copy
     if type(node_value) is dict:
-        result = dict(node_value)
         slot, old = segment, node_value.get(segment, _MISSING)
     elif type(node_value) is list:
-        result = list(node_value)
         if segment == "-" and last:  # an append
             slot, old = len(result), _MISSING
             result.append(None)
@@ -1020,7 +1019,7 @@ class _Feed:
         if since is not None:  # another program's rewrite is an event now, not at a later look
             self._look()
         with self._changed:
-            number = self._number(since)
+            number = self._last if since is None else self._number(since)
             answer = self._answer(number)
             if self._final and deliver is None and since and timeout and not answer["events"]:
                 raise DocumentUnavailable("the server is shutting down")  # in process: it stops
@@ -1057,8 +1056,6 @@ class _Feed:
     def _number(self, since):
         """The number of the event a cursor names; CursorGone unless this run handed
         it out and every event after it is kept. Holds _changed."""
-        if since is None:
-            return self._last
         number = since.partition("-")[0] if type(since) is str else ""
         if (_is_digits(number) and len(number) <= _MAX_INT_TEXT
                 and since == self._cursor(int(number))
@@ -1077,8 +1074,7 @@ class _Feed:
         if start < 0:
             return self._gone()
         found = list(itertools.islice(self._events, start, start + EVENTS_KEPT))
-        return {"cursor": self._cursor(number + len(found)),
-                "events": [_event(*event) for event in found]}
+        return {"cursor": self._cursor(number + len(found)), "events": [_event(*e) for e in found]}
 
     def _start(self, target):
         if target.__name__ not in self._threads:
@@ -1450,9 +1446,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):  # a reset: the next peek ends the connection
                 if self._unread and not self.close_connection:
                     self.rfile.read(self._unread)
-            if self.close_connection or not self.server._move(  # busy until finish() lingered
-                    self.connection, _BUSY, _IDLE, self.server.idle_timeout):
-                self.close_connection = True
+            self.close_connection = self.close_connection or not self.server._move(  # busy until
+                self.connection, _BUSY, _IDLE, self.server.idle_timeout)  # finish() lingered
 
     def _reset(self):  # forget the previous request on this connection
         self.command, self.request_version = None, "HTTP/1.1"
@@ -1573,12 +1568,10 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         media, *params = (values[0] if len(values) == 1 else "").split(";")
         others = False
         for param in params:
-            name, _, value = (part.strip(_OWS) for part in param.partition("="))
-            if name.lower() == "charset":
-                if value.strip('"').lower() not in ("utf-8", "utf8"):
-                    raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
-            elif name:  # "type/subtype;" has an empty one (RFC 9110 5.6.6)
-                others = True
+            name, _, value = (part.strip(_OWS) for part in param.lower().partition("="))
+            if name == "charset" and value.strip('"') not in ("utf-8", "utf8"):
+                raise _HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "only UTF-8 is accepted")
+            others |= name not in ("", "charset")  # "type/subtype;": an empty one (RFC 9110 5.6.6)
         return media.strip(_OWS).lower(), others
 
     def _if_match(self):
@@ -1709,10 +1702,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             self.connection.setblocking(False)
             return self.connection.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False
-        except Exception:  # a reset, or a bug: the request is let go
-            return True
+        except Exception as exc:  # none to read yet: open; a reset, or a bug: the request is let go
+            return not isinstance(exc, BlockingIOError)
         finally:
             with contextlib.suppress(OSError):
                 self.connection.setblocking(True)
@@ -2056,8 +2047,7 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             if name.startswith(prefixes) and name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(data_dir, name))
-        server._api_key = api_key.encode("ascii")
-        server.key_source = key_source
+        server._api_key, server.key_source = api_key.encode("ascii"), key_source
     except BaseException:
         if server._dir_lock is not None:  # ours alone: remove what this start made
             with contextlib.suppress(Exception):  # not listed (no descriptor or memory left)

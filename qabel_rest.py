@@ -578,9 +578,10 @@ def atomic_write(path, data, check=lambda name: None):
     On failure the temp file is removed and path untouched (unless the directory fsync failed)."""
     with _synced_dir(path) as directory:  # by name, as the rename finds it (it may be replaced)
         temp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(6).hex()}.tmp")
-        file = open(temp, "xb", buffering=0,  # "x": O_EXCL, never reusing or following a name;
-                    opener=lambda name, flags: os.open(name, flags, _FILE_MODE))  # Windows: binary
+        file = None  # until open() returns: it may fail once its opener made the file
         try:
+            file = open(temp, "xb", buffering=0,  # "x": O_EXCL, never reusing or following a
+                        opener=lambda p, f: os.open(p, f, _FILE_MODE))  # name; Windows: binary
             fd = file.fileno()
             with contextlib.suppress(OSError):  # what the umask took away (Windows: read-only;
                 os.chmod(fd if os.chmod in os.supports_fd else temp, _FILE_MODE)  # FAT: no modes)
@@ -601,8 +602,8 @@ def atomic_write(path, data, check=lambda name: None):
             signature = _signature(st if file.closed else os.fstat(fd), lambda: data)
             file.close()
         except BaseException:
-            with contextlib.suppress(OSError):  # first: Windows cannot remove an open file
-                file.close()
+            with contextlib.suppress(OSError, AttributeError):  # first: Windows cannot remove
+                file.close()  # an open file
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
@@ -1157,6 +1158,7 @@ def _lock_data_dir(directory):
     path = os.path.join(directory, _LOCK_FILE)
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # a link: refused (ELOOP)
     with _startup_error("the data dir is not writable", directory):  # Windows: the pid's "\n"
+        made = not os.path.lexists(path)
         fd = os.open(path, flags | getattr(os, "O_BINARY", 0), _FILE_MODE)  # as is, not "\r\n"
     try:
         if fcntl is not None:
@@ -1166,11 +1168,16 @@ def _lock_data_dir(directory):
             os.lseek(fd, 1 << 20, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             os.lseek(fd, 0, os.SEEK_SET)  # back, for the pid
-    except OSError:
+    except OSError as exc:
         pid = ""  # the holder's, if its file can be read (a read may fail: EIO)
         with contextlib.suppress(OSError), open(fd, "rb") as file:  # which closes fd
             file.seek(0)
             pid = file.read(32).decode("ascii", "replace").strip()
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # Windows: EACCES
+            if made:  # not held but refused (ENOLCK: NFS without its lock daemon): no other
+                with contextlib.suppress(OSError):  # start uses the file this one made
+                    os.unlink(path)
+            raise StartupError(f"cannot lock the data dir: {exc.strerror} ({directory})") from None
         holder = f" (pid {pid})" if pid.isdigit() else ""
         raise StartupError(f"another qabel_rest{holder} is already using the data dir "
                            f"({directory})") from None
@@ -2033,15 +2040,17 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             os.unlink(probe)
         for document in (settings, synced):
             document.load(create=True)  # again, now that no other instance can be writing
-        if api_key is None:  # a new key of 256 bits, in hex: never a leading "-" that a
+        generated = api_key is None
+        if generated:  # a new key of 256 bits, in hex: never a leading "-" that a
             import secrets  # command line takes for an option (imported: a first start only)
             api_key = secrets.token_hex(32)
             with _startup_error("cannot write the key file", key_source):
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))
-            _logger().info("generated a new API key in %s", _one_line(key_source))
         with _startup_error("cannot write the lock file", data_dir):  # our pid, for the next,
             written = os.write(server._dir_lock, f"{os.getpid()}\n".encode())  # over the old one
             os.ftruncate(server._dir_lock, written)  # then the rest: a failed write changes nothing
+        if generated:  # said once nothing can fail the start (which would remove the file)
+            _logger().info("generated a new API key in %s", _one_line(key_source))
         prefixes = tuple(f".{n}." for n in (_LOCAL_FILE, _SYNCED_FILE, _KEY_FILE, _LOCK_FILE))
         for name in existed:  # temp files of a process killed mid-write: never current
             if name.startswith(prefixes) and name.endswith(".tmp"):

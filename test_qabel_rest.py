@@ -1640,6 +1640,26 @@ def test_atomic_write_failure_leaves_target_and_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["doc.json"]
 
 
+def test_a_save_whose_open_fails_once_its_file_is_made_leaves_no_temp_file(live, monkeypatch):
+    # open() can fail after its opener made the file (making it non-inheritable, its fstat,
+    # no memory left): the save fails, and its temp file goes as after any other failure.
+    before, real = snapshot(live.data_dir), open
+
+    def failing(file, mode="r", *args, opener=None, **kwargs):
+        if mode == "xb":
+            os.close(opener(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(file, mode, *args, opener=opener, **kwargs)
+
+    monkeypatch.setattr(qabel_rest, "open", failing, raising=False)
+    response = live.put("/settings", "poll_interval", 6)
+    monkeypatch.undo()
+    assert response.status == 500
+    assert response.json()["error"].startswith("could not save settings.json: Input/output error")
+    assert snapshot(live.data_dir) == before  # no temp file either
+    assert live.get("/settings").json()["poll_interval"] != 6
+
+
 def test_file_rewritten_by_another_program_is_taken_as_current(live):
     live.put("/settings", "poll_interval", 5)
     path = os.path.join(live.data_dir, "settings.json")
@@ -3740,6 +3760,31 @@ def test_make_server_looks_up_no_name_for_its_address(tmp_path, monkeypatch):
         stop(live)
 
 
+@pytest.mark.skipif(qabel_rest.fcntl is None, reason="flock")
+@pytest.mark.parametrize("found", ["nothing", "documents", "a lock file"])
+def test_a_lock_the_file_system_refuses_fails_the_start_naming_why_and_makes_no_file(
+        tmp_path, monkeypatch, found):
+    # NFS without its lock daemon refuses every lock (ENOLCK): no other server holds it, so
+    # the start says why it failed, and removes the lock file it made (not one it found).
+    data_dir = tmp_path / "data"
+    if found != "nothing":
+        data_dir.mkdir(mode=0o700)
+        (data_dir / "settings.json").write_text(qabel_rest.LOCAL_DEFAULTS)
+    if found == "a lock file":
+        (data_dir / "qabel_rest.lock").write_bytes(b"4242\n")
+    before = snapshot(data_dir) if found != "nothing" else None
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse)
+    with pytest.raises(qabel_rest.StartupError) as caught:
+        qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+    assert caught.value.message == (f"cannot lock the data dir: {os.strerror(errno.ENOLCK)} "
+                                    f"({data_dir})")
+    assert (snapshot(data_dir) if data_dir.exists() else None) == before
+
+
 def test_a_locked_data_dir_whose_lock_file_holds_non_ascii_is_a_startup_error(live):
     # The holder's pid text is read leniently: garbage in the lock file still gives the one-line
     # StartupError.
@@ -5784,6 +5829,27 @@ def test_lock_file_that_cannot_take_the_pid_is_a_startup_error_that_leaves_nothi
         assert len(os.listdir("/proc/self/fd")) == len(descriptors)
 
 
+def test_a_first_start_failing_after_it_made_the_key_file_prints_one_line(tmp_path):
+    # SPEC 1: one line on stderr. The key file it made is removed: no line may say it was
+    # generated.
+    data_dir = tmp_path / "data"
+    run = ("import errno, os, runpy, sys\n"
+           "def ftruncate(fd, length):  # the disk filled up as the pid was written\n"
+           "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+           "os.ftruncate = ftruncate\n"
+           "sys.argv = sys.argv[1:]\n"
+           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    environment = {k: v for k, v in os.environ.items() if k != "QABEL_REST_API_KEY"}
+    result = subprocess.run([sys.executable, "-c", run, MODULE, "--port", "0", "--data-dir",
+                             str(data_dir)], capture_output=True, text=True, timeout=TIMEOUT,
+                            env=environment)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1, "", f"qabel_rest: cannot write the lock file: {os.strerror(errno.ENOSPC)} "
+               f"({data_dir})\n")
+    remove_the_lock_file_windows_keeps(data_dir, data_dir)
+    assert not data_dir.exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX: a FIFO")
 def test_lock_file_that_is_a_fifo_is_a_startup_error_and_stays(tmp_path):
     os.mkfifo(tmp_path / "qabel_rest.lock")  # opens and locks; cannot be truncated
@@ -6033,6 +6099,22 @@ def test_key_file_that_cannot_be_read_is_a_startup_error(tmp_path):
     with pytest.raises(qabel_rest.StartupError, match="cannot read the key file: "):
         qabel_rest.make_server(data_dir=str(tmp_path), port=0)
     assert os.listdir(tmp_path) == ["api-key"]
+
+
+@pytest.mark.skipif(not POSIX, reason="a symbolic link")
+def test_a_key_file_that_links_to_no_file_counts_as_none(tmp_path, monkeypatch):
+    # README: a start writes a new key in place of the link (as a save replaces a document
+    # file that is a link); where the link points stays as it was: nothing.
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    os.symlink(tmp_path / "unmounted" / "key", tmp_path / "api-key")
+    running = start(tmp_path, api_key=None)
+    try:
+        key = (tmp_path / "api-key").read_text()
+        assert re.fullmatch(r"[0-9a-f]{64}\n", key) and not (tmp_path / "api-key").is_symlink()
+        assert running.get("/settings", key=key.strip()).status == 200
+    finally:
+        stop(running)
+    assert not (tmp_path / "unmounted").exists()
 
 
 def test_key_file_that_cannot_be_written_fails_the_first_start_and_leaves_nothing(

@@ -1156,10 +1156,12 @@ def _lock_data_dir(directory):
     """One server per data dir: lock the lock file (the OS unlocks it if we die), return its
     fd (closing it unlocks). It stays: else a third process could lock another inode."""
     path = os.path.join(directory, _LOCK_FILE)
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)  # a link: refused (ELOOP)
-    with _startup_error("the data dir is not writable", directory):  # Windows: the pid's "\n"
-        made = not os.path.lexists(path)
-        fd = os.open(path, flags | getattr(os, "O_BINARY", 0), _FILE_MODE)  # as is, not "\r\n"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    with _startup_error("the data dir is not writable", directory):  # a link: refused (ELOOP)
+        try:  # made by this start (O_EXCL: a lookup may be stale, as NFS caches a missing file)
+            fd, made = os.open(path, flags | os.O_EXCL, _FILE_MODE), True
+        except FileExistsError:  # or found (Windows: binary, the pid's "\n" as is, not "\r\n")
+            fd, made = os.open(path, flags, _FILE_MODE), False
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1174,8 +1176,8 @@ def _lock_data_dir(directory):
             file.seek(0)
             pid = file.read(32).decode("ascii", "replace").strip()
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # Windows: EACCES
-            if made:  # not held but refused (ENOLCK: NFS without its lock daemon): no other
-                with contextlib.suppress(OSError):  # start uses the file this one made
+            if made:  # not held but refused (ENOLCK: NFS without its lock daemon): removed, as
+                with contextlib.suppress(OSError):  # a start that fails later removes it
                     os.unlink(path)
             raise StartupError(f"cannot lock the data dir: {exc.strerror} ({directory})") from None
         holder = f" (pid {pid})" if pid.isdigit() else ""
@@ -1196,6 +1198,8 @@ def _find_api_key(key, data_dir):
         source = os.path.join(data_dir, _KEY_FILE)
         with _startup_error("cannot read the key file", source):
             raw = _read_file(source)[1]
+            if raw is None and os.path.islink(source):  # to no file (a volume not mounted):
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))  # not none
         if raw is None:
             return None, source
         key = raw.removeprefix(b"\xef\xbb\xbf").strip().decode("ascii", "replace")  # UTF-8 BOM
@@ -1749,9 +1753,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         if error.status >= 500 and error.status not in (501, 505):  # not the client's doing
             self.server.logger.warning("%s: %d %s", self._what(), error.status, error.message)
         headers = getattr(error, "headers", ())
-        payload = {"error": error.message}
-        if isinstance(error, CursorGone):
-            payload["cursor"] = error.cursor
+        cursor = {"cursor": error.cursor} if isinstance(error, CursorGone) else {}  # to go on from
         allowed = _ROUTES.get(self._path_only())
         if error.status == HTTPStatus.METHOD_NOT_ALLOWED and allowed:
             headers = (*headers, ("Allow", ", ".join(allowed)))
@@ -1759,7 +1761,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             headers = (*headers, ("Accept-Patch", _PATCH_TYPE))
         if getattr(error, "close", False):
             self.close_connection = self._linger = True
-        self._send_json(error.status, payload, headers)
+        self._send_json(error.status, {"error": error.message, **cursor}, headers)
 
     def _send(self, status, body, headers=()):
         """An answer with the headers every answer has; body not for HEAD or 304."""
@@ -2040,9 +2042,8 @@ def make_server(data_dir=None, api_key=None, host=DEFAULT_HOST, port=DEFAULT_POR
             os.unlink(probe)
         for document in (settings, synced):
             document.load(create=True)  # again, now that no other instance can be writing
-        generated = api_key is None
-        if generated:  # a new key of 256 bits, in hex: never a leading "-" that a
-            import secrets  # command line takes for an option (imported: a first start only)
+        if generated := api_key is None:  # a new key of 256 bits, in hex: never a leading "-"
+            import secrets  # that a command line takes for an option (imported: a first start)
             api_key = secrets.token_hex(32)
             with _startup_error("cannot write the key file", key_source):
                 atomic_write(key_source, (api_key + "\n").encode("ascii"))

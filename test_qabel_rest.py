@@ -3785,6 +3785,33 @@ def test_a_lock_the_file_system_refuses_fails_the_start_naming_why_and_makes_no_
     assert (snapshot(data_dir) if data_dir.exists() else None) == before
 
 
+@pytest.mark.skipif(qabel_rest.fcntl is None, reason="flock")
+def test_a_lock_file_another_start_makes_and_holds_meanwhile_stays(tmp_path, monkeypatch):
+    # Another start (on a machine whose locks work) makes and locks the lock file just as this
+    # one, refused its lock, opens it: it is theirs, and stays, or a third start would lock a
+    # new file and serve beside theirs.
+    path, held = str(tmp_path / "qabel_rest.lock"), []
+    real_open, real_flock = os.open, qabel_rest.fcntl.flock
+
+    def opening(name, flags, *args, **kwargs):
+        if name == path and not held:
+            held.append(real_open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            real_flock(held[0], qabel_rest.fcntl.LOCK_EX | qabel_rest.fcntl.LOCK_NB)
+        return real_open(name, flags, *args, **kwargs)
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse)
+    try:
+        with pytest.raises(qabel_rest.StartupError, match="^cannot lock the data dir: "):
+            qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+        assert os.path.samestat(os.stat(path), os.fstat(held[0]))
+    finally:
+        os.close(held[0])
+
+
 def test_a_locked_data_dir_whose_lock_file_holds_non_ascii_is_a_startup_error(live):
     # The holder's pid text is read leniently: garbage in the lock file still gives the one-line
     # StartupError.
@@ -6102,19 +6129,17 @@ def test_key_file_that_cannot_be_read_is_a_startup_error(tmp_path):
 
 
 @pytest.mark.skipif(not POSIX, reason="a symbolic link")
-def test_a_key_file_that_links_to_no_file_counts_as_none(tmp_path, monkeypatch):
-    # README: a start writes a new key in place of the link (as a save replaces a document
-    # file that is a link); where the link points stays as it was: nothing.
+def test_a_key_file_that_links_to_no_file_is_a_startup_error_and_stays(tmp_path, monkeypatch):
+    # A key kept elsewhere, on a volume not mounted yet: a new key in place of the link would
+    # change every client's key for good (and a start failing later would leave it there).
     monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
     os.symlink(tmp_path / "unmounted" / "key", tmp_path / "api-key")
-    running = start(tmp_path, api_key=None)
-    try:
-        key = (tmp_path / "api-key").read_text()
-        assert re.fullmatch(r"[0-9a-f]{64}\n", key) and not (tmp_path / "api-key").is_symlink()
-        assert running.get("/settings", key=key.strip()).status == 200
-    finally:
-        stop(running)
-    assert not (tmp_path / "unmounted").exists()
+    with pytest.raises(qabel_rest.StartupError) as caught:
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert caught.value.message == (f"cannot read the key file: {os.strerror(errno.ENOENT)} "
+                                    f"({tmp_path / 'api-key'})")
+    assert os.listdir(tmp_path) == ["api-key"]
+    assert os.readlink(tmp_path / "api-key") == str(tmp_path / "unmounted" / "key")
 
 
 def test_key_file_that_cannot_be_written_fails_the_first_start_and_leaves_nothing(

@@ -1175,10 +1175,10 @@ def _lock_data_dir(directory):
         with contextlib.suppress(OSError), open(fd, "rb") as file:  # which closes fd
             file.seek(0)
             pid = file.read(32).decode("ascii", "replace").strip()
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # Windows: EACCES
-            if made:  # not held but refused (ENOLCK: NFS without its lock daemon): removed, as
-                with contextlib.suppress(OSError):  # a start that fails later removes it
-                    os.unlink(path)
+        if fcntl and exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # refused, not held
+            if made:  # (ENOLCK: NFS without its lock daemon): removed, as after a later failure.
+                with contextlib.suppress(OSError):  # Windows: held, whatever msvcrt's errno
+                    os.unlink(path)  # says (Wine leaves a stale one)
             raise StartupError(f"cannot lock the data dir: {exc.strerror} ({directory})") from None
         holder = f" (pid {pid})" if pid.isdigit() else ""
         raise StartupError(f"another qabel_rest{holder} is already using the data dir "

@@ -1655,7 +1655,8 @@ def test_a_save_whose_open_fails_once_its_file_is_made_leaves_no_temp_file(live,
     response = live.put("/settings", "poll_interval", 6)
     monkeypatch.undo()
     assert response.status == 500
-    assert response.json()["error"].startswith("could not save settings.json: Input/output error")
+    assert response.json()["error"].startswith(
+        f"could not save settings.json: {os.strerror(errno.EIO)}")
     assert snapshot(live.data_dir) == before  # no temp file either
     assert live.get("/settings").json()["poll_interval"] != 6
 

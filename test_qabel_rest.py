@@ -3761,6 +3761,11 @@ def test_make_server_looks_up_no_name_for_its_address(tmp_path, monkeypatch):
         stop(live)
 
 
+def refuse_locks(fd, operation):
+    """flock on a file system that refuses every lock (NFS without its lock daemon)."""
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+
 @pytest.mark.skipif(qabel_rest.fcntl is None, reason="flock")
 @pytest.mark.parametrize("found", ["nothing", "documents", "a lock file"])
 def test_a_lock_the_file_system_refuses_fails_the_start_naming_why_and_makes_no_file(
@@ -3775,10 +3780,7 @@ def test_a_lock_the_file_system_refuses_fails_the_start_naming_why_and_makes_no_
         (data_dir / "qabel_rest.lock").write_bytes(b"4242\n")
     before = snapshot(data_dir) if found != "nothing" else None
 
-    def refuse(fd, operation):
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-
-    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse)
+    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse_locks)
     with pytest.raises(qabel_rest.StartupError) as caught:
         qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
     assert caught.value.message == (f"cannot lock the data dir: {os.strerror(errno.ENOLCK)} "
@@ -3800,11 +3802,8 @@ def test_a_lock_file_another_start_makes_and_holds_meanwhile_stays(tmp_path, mon
             real_flock(held[0], qabel_rest.fcntl.LOCK_EX | qabel_rest.fcntl.LOCK_NB)
         return real_open(name, flags, *args, **kwargs)
 
-    def refuse(fd, operation):
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-
     monkeypatch.setattr(os, "open", opening)
-    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse)
+    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse_locks)
     try:
         with pytest.raises(qabel_rest.StartupError, match="^cannot lock the data dir: "):
             qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)

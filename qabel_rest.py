@@ -414,10 +414,9 @@ def _check_ids(items, node, path, only=None):
 def _child_node(node, segment, path, last):
     """The schema node below node at segment (last: of the key); InvalidKey if there is none."""
     if type(node) is _Obj:
-        field = node.fields.get(segment)
-        if field is None:
+        if segment not in node.fields:
             raise InvalidKey(f"{format_key(path)}: unknown field")
-        return field
+        return node.fields[segment]
     if type(node) is _List and (segment != "-" or not last):  # no list has this index: 405
         _list_index(range(sys.maxsize), segment, path)
     if type(node) in (_List, _Map):
@@ -818,9 +817,8 @@ class SettingsDocument:
 
     def _save_queue(self):
         """Save the newest document with every queued change; holds _lock but for the write."""
-        batch, self._queue = self._queue, []
+        batch, self._queue, self._saving = self._queue, [], True
         document, tag, base = self._head, self._head_tag, self._disk
-        self._saving = True
         self._lock.release()
         disk, rebased, error = base, None, SaveError("internal error while saving")
         try:
@@ -1146,9 +1144,8 @@ def default_data_dir(environ=os.environ, platform=None):
     elif platform == "darwin":
         base = os.path.join(home, "Library", "Application Support")
     else:  # XDG: a relative XDG_CONFIG_HOME is invalid and must be ignored
-        base = environ.get("XDG_CONFIG_HOME", "")
-        if not os.path.isabs(base):
-            base = os.path.join(home, ".config")
+        xdg = environ.get("XDG_CONFIG_HOME", "")
+        base = xdg if os.path.isabs(xdg) else os.path.join(home, ".config")
     return os.path.join(base, "qabel-rest")
 
 
@@ -1545,8 +1542,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         elif lengths:
             if not all(_is_digits(value.strip(_OWS)) for value in lengths):
                 raise _Malformed("malformed Content-Length")
-            values = {value.strip(_OWS).lstrip("0") for value in lengths}
-            if len(values) > 1:
+            if len(values := {value.strip(_OWS).lstrip("0") for value in lengths}) > 1:
                 raise _Malformed("conflicting Content-Length")
             value = values.pop() or "0"
             self._unread = int(value) if len(value) <= 18 else sys.maxsize
@@ -1573,8 +1569,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def _content_type(self):
         """(the body's media type in lower case, or None without a Content-Type;
         whether it has parameters other than charset); 415 for a charset but UTF-8."""
-        values = self.fields.get("content-type")
-        if values is None:
+        if (values := self.fields.get("content-type")) is None:
             return None, False
         media, *params = (values[0] if len(values) == 1 else "").split(";")
         others = False
@@ -1592,8 +1587,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         """Every method http.server hands us: route it by path, then by method."""
         path = self._path_only()
-        allowed = _ROUTES.get(path)
-        if allowed is None:
+        if (allowed := _ROUTES.get(path)) is None:
             raise _HTTPError(HTTPStatus.NOT_FOUND, "no such resource")
         method = "GET" if self.command == "HEAD" else self.command
         if method == "OPTIONS":

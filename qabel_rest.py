@@ -806,6 +806,8 @@ class SettingsDocument:
             while not change.done:
                 if self._saving:  # woken when done or to save next: one writer, not all;
                     change.wake.wait(_WAKE_EVERY)  # bounded: that writer may have left
+                elif change not in self._queue:  # in a batch whose save broke off unsettled
+                    self._end([change], self._disk, None, SaveError("internal error while saving"))
                 elif self._closed:
                     self._end([], self._disk, None,
                               DocumentUnavailable("the server is shutting down"))
@@ -863,7 +865,7 @@ class SettingsDocument:
             if change.error is None:
                 try:
                     document, tag = change.run(document, tag, self._new_tag)
-                except QabelRestError as exc:
+                except Exception as exc:  # a bug, or no memory: this one fails, the rest goes on
                     change.error = exc
         return document, tag
 

@@ -4686,6 +4686,73 @@ def test_a_change_queued_behind_a_save_that_rebases_is_saved_and_answered(live, 
                        "module_data": {"other": {"x": 1}}}
 
 
+def test_an_error_applying_a_queued_change_again_after_a_rewrite_fails_it_alone(
+        live, monkeypatch):
+    # A change queued behind a save that finds another program's rewrite is applied again
+    # to it. One that fails there unexpectedly (no memory, a bug) fails alone: the save
+    # that found the rewrite is answered, and nothing is built on the version it replaced.
+    entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
+    real, runs = qabel_rest._assign, []
+
+    def assign(node_value, node, path, depth, *args):
+        if depth == 0 and path == ("module_data", "second"):
+            runs.append(path)
+            if len(runs) == 2:  # applied again, to the rewrite
+                raise MemoryError
+        return real(node_value, node, path, depth, *args)
+
+    monkeypatch.setattr(qabel_rest, "_assign", assign)
+    outcomes, writer = run_puts(live, ["first"])
+    assert entered.wait(TIMEOUT)
+    queued, more = run_puts(live, ["second"])
+    validated(2)
+    feed_rewrite(live.data_dir, "settings", {"module_data": {"other": {}}})
+    gate.set()
+    for thread in writer + more:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert {**outcomes, **queued} == {"first": "saved", "second": "MemoryError"}
+    assert live.doc("settings.json")["module_data"] == {"other": {}, "first": {}}
+    assert live.put("/settings", "module_data.later", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {"other": {}, "first": {}, "later": {}}
+
+
+def test_a_change_a_broken_off_save_left_unsettled_fails_and_is_not_saved_again(
+        live, monkeypatch):
+    # An error while a written batch is settled (no memory, an interrupt just then) leaves
+    # its other change in no queue and not done. Its writer fails it (500, though the file
+    # holds it, as out of memory may: README) instead of saving again and again for ever.
+    entered, gate = hold_first_save(monkeypatch)
+    validated = count_validations(monkeypatch)
+    real_end, held_write, writes = qabel_rest.SettingsDocument._end, qabel_rest.atomic_write, []
+
+    def end(self, batch, *args):
+        if len(batch) == 2:  # the two changes queued during the first save, written
+            raise MemoryError
+        return real_end(self, batch, *args)
+
+    monkeypatch.setattr(qabel_rest.SettingsDocument, "_end", end)
+    monkeypatch.setattr(qabel_rest, "atomic_write",
+                        lambda *args: writes.append(args[0]) or held_write(*args))
+    outcomes, writer = run_puts(live, ["first"])
+    assert entered.wait(TIMEOUT)
+    queued, more = run_puts(live, ["second", "third"])
+    validated(3)
+    gate.set()
+    for thread in writer + more:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert outcomes == {"first": "saved"}
+    assert sorted(queued.values()) == ["MemoryError", "SaveError"]
+    assert len(writes) == 2  # the first save, then the batch: no more
+    # The next read takes in the file as it is: memory and file agree again.
+    everything = {"first": {}, "second": {}, "third": {}}
+    assert live.get("/settings").json()["module_data"] == everything
+    assert live.put("/settings", "module_data.later", {}).status == 200
+    assert live.doc("settings.json")["module_data"] == {**everything, "later": {}}
+
+
 # ---------------------------------------------------------------------------
 # Faults found by fuzzing, real clients and review: each failed before its fix
 # ---------------------------------------------------------------------------

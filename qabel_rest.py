@@ -1254,7 +1254,7 @@ def _openapi():
         if media == _JSON_TYPE:  # or a form with the same fields, as text
             content[_FORM_TYPE] = {"schema": {"type": "object", "additionalProperties": text,
                                               "required": body["required"]}}
-        return {"parameters": [if_match], "requestBody": {"required": True, "content": content},
+        return {"parameters": conditions, "requestBody": {"required": True, "content": content},
                 "responses": {"200": answer(description, schema, "ETag"), **failed}}
 
     common = ("Content-Length", "Cache-Control", "X-Content-Type-Options", "Date", "Server",
@@ -1280,8 +1280,10 @@ def _openapi():
               "413": answer("a body over the limit", error),
               "415": answer("another content type", error, "Accept-Patch"),
               "500": answer("saving failed", error), "507": answer("the disk is full", error)}
-    if_match = {"name": "If-Match", "in": "header", "schema": text,
-                "description": "tags or *: change only the version named (else 412)"}
+    conditions = [{"name": "If-Match", "in": "header", "schema": text,
+                   "description": "tags or *: change only the version named (else 412)"},
+                  {"name": "If-None-Match", "in": "header", "schema": text, "description": "tags"
+                   " or *: 304 if one is current (GET, HEAD); on a change, * alone counts: 412"}]
     paths = {path: {"get": {"security": [], "responses": {
         "200": answer(description, {"type": "object"}), **refusals}}}
         for path, description in zip(_OPEN, ("the server is up", "this description"))}
@@ -1308,7 +1310,7 @@ def _openapi():
         patch = {"type": "object", "properties": dict.fromkeys(schema.fields, {}),
                  "additionalProperties": {"type": "null"}}  # removing what is not there
         paths[path] = {
-            "get": {"parameters": [{"name": "If-None-Match", "in": "header", "schema": text}],
+            "get": {"parameters": conditions[1:],
                     "responses": {"200": answer("the document", document, "ETag"),
                                   "304": answer("If-None-Match names the tag", None, "ETag"),
                                   **keyed}},
@@ -1325,8 +1327,10 @@ def _openapi():
                                                **keyed}}
     return {
         "openapi": "3.1.0", "security": [{"apiKey": []}, {"bearer": []}], "paths": paths,
-        "info": {"title": "qabel_rest", "version": __version__,
-                 "description": "The local REST server of the Qabel desktop client."},
+        "info": {"title": "qabel_rest", "version": __version__, "description": "The local REST "
+                 "server of the Qabel desktop client. Another path: 404; another method of a path: "
+                 "405 with Allow; both after the Host, Origin and key checks (403, 401). A PUT or "
+                 "POST body without a Content-Type is read as JSON."},
         "components": {
             "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
                                 "bearer": {"type": "http", "scheme": "bearer"}},

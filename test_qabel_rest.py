@@ -10265,6 +10265,26 @@ def test_openapi_every_keyed_operation_declares_401_and_every_one_403(live):
             assert set(named) == set(schemes), (path, method)  # either scheme will do
 
 
+def test_the_api_description_says_what_another_path_or_method_gets(live):
+    # No operation can hold them: its description says so, and the server does as it says.
+    description = oa_document(live)["info"]["description"]
+    assert "Another path: 404" in description and "method of a path: 405 with Allow" in description
+    assert "after the Host, Origin and key checks (403, 401)" in description
+    assert live.get("/nope").status == 404
+    assert live.get("/nope", key=None).status == 401
+    assert live.get("/nope", host="evil.example").status == 403
+    for path in ("/settings", "/events", "/health"):
+        response = live.call("DELETE", path)
+        assert response.status == 405 and response.headers["Allow"].startswith("GET")
+        assert live.call("DELETE", path, key=None).status == 401
+    assert "A PUT or POST body without a Content-Type is read as JSON" in description
+    conn = live.conn()  # (test_body_without_content_type_is_read_as_json: a form is not)
+    response = conn.request("PUT", "/settings", b'{"key": "poll_interval", "value": 8}',
+                            {"X-API-Key": KEY})
+    conn.close()
+    assert response.status == 200 and live.doc("settings.json")["poll_interval"] == 8
+
+
 def test_openapi_security_schemes_are_the_api_key_header_and_bearer(live):
     schemes = list(oa_document(live)["components"]["securitySchemes"].values())
     assert len(schemes) == 2
@@ -10288,6 +10308,7 @@ def test_openapi_declares_the_headers_and_query_parameters(live):
             assert "etag" in oa_response_headers(api, operations[method], 304)
         for method in ("put", "post", "patch"):
             assert ("header", "if-match") in parameters(operations[method]), (path, method)
+            assert ("header", "if-none-match") in parameters(operations[method])  # * is 412
             assert "etag" in oa_response_headers(api, operations[method], 200)
             assert "412" in operations[method]["responses"]
     for method in ("get", "head"):
@@ -10707,8 +10728,10 @@ def test_the_api_description_declares_each_operations_statuses_and_parameters(li
         post = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(post["properties"]) == {"settings"}
         assert paths[path]["put"]["parameters"][0]["schema"] == {"type": "string"}  # If-Match
-        assert paths[path]["get"]["parameters"] == [
-            {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}]
+        (if_none_match,) = paths[path]["get"]["parameters"]
+        assert paths[path]["put"]["parameters"][1] == if_none_match  # on a change: * is 412
+        assert (if_none_match["name"], if_none_match["in"], if_none_match["schema"]) == (
+            "If-None-Match", "header", {"type": "string"})
         methods = paths[path]["options"]["responses"]["200"]["content"]["application/json"]
         assert methods["schema"]["properties"] == {"allow": {"type": "array",
                                                              "items": {"type": "string"}}}

@@ -1404,6 +1404,30 @@ def test_files_are_0600_whatever_the_umask_and_a_restart_works(tmp_path):
     assert json.loads((data_dir / "settings.json").read_text())["poll_interval"] == 3
 
 
+
+@pytest.mark.skipif(not POSIX, reason="POSIX modes")
+def test_files_are_made_0600_not_made_wider_then_narrowed(tmp_path, monkeypatch):
+    # Each file is created with its mode, and the data dir with 0700: a chmod after a wider
+    # create would leave, for a moment, the temp file of the synced document (private keys)
+    # or of the API key open to every local user, who may keep it open. A chmod that does
+    # nothing shows the modes files are made with.
+    monkeypatch.setattr(os, "chmod", lambda path, mode: None)
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    data_dir, old = tmp_path / "new", os.umask(0o022)
+    try:
+        live = start(data_dir, api_key=None)
+        try:
+            key = (data_dir / "api-key").read_text().strip()
+            assert live.put("/settings", "poll_interval", 4, key=key).status == 200
+        finally:
+            stop(live)
+    finally:
+        os.umask(old)
+    assert os.stat(data_dir).st_mode & 0o777 == 0o700
+    for name in ("settings.json", "synced.json", "api-key", "qabel_rest.lock"):
+        assert os.stat(data_dir / name).st_mode & 0o777 == 0o600, name
+
+
 def test_etag_in_process_is_the_headers_while_a_change_is_being_saved(live, monkeypatch):
     """A tag read before get() guards what get() read. During a save, .etag named the change
     being saved: an If-Match with it passed on content not seen, and lost that change."""
@@ -3788,6 +3812,25 @@ def test_a_lock_the_file_system_refuses_fails_the_start_naming_why_and_makes_no_
     assert (snapshot(data_dir) if data_dir.exists() else None) == before
 
 
+
+@pytest.mark.skipif(qabel_rest.fcntl is None or not PROC_FDS, reason="flock; /proc/self/fd")
+@pytest.mark.parametrize("found", ["nothing", "a lock file"])
+def test_a_lock_the_file_system_refuses_leaks_no_descriptor(tmp_path, monkeypatch, found):
+    # An app retrying make_server on an NFS data dir without a lock daemon must not leak a
+    # descriptor per try, as for a held lock: the lock file's is closed before the error.
+    data_dir = tmp_path / "data"
+    if found == "a lock file":
+        data_dir.mkdir(mode=0o700)
+        (data_dir / "qabel_rest.lock").write_bytes(b"4242\n")
+    monkeypatch.setattr(qabel_rest.fcntl, "flock", refuse_locks)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(qabel_rest.StartupError) as caught:
+            qabel_rest.make_server(data_dir=str(data_dir), api_key=KEY, port=0)
+        assert caught.value.message.startswith("cannot lock the data dir: ")
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
 @pytest.mark.skipif(qabel_rest.fcntl is None, reason="flock")
 def test_a_lock_file_another_start_makes_and_holds_meanwhile_stays(tmp_path, monkeypatch):
     # Another start (on a machine whose locks work) makes and locks the lock file just as this
@@ -6086,6 +6129,22 @@ def test_start_removes_temp_files_of_a_killed_process_and_nothing_else(tmp_path)
     assert sorted(set(os.listdir(tmp_path)) & set(stale + kept)) == sorted(kept)
 
 
+
+def test_a_temp_file_name_that_cannot_be_removed_does_not_fail_the_start(tmp_path):
+    # A killed process's leftover the start cannot remove (here a directory of a temp file's
+    # name; on Windows a temp file a virus scanner holds open) is never current: the server
+    # starts, and leaves it.
+    (tmp_path / ".settings.json.0a1b2c.tmp").mkdir()
+    (tmp_path / ".synced.json.x.tmp").write_text("x")  # an ordinary one: removed
+    live = start(tmp_path)
+    try:
+        assert live.get("/settings").status == 200
+    finally:
+        stop(live)
+    assert (tmp_path / ".settings.json.0a1b2c.tmp").is_dir()
+    assert not (tmp_path / ".synced.json.x.tmp").exists()
+
+
 @pytest.mark.parametrize("failing", ["synced.json", "api-key", "pid"])
 def test_a_start_failing_once_it_holds_the_lock_changes_no_file_it_found(
         tmp_path, monkeypatch, failing):
@@ -6207,6 +6266,29 @@ def test_a_key_file_that_links_to_no_file_is_a_startup_error_and_stays(tmp_path,
                                     f"({tmp_path / 'api-key'})")
     assert os.listdir(tmp_path) == ["api-key"]
     assert os.readlink(tmp_path / "api-key") == str(tmp_path / "unmounted" / "key")
+
+
+
+@pytest.mark.skipif(not POSIX, reason="a symbolic link")
+def test_a_key_file_that_links_to_a_file_is_read_through_the_link_and_stays(
+        tmp_path, monkeypatch):
+    # Only a link to no file (a volume not mounted) fails the start: a key kept on that
+    # volume, mounted, is the key.
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    data_dir, volume = tmp_path / "data", tmp_path / "volume"
+    data_dir.mkdir(mode=0o700)
+    volume.mkdir()
+    (volume / "key").write_text(KEY + "\n")
+    os.symlink(volume / "key", data_dir / "api-key")
+    live = start(data_dir, api_key=None)
+    try:
+        assert live.server.key_source == str(data_dir / "api-key")
+        assert live.get("/settings").status == 200  # KEY, the linked file's
+        assert live.get("/settings", key="wrong").status == 401
+    finally:
+        stop(live)
+    assert os.readlink(data_dir / "api-key") == str(volume / "key")
+    assert (volume / "key").read_text() == KEY + "\n"
 
 
 def test_key_file_that_cannot_be_written_fails_the_first_start_and_leaves_nothing(
@@ -11025,6 +11107,25 @@ def test_a_low_limit_on_open_files_is_raised_to_hold_the_connections(tmp_path):
     qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0,
                            max_connections=10).server_close()  # 74 files: fewer than here
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)  # never lowered
+
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="/proc/PID/limits")
+def test_a_limit_with_room_for_the_connections_but_not_the_margin_is_raised_too(tmp_path):
+    # Room for 512 connections and no more: the documents, the key file and an embedding
+    # app need descriptors too, so the soft limit is raised to 576 here as well.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if 0 <= hard < 576:
+        pytest.skip("too few open files allowed here")
+    proc = Process(tmp_path, "--api-key", KEY,
+                   preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (540, hard)))
+    try:
+        assert proc.port, proc.finish()
+        with open(f"/proc/{proc.proc.pid}/limits") as limits:
+            assert re.search(r"Max open files +576 ", limits.read())
+    finally:
+        assert proc.finish()[0] == 0
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX: a limit on open files")

@@ -1281,7 +1281,7 @@ def _openapi():
               "415": answer("another content type", error, "Accept-Patch"),
               "500": answer("saving failed", error), "507": answer("the disk is full", error)}
     conditions = [{"name": "If-Match", "in": "header", "schema": text,
-                   "description": "tags or *: change only the version named (else 412)"},
+                   "description": "tags or *: only if one names the current version (else 412)"},
                   {"name": "If-None-Match", "in": "header", "schema": text, "description": "tags"
                    " or *: 304 if one is current (GET, HEAD); on a change, * alone counts: 412"}]
     paths = {path: {"get": {"security": [], "responses": {
@@ -1310,9 +1310,10 @@ def _openapi():
         patch = {"type": "object", "properties": dict.fromkeys(schema.fields, {}),
                  "additionalProperties": {"type": "null"}}  # removing what is not there
         paths[path] = {
-            "get": {"parameters": conditions[1:],
+            "get": {"parameters": conditions,
                     "responses": {"200": answer("the document", document, "ETag"),
                                   "304": answer("If-None-Match names the tag", None, "ETag"),
+                                  "412": answer("If-Match names no current tag", error),
                                   **keyed}},
             "put": change(put, "the value as stored", put),
             "post": change(post, "the stored document", document),
@@ -1645,6 +1646,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _do_read(self, document):
         version = document.current()
+        if (tags := self._if_match()) not in (None, ["*"]) and version.etag not in tags:
+            raise PreconditionFailed(f"{document.name} has changed: If-Match does not name its tag")
         tags = {tag.removeprefix("W/") for tag in self._elements("if-none-match")}
         status = HTTPStatus.NOT_MODIFIED if version.etag in tags or tags == {"*"} else HTTPStatus.OK
         self._send(status, version.body, (("ETag", version.etag),))
@@ -1841,8 +1844,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self.max_body, self.max_connections = max_body, max_connections
         self.idle_timeout, self.request_timeout = idle_timeout, request_timeout
         import hmac  # see _logger(); here: a request out of descriptors could not import it
-        self._compare_digest = hmac.compare_digest
-        self.logger = _logger()
+        self._compare_digest, self.logger = hmac.compare_digest, _logger()
         self._api_key = self._dir_lock = None  # make_server's: key (bytes, never shown), lock fd
         self._state = threading.RLock()  # guards what follows; reentrant for a signal's shutdown()
         self._stopping = self._closing = False  # shutdown(), server_close() was called
@@ -1881,8 +1883,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         """Stop serve_forever() and wait for it; from its own thread (a signal handler)
         or before it started, return at once: socketserver's would wait forever."""
         with self._state:
-            self._stopping = True
-            serving = self._serving
+            self._stopping, serving = True, self._serving
         self._feed.close()  # requests waiting for events are answered now
         if serving is threading.current_thread():  # what socketserver's shutdown() sets, without
             self._BaseServer__shutdown_request = True  # its wait, or a thread (there may be none)
@@ -1895,8 +1896,7 @@ class QabelRestServer(http.server.ThreadingHTTPServer):
         self._feed.close(final=True)  # at once: shutdown() may wait for serve_forever's poll
         self.shutdown()  # serve_forever() too: socketserver's would spin on the closed port
         with self._state:
-            self._closing = True
-            entries = list(self._connections.items())
+            self._closing, entries = True, list(self._connections.items())
         for sock, (thread, state, _) in entries:
             if state != _BUSY:
                 _shut(sock)

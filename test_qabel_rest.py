@@ -6441,7 +6441,7 @@ def test_of_two_writers_with_the_same_tag_exactly_one_wins(live, monkeypatch):
     assert live.doc("settings.json")["poll_interval"] == 10
 
 
-def test_a_no_op_change_leaves_the_tag_to_the_next_writer_and_a_read_ignores_if_match(live):
+def test_a_no_op_change_leaves_the_tag_to_the_next_writer(live):
     tag = live.put("/settings", "poll_interval", 5).headers["ETag"]
     same = live.put("/settings", "poll_interval", 5, headers={"If-Match": tag})
     assert same.status == 200 and same.headers["ETag"] == tag  # nothing changed: still current
@@ -6450,10 +6450,28 @@ def test_a_no_op_change_leaves_the_tag_to_the_next_writer_and_a_read_ignores_if_
     second = live.put("/settings", "poll_interval", 7, headers={"If-Match": tag})
     assert second.status == 412
     assert live.doc("settings.json")["poll_interval"] == 6
-    for method in ("GET", "HEAD"):  # If-Match is for changes: a read is answered as without it
-        read = live.call(method, "/settings", headers={"If-Match": tag})
-        assert read.status == 200 and read.headers["ETag"] == first.headers["ETag"]
-    assert read.headers["Content-Length"] == str(len(live.file("settings.json")))
+
+
+def test_a_read_whose_if_match_names_no_current_tag_is_412_before_if_none_match(live):
+    stale = live.put("/synced", "module_data.m.a", 1).headers["ETag"]
+    tag = live.put("/synced", "module_data.m.a", 2).headers["ETag"]
+    body = live.file("synced.json")
+    for method in ("GET", "HEAD"):  # RFC 9110 13.1.1, and 13.2.2: If-Match first
+        for if_match in (stale, f"W/{tag}", f'"x", {stale}', ""):  # strong comparison
+            read = live.call(method, "/synced", headers={"If-Match": if_match,
+                                                         "If-None-Match": tag})
+            assert read.status == 412, (method, if_match)
+            assert read.body == (b"" if method == "HEAD" else b'{"error":"synced.json has '
+                                 b'changed: If-Match does not name its tag"}')
+        for if_match in (tag, "*", f'"x", {tag}'):
+            read = live.call(method, "/synced", headers={"If-Match": if_match})
+            assert read.status == 200 and read.headers["ETag"] == tag, (method, if_match)
+            assert read.headers["Content-Length"] == str(len(body))
+            assert read.body == (b"" if method == "HEAD" else body)
+            assert live.call(method, "/synced", headers={"If-Match": if_match,
+                                                         "If-None-Match": tag}).status == 304
+    assert live.get("/health", headers={"If-Match": stale}).status == 200  # no tag of its own
+    assert live.file("synced.json") == body
 
 
 @pytest.mark.parametrize("call, status", [
@@ -10781,7 +10799,7 @@ def test_the_api_description_declares_each_operations_statuses_and_parameters(li
     assert set(paths["/health"]["get"]["responses"]) == refusals | {"200"}
     assert set(paths["/events"]["get"]["responses"]) == keyed | {"200", "410"}
     for path in ("/settings", "/synced"):
-        assert set(paths[path]["get"]["responses"]) == keyed | {"200", "304"}
+        assert set(paths[path]["get"]["responses"]) == keyed | {"200", "304", "412"}
         for method in ("put", "post", "patch"):
             assert set(paths[path][method]["responses"]) == failed | {"200"}, (path, method)
         put = paths[path]["put"]["requestBody"]["content"]["application/json"]["schema"]
@@ -10791,8 +10809,9 @@ def test_the_api_description_declares_each_operations_statuses_and_parameters(li
         post = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(post["properties"]) == {"settings"}
         assert paths[path]["put"]["parameters"][0]["schema"] == {"type": "string"}  # If-Match
-        (if_none_match,) = paths[path]["get"]["parameters"]
-        assert paths[path]["put"]["parameters"][1] == if_none_match  # on a change: * is 412
+        if_match, if_none_match = paths[path]["get"]["parameters"]  # on a change: * is 412
+        assert paths[path]["put"]["parameters"] == [if_match, if_none_match]
+        assert (if_match["name"], if_match["in"]) == ("If-Match", "header")
         assert (if_none_match["name"], if_none_match["in"], if_none_match["schema"]) == (
             "If-None-Match", "header", {"type": "string"})
         methods = paths[path]["options"]["responses"]["200"]["content"]["application/json"]

@@ -4360,12 +4360,18 @@ def test_the_ready_line_says_a_key_given_on_the_command_line_came_from_there(tmp
 @pytest.mark.usefixtures("graceful_stop")
 def test_the_server_process_logs_its_start_and_stop_on_stderr(tmp_path):
     # Run from a terminal or a service manager, the server's log lines (a new key file,
-    # the stop, any 5xx) are what the user sees of it: one formatted line each, on stderr.
+    # the stop, any 5xx) are what the user sees of it: one formatted line each, on stderr,
+    # as it happens (a service manager reads them as they come).
     proc = Process(tmp_path)
     assert proc.port, proc.line
+    assert Client(proc.port).get("/health").status == 200
+    early = b""  # what it logged while serving
+    while POSIX and select.select([proc.proc.stderr], [], [], 0.5)[0]:  # Windows: no pipes
+        early += os.read(proc.proc.stderr.fileno(), 1 << 16)
+    assert b"stopped" not in early
     code, out, err = proc.finish()
     assert code == 0
-    lines = err.splitlines()
+    lines = (text_lines(early) + err).splitlines()
     assert re.fullmatch(r"\S+ \S+ qabel_rest INFO generated a new API key in .*api-key",
                         lines[0]), err
     assert re.fullmatch(r"\S+ \S+ qabel_rest INFO stopped", lines[-1]), err
@@ -6184,6 +6190,8 @@ def eagain_on_read(monkeypatch, name, partial=False, then=None):
         first, again = partial, False
 
         def read(self, size=-1):
+            if size == 0:  # as FileIO: no system call, no EAGAIN
+                return b""
             if self.first:
                 self.first = False
                 return super().read(1)
@@ -8172,21 +8180,28 @@ def test_feed_a_hundred_waiting_requests_do_not_hold_up_other_clients(live):
 
 
 def test_feed_shutdown_answers_waiting_requests_at_once(tmp_path):
-    live = start(tmp_path)
+    # At once: not when serve_forever notices shutdown() (its next poll, an hour away here).
+    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
+    live = Live(server, threading.Thread(target=server.serve_forever, args=(3600,), daemon=True))
+    live.thread.start()
     try:
         since = feed_cursor(live)
         waiters = [FeedWaiter(live, since, timeout=8) for _ in range(5)]
         time.sleep(0.3)  # let them reach the server
         assert not any(waiter.done.is_set() for waiter in waiters)
         started = time.monotonic()
-        live.server.shutdown()
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
         for waiter in waiters:
             response = waiter.result(within=3)
             assert response.status == 200
             assert response.json()["events"] == []
             assert FEED_CURSOR.fullmatch(response.json()["cursor"])
         assert time.monotonic() - started < 2
+        assert stopper.is_alive()  # serve_forever has not noticed it yet
     finally:
+        with contextlib.suppress(OSError):  # a connection ends serve_forever's poll
+            socket.create_connection(("127.0.0.1", live.port), timeout=TIMEOUT).close()
         started = time.monotonic()
         stop(live)
     assert time.monotonic() - started < 2  # nothing left waiting for server_close
@@ -8821,7 +8836,7 @@ def test_key_longer_than_the_limit_is_405(live):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX: a FIFO")
-def test_document_replaced_by_a_fifo_is_503_and_never_blocks(live):
+def test_document_replaced_by_a_fifo_is_503_and_never_blocks_nor_reads_it(live):
     path = os.path.join(live.data_dir, "settings.json")
     os.unlink(path)
     os.mkfifo(path)
@@ -8829,6 +8844,13 @@ def test_document_replaced_by_a_fifo_is_503_and_never_blocks(live):
     assert response.status == 503
     assert "not a regular file" in response.json()["error"]
     assert live.get("/synced").status == 200
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # another program writing into it
+    try:
+        os.write(fd, b'{"poll_interval": 5}')
+        assert live.get("/settings").status == 503
+        assert os.read(fd, 100) == b'{"poll_interval": 5}'  # not the server's to take
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("unusable", ["unreadable", "invalid"])

@@ -5777,11 +5777,12 @@ def test_saves_rename_where_files_cannot_be_swapped(live, monkeypatch, unswappab
             "no renameat2": lambda name, use_errno: types.SimpleNamespace(),
             "a file system without it": lambda name, use_errno: types.SimpleNamespace(
                 renameat2=lambda *args: -1)}[unswappable])
-    path, real, renamed = os.path.join(live.data_dir, "settings.json"), os.replace, []
+    path, real, renamed, slept = os.path.join(live.data_dir, "settings.json"), os.replace, [], []
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append(b) or real(a, b))
+    monkeypatch.setattr(time, "sleep", slept.append)  # a rename that succeeds waits for nothing
     assert live.put("/settings", "poll_interval", 7).status == 200
     monkeypatch.undo()
-    assert renamed == [path] and live.doc("settings.json")["poll_interval"] == 7
+    assert renamed == [path] and slept == [] and live.doc("settings.json")["poll_interval"] == 7
     assert sorted(os.listdir(live.data_dir)) == names
 
 
@@ -9674,7 +9675,8 @@ def test_a_mistyped_option_is_a_usage_error_that_does_not_echo_what_follows(live
     secret = "secret-0123456789abcdef"
     for args in (("get", "settings", "--url", cli_url(live), "--api-keyy", secret),
                  ("get", "--api-keyy", secret, "settings", "--url", cli_url(live)),
-                 ("--port", "0", "--api-keyy", secret), ("serve", "--apikey", secret)):
+                 ("--port", "0", "--api-keyy", secret), ("serve", "--apikey", secret),
+                 ("serve", "get", "settings", "--api-key", secret)):  # serve: no client command
         result = run_cli(*args)
         cli_usage_error(result)
         assert secret not in result.stderr

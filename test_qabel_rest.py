@@ -202,12 +202,12 @@ class Live(Client):
         self.initial = documents(self.data_dir)  # the files as the server started
 
 
-def start(data_dir, **options):
+def start(data_dir, poll=0.05, **options):
     options.setdefault("api_key", KEY)
     data_dir = None if data_dir is None else str(data_dir)
     server = qabel_rest.make_server(data_dir=data_dir, port=0, **options)
     # a short poll: shutdown() waits for serve_forever to notice it
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(poll,), daemon=True)
     thread.start()
     return Live(server, thread)
 
@@ -8182,16 +8182,14 @@ def test_feed_a_hundred_waiting_requests_do_not_hold_up_other_clients(live):
 
 def test_feed_shutdown_answers_waiting_requests_at_once(tmp_path):
     # At once: not when serve_forever notices shutdown() (its next poll, an hour away here).
-    server = qabel_rest.make_server(data_dir=str(tmp_path), api_key=KEY, port=0)
-    live = Live(server, threading.Thread(target=server.serve_forever, args=(3600,), daemon=True))
-    live.thread.start()
+    live = start(tmp_path, poll=3600)
     try:
         since = feed_cursor(live)
         waiters = [FeedWaiter(live, since, timeout=8) for _ in range(5)]
         time.sleep(0.3)  # let them reach the server
         assert not any(waiter.done.is_set() for waiter in waiters)
         started = time.monotonic()
-        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper = threading.Thread(target=live.server.shutdown, daemon=True)
         stopper.start()
         for waiter in waiters:
             response = waiter.result(within=3)
@@ -10833,8 +10831,8 @@ def test_the_api_description_declares_each_operations_statuses_and_parameters(li
         post = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(post["properties"]) == {"settings"}
         assert paths[path]["put"]["parameters"][0]["schema"] == {"type": "string"}  # If-Match
-        if_match, if_none_match = paths[path]["get"]["parameters"]  # on a change: * is 412
-        assert paths[path]["put"]["parameters"] == [if_match, if_none_match]
+        if_match, if_none_match = paths[path]["get"]["parameters"]
+        assert paths[path]["put"]["parameters"] == [if_match, if_none_match]  # a change: * is 412
         assert (if_match["name"], if_match["in"]) == ("If-Match", "header")
         assert (if_none_match["name"], if_none_match["in"], if_none_match["schema"]) == (
             "If-None-Match", "header", {"type": "string"})

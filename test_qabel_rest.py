@@ -4,6 +4,7 @@ the command line, and the pure helpers directly."""
 import contextlib
 import errno
 import gc
+import hmac
 import http.client
 import http.server
 import inspect
@@ -1388,6 +1389,22 @@ def test_file_and_dir_modes(tmp_path):
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX modes")
+def test_missing_parent_dirs_of_the_data_dir_get_the_modes_the_umask_gives(tmp_path):
+    # README, Files and the key: the data dir is created 0700; missing parent dirs get the
+    # modes the umask gives, as os.makedirs makes them (they are the user's to share).
+    data_dir = tmp_path / "a" / "b" / "qabel"
+    old = os.umask(0o022)
+    try:
+        live = start(data_dir)
+    finally:
+        os.umask(old)
+    stop(live)
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    for parent in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(os.stat(parent).st_mode) == 0o755, parent
+
+
+@pytest.mark.skipif(not POSIX, reason="POSIX modes")
 def test_files_are_0600_whatever_the_umask_and_a_restart_works(tmp_path):
     """A umask taking the owner's write bit (0277) made every file 0400: the next start
     could not open its lock file."""
@@ -2507,6 +2524,18 @@ def test_http_2_is_505_and_long_lines_are_refused(live):
         conn.send(request + b"\r\n\r\n")
         assert conn.read().status == status
         conn.close()
+
+
+def test_a_later_http_1_minor_version_is_answered_in_http_1_1_on_a_connection_kept(live):
+    # RFC 9110 2.5: a request of a higher minor version is answered in the server's own.
+    conn = live.conn()
+    for version in (b"1.2", b"1.9"):
+        conn.send(b"GET /settings HTTP/" + version + b"\r\nHost: localhost\r\nX-API-Key: "
+                  + KEY.encode() + b"\r\n\r\n")
+        response = conn.read()  # its status line: HTTP/1.1
+        assert (response.status, response.headers["Keep-Alive"]) == (200, "timeout=30")
+        assert response.json()["poll_interval"] == 30
+    conn.close()
 
 
 def test_an_h2c_upgrade_is_answered_in_http_1_1_on_a_connection_kept(live):
@@ -3739,11 +3768,16 @@ def test_documents_hold_non_ascii_text_as_utf8_not_as_escapes(live):
         assert b"\\u" not in raw
 
 
-def test_a_key_file_may_start_with_a_byte_order_mark(tmp_path, monkeypatch, capsysbinary):
-    # Notepad and PowerShell 5 write UTF-8 with a BOM: it is not part of the key, for the
-    # server or for the client, and the file stays as written.
+@pytest.mark.parametrize("before, after", [
+    (b"\xef\xbb\xbf", b"\r\n"),  # Notepad and PowerShell 5 write UTF-8 with a BOM
+    *((space, space) for space in (b" ", b"\t", b"\x0b", b"\x0c", b"\r", b" \t\x0b\x0c\r\n")),
+])
+def test_a_key_file_may_hold_a_byte_order_mark_and_white_space(tmp_path, monkeypatch,
+                                                               capsysbinary, before, after):
+    # Neither a BOM first nor ASCII white space (space, tab, CR, LF, VT, FF) around the key
+    # is part of it, for the server or for the client, and the file stays as written.
     monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
-    written = b"\xef\xbb\xbf" + KEY.encode() + b"\r\n"
+    written = before + KEY.encode() + after
     (tmp_path / "api-key").write_bytes(written)
     live = start(tmp_path, api_key=None)
     try:
@@ -3755,10 +3789,16 @@ def test_a_key_file_may_start_with_a_byte_order_mark(tmp_path, monkeypatch, caps
     finally:
         stop(live)
     assert (tmp_path / "api-key").read_bytes() == written
-    for refused in (KEY.encode("utf-16"), b"\xef\xbb\xbf\n", b"\xc2\xa0" + KEY.encode()):
-        (tmp_path / "api-key").write_bytes(refused)  # PowerShell 5's ">", a BOM alone, NBSP
-        with pytest.raises(qabel_rest.StartupError, match="printable ASCII"):
-            qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+
+
+@pytest.mark.parametrize("refused", [  # PowerShell 5's ">", a BOM alone, NBSP
+    KEY.encode("utf-16"), b"\xef\xbb\xbf\n", b"\xc2\xa0" + KEY.encode()])
+def test_a_key_file_in_utf_16_or_with_other_space_is_refused(tmp_path, monkeypatch, refused):
+    monkeypatch.delenv("QABEL_REST_API_KEY", raising=False)
+    (tmp_path / "api-key").write_bytes(refused)
+    with pytest.raises(qabel_rest.StartupError, match="printable ASCII"):
+        qabel_rest.make_server(data_dir=str(tmp_path), port=0)
+    assert (tmp_path / "api-key").read_bytes() == refused
 
 
 def test_make_server_looks_up_no_name_for_its_address(tmp_path, monkeypatch):
@@ -5133,6 +5173,26 @@ def test_authorization_of_another_scheme_is_ignored(live):
     assert alone.status == 401 and alone.json() == {"error": "an API key is required"}
     wrong = live.get("/settings", key="wrong", headers={"Authorization": basic})
     assert wrong.status == 401
+
+
+def test_every_key_presented_is_compared_with_hmac_compare_digest(live_with, monkeypatch):
+    # README, Security model 3: the key, as X-API-Key or Authorization: Bearer, compared
+    # with hmac.compare_digest (constant time: a key is never learned from answer times);
+    # every key presented must be right, each compared.
+    compared, real = [], hmac.compare_digest
+
+    def compare_digest(a, b):
+        compared.append((bytes(a), bytes(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
+    live = live_with()
+    assert live.get("/settings").status == 200
+    assert compared == [(KEY.encode(), KEY.encode())]
+    compared.clear()
+    response = live.get("/settings", key="wrong", headers={"Authorization": "Bearer " + KEY})
+    assert response.status == 401
+    assert sorted(compared) == sorted([(b"wrong", KEY.encode()), (KEY.encode(), KEY.encode())])
 
 
 def test_form_value_for_a_string_field_is_its_text(live):
@@ -6724,6 +6784,7 @@ def test_merge_patch_400_changes_nothing(live, body, status):
     ("application/merge-patch+json", 200), ("application/merge-patch+json; charset=utf-8", 200),
     ("application/json", 415), ("application/merge-patch+json; charset=latin-1", 415),
     ("application/merge-patch+json; profile=x", 415), ("text/plain", 415),
+    ("", 415),  # none: only a PUT or POST body is then read as JSON
 ])
 def test_merge_patch_content_types(live, content_type, status):
     response = patch_call(live, "/settings", {"poll_interval": 3}, content_type)
@@ -9355,6 +9416,30 @@ def test_cli_export_to_a_file_and_to_stdout(live, tmp_path):
         assert json.loads(result.stdout) == served
 
 
+@pytest.mark.skipif(not POSIX, reason="POSIX modes, owners and links")
+def test_cli_export_over_an_existing_file_keeps_its_owner_mode_and_links(live, tmp_path):
+    # README, Command line client: export writes FILE in place, as a shell's > would: an
+    # existing file keeps its owner, mode and links (0600 is for a file export creates).
+    target = tmp_path / "backup.json"
+    target.write_text("the old backup\n")
+    target.chmod(0o640)
+    if ROOT:
+        os.chown(target, 65534, 65534)
+    before = target.stat()
+    hard = tmp_path / "hard-link.json"
+    os.link(target, hard)
+    symbolic = tmp_path / "link.json"
+    symbolic.symlink_to(target)
+    result = cli_on(live, "export", "settings", str(symbolic))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert symbolic.is_symlink() and os.readlink(symbolic) == str(target)
+    after = target.stat()
+    assert (after.st_ino, after.st_nlink) == (before.st_ino, 2)
+    assert stat.S_IMODE(after.st_mode) == 0o640
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    assert json.loads(hard.read_text()) == live.get("/settings").json()
+
+
 def test_cli_options_may_come_between_doc_and_an_optional_key_or_file(live, tmp_path):
     """argparse took DOC alone for get and export, then refused the KEY or FILE after an
     option as "unrecognized arguments" (exit 2)."""
@@ -11290,6 +11375,18 @@ def test_make_server_defaults_are_the_documented_timeouts():
     parameters = inspect.signature(qabel_rest.make_server).parameters
     assert parameters["idle_timeout"].default == 30
     assert parameters["request_timeout"].default == 10
+
+
+def test_the_documented_bounds_are_the_modules():
+    # README: server_close() waits at most 5 s for requests in flight (a read waiting for
+    # saves as long); a refused body is read and dropped for up to 2 s and 64 MiB; the
+    # feed looks at the files every half second. The tests of each behaviour shorten
+    # these constants and measure against them: here, the figures themselves.
+    assert qabel_rest.SHUTDOWN_GRACE == 5
+    close = inspect.signature(qabel_rest.SettingsDocument.close)
+    assert close.parameters["timeout"].default == 5
+    assert (qabel_rest._LINGER_SECONDS, qabel_rest._LINGER_BYTES) == (2, 64 << 20)
+    assert qabel_rest._LOOK_EVERY == 0.5
 
 
 def test_a_malformed_header_line_before_an_inner_message_is_400(live):

@@ -9222,6 +9222,21 @@ def test_cli_get_prints_the_document_as_indented_utf8_json(live):
     assert raw.stdout.decode("utf-8") == result.stdout
 
 
+def test_cli_get_and_export_indent_by_two_spaces(live):
+    """The printed JSON is json.dumps(indent=2, ensure_ascii=False) and a newline: byte for
+    byte what a script diffing two exports (or a backup against `get`) relies on."""
+    assert live.put("/settings", "module_data.chat", {"sound": "päng ✓", "list": [1]}).status == 200
+    served = live.get("/settings").json()
+    expected = json.dumps(served, indent=2, ensure_ascii=False) + "\n"
+    for args in (("get", "settings"), ("export", "settings"), ("export", "settings", "-")):
+        result = cli_on(live, *args)
+        assert (result.returncode, result.stderr) == (0, ""), result
+        assert result.stdout == expected, args
+    value = cli_on(live, "get", "settings", "module_data.chat")
+    assert value.stdout == json.dumps(served["module_data"]["chat"], indent=2,
+                                      ensure_ascii=False) + "\n"
+
+
 def test_cli_get_prints_the_value_at_a_key(live):
     assert live.post("/synced", full_synced()).status == 200
     assert live.put("/synced", "module_data.чат", {"звук": "✓"}).status == 200
@@ -9292,6 +9307,21 @@ def test_cli_value_that_is_json_no_document_may_hold_is_refused_not_sent_as_text
     before = documents(live.data_dir)
     for text in ("99999999999999999999999", "1e400", '{"a": 1, "a": 2}'):
         assert cli_line(cli_on(live, "set", "settings", "module_data.m.x", text))
+    assert documents(live.data_dir) == before
+
+
+def test_cli_json_with_a_name_twice_is_refused_before_sending_saying_so(live, tmp_path):
+    """A VALUE, or a patch or import FILE, with a name given twice is JSON no document may
+    hold: refused before anything is sent, with the reason (not a Python type error)."""
+    before = documents(live.data_dir)
+    for value in ('{"a": 1, "a": 2}', '[{"a": 1, "a": 2}]'):
+        message = cli_line(cli_on(live, "set", "settings", "module_data.m.x", value))
+        assert message == "a name appears twice", message
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"poll_interval": 5, "poll_interval": 6}')
+    for command in ("patch", "import"):
+        message = cli_line(cli_on(live, command, "settings", str(twice)))
+        assert message == "a name appears twice", (command, message)
     assert documents(live.data_dir) == before
 
 
@@ -9934,6 +9964,34 @@ def test_watch_stops_on_sigint_with_exit_0(live):
     code, out, err = watcher.finish(signal.SIGINT)
     assert time.monotonic() - started < 5  # at once, not at the end of its long poll
     assert (code, out, err) == (0, [], [])
+
+
+@pytest.mark.skipif(not POSIX, reason="SIGINT delivery to a child process")
+def test_watch_started_with_sigint_ignored_still_stops_on_sigint_with_exit_0(live):
+    """SPEC 9: watch stops on SIGINT with exit 0, also when started with SIGINT ignored,
+    as a shell's background job (`qabel_rest.py watch &`) is: the child inherits SIG_IGN
+    and Python then leaves SIGINT ignored, unless the watch sets its handler itself."""
+    ready, _ = watch_ready(live.server)
+    run = ("import runpy, signal, sys;"
+           " signal.signal(signal.SIGINT, signal.SIG_IGN);"  # as inherited from `&`
+           " sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("QABEL_REST_")}
+    proc = subprocess.Popen([sys.executable, "-c", run, MODULE, "watch", "--url",
+                             cli_url(live), "--api-key", KEY], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    try:
+        assert ready.wait(TIMEOUT), "watch never asked for the cursor"
+        watch_waiting(live.server)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert time.monotonic() - started < 5  # at once, not at the end of its long poll
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, out, err) == (0, b"", b"")
 
 
 def test_client_closes_each_answer_so_no_finalizer_can_swallow_a_ctrl_c(live, monkeypatch,

@@ -757,6 +757,23 @@ def test_json_put_merge_deep_merges_objects(live):
     assert live.doc("settings.json")["module_data"]["chat"] == {"d": 4}
 
 
+
+def test_a_put_merge_of_a_value_that_is_no_object_replaces_what_is_there(live):
+    # README, Choices where the spec is silent: "`merge` with a non-object value, or onto a
+    # non-object, is a plain replace".
+    live.put("/settings", "module_data.m", {"x": {"a": 1}, "y": 5, "z": {"c": 1}})
+    for key, value in (("module_data.m.x", "text"),  # a non-object value onto an object
+                       ("module_data.m.y", {"b": 1}),  # an object onto a non-object
+                       ("module_data.m", {"z": [1]})):  # the same, one level down
+        response = live.call("PUT", "/settings", {"key": key, "value": value, "merge": True})
+        assert response.status == 200, (key, response.body)
+        assert response.json() == {"key": key, "value": live.server.settings.get(key)}
+    assert live.doc("settings.json")["module_data"]["m"] == {"x": "text", "y": {"b": 1},
+                                                             "z": [1]}
+    assert live.server.settings.put("module_data.m.y", 7, merge=True) == 7  # in process too
+    assert live.server.settings.get("module_data.m.y") == 7
+
+
 def test_merge_into_a_list_item_keeps_schema_rules(live):
     live.post("/synced", full_synced())
     response = live.call("PUT", "/synced", {"key": "identities.0", "merge": True,
@@ -872,6 +889,24 @@ def test_unique_ids_on_put(live):
     assert live.put("/synced", "accounts.1", item(7)).status == 200
     assert live.put("/synced", "accounts.0.id", 1).status == 200  # itself: no clash
     assert [a["id"] for a in live.doc("synced.json")["accounts"]] == [1, 7]
+
+
+
+def test_a_put_that_gives_an_item_the_id_of_a_later_item_is_400(live):
+    # README, The documents: "Every item has id (integer >= 0, required, unique in its
+    # list)": an item changed to the id of one after it too.
+    live.post("/synced", {"accounts": [{"id": 1}, {"id": 2}]})
+    before = live.file("synced.json")
+    for body in ({"key": "accounts.0.id", "value": 2},
+                 {"key": "accounts.0", "value": {"id": 2}},
+                 {"key": "accounts.0", "value": {"id": 2}, "merge": True},
+                 {"key": ["accounts", 0, "id"], "value": 2}):
+        response = live.call("PUT", "/synced", body)
+        assert response.status == 400, (body, response.body)
+        assert response.json() == {"error": "accounts.1.id: duplicate id"}, body
+    with pytest.raises(qabel_rest.InvalidValue, match="duplicate id"):
+        live.server.synced.put("accounts.0.id", 2)
+    assert live.file("synced.json") == before
 
 
 def test_no_key_goes_below_a_string_field_even_where_it_is_missing(live):
@@ -1034,6 +1069,27 @@ def test_schema_rule_in_process(live, which, key, value, valid):
         with pytest.raises(qabel_rest.InvalidValue):
             document.put(key, value)
         assert documents(live.data_dir) == before
+
+
+
+@pytest.mark.parametrize("url, status", [
+    ("http://a.de:00080/", 200), ("http://[::1]:65535/", 200),
+    ("http://a.de:000080/", 400), ("https://[::1]:0000443/", 400),  # six digits: refused,
+    ("http://a.de:065535/", 400),                                   # though the value fits
+])
+def test_a_url_port_has_at_most_five_digits_whatever_its_value(live, url, status):
+    # README, The documents: URLs have "a port of at most five digits and 65535".
+    before = live.doc("synced.json")
+    response = live.put("/synced", "drop_servers", [{"id": 1, "url": url}])
+    assert response.status == status, (url, response.body)
+    if status == 400:
+        assert response.json() == {
+            "error": "drop_servers.0.url: must be an absolute http or https URL"}
+        assert live.doc("synced.json") == before
+    in_process = (pytest.raises(qabel_rest.InvalidValue) if status == 400
+                  else contextlib.nullcontext())
+    with in_process:  # the same rule for a drop URL of an identity, in process
+        live.server.synced.put("identities", [{"id": 1, "alias": "a", "drops": [url]}])
 
 
 def _encodable(value):
@@ -2609,6 +2665,20 @@ def test_idle_connection_is_closed_after_idle_timeout(live_with, used):
     # A new one has the second more in which it is not closed for room (its request's).
     assert (not used) * qabel_rest._ROOM_AFTER < time.monotonic() - started < 5
     conn.close()
+
+
+
+def test_a_new_connection_that_sends_nothing_is_closed_a_second_after_the_idle_timeout(
+        live_with):
+    # README, Reliability: an idle connection is closed after 30 s, "a new one that sends
+    # nothing, after 31 s": a second more than the idle timeout.
+    live = live_with(idle_timeout=0.3)
+    conn = live.conn()
+    started = time.monotonic()
+    assert conn.closed()
+    elapsed = time.monotonic() - started
+    conn.close()
+    assert 0.3 + 1.0 - 0.05 <= elapsed < 0.3 + 1.0 + 1.2, elapsed
 
 
 @pytest.mark.skipif(not POSIX, reason="Windows: shutdown() wakes no blocked read")
@@ -4415,6 +4485,33 @@ def test_the_server_process_logs_its_start_and_stop_on_stderr(tmp_path):
     assert re.fullmatch(r"\S+ \S+ qabel_rest INFO generated a new API key in .*api-key",
                         lines[0]), err
     assert re.fullmatch(r"\S+ \S+ qabel_rest INFO stopped", lines[-1]), err
+
+
+
+def test_the_server_process_logs_no_line_for_the_requests_it_serves(tmp_path):
+    # README, Command line: "Its log (a generated key file, answers with a 5xx, the stop) goes
+    # to stderr", and "the request log is logging at DEBUG": the command-line server logs at
+    # INFO, so a request it serves, finds nothing for or refuses (but with a 5xx) adds no
+    # line. With a line per request, a parent that never reads stderr would stall the server
+    # once the pipe is full.
+    proc = Process(tmp_path)
+    try:
+        assert proc.port, proc.line
+        key = (tmp_path / "api-key").read_text().strip()  # generated: its line is the first
+        client = Client(proc.port)
+        assert client.get("/health").status == 200
+        assert client.get("/settings", key=key).status == 200
+        assert client.put("/settings", "poll_interval", 5, key=key).status == 200
+        assert client.get("/nope", key=key).status == 404
+        assert client.get("/settings", key="wrong").status == 401
+    finally:  # stopped even when a check fails: no server left behind
+        code, out, err = proc.finish()
+    assert code == 0
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert re.fullmatch(r"\S+ \S+ qabel_rest INFO generated a new API key in .*api-key",
+                        lines[0]), err
+    assert re.fullmatch(r"\S+ \S+ qabel_rest INFO stopped", lines[1]), err
 
 
 def test_a_usage_error_names_the_program(tmp_path):
@@ -6814,6 +6911,51 @@ def test_in_process_patch_is_validated_and_copied(live):
         live.server.settings.patch([1])
 
 
+
+def test_in_process_get_of_a_key_is_a_copy(live):
+    # README, Embedding: `server.settings.get("poll_interval")  # a copy`, of a key's value
+    # too: a caller that changes what it got never changes the document in memory, unsaved.
+    settings = live.server.settings
+    settings.put("module_data.m", {"list": [1], "deep": {"a": 1}})
+    got = settings.get("module_data.m")
+    got["list"].append(2)
+    got["deep"]["b"] = 2
+    settings.get("module_data.m.list").append(3)
+    assert settings.get("module_data.m") == {"list": [1], "deep": {"a": 1}}
+    assert live.get("/settings").json()["module_data"]["m"] == {"list": [1], "deep": {"a": 1}}
+
+
+def test_in_process_put_and_replace_return_copies_as_patch_does(live):
+    # "Return a copy as stored": were the stored value returned, a caller's edit of it
+    # would be read back, and saved by the next change of any key.
+    settings = live.server.settings
+    stored = settings.put("module_data.m", {"list": [1]})
+    stored["list"].append(2)
+    assert settings.get("module_data.m") == {"list": [1]}
+    stored = settings.replace({"module_data": {"n": {"list": [1]}}})
+    stored["module_data"]["n"]["list"].append(2)
+    stored["poll_interval"] = 99
+    assert settings.get("module_data.n") == {"list": [1]}
+    assert settings.put("drop_last_update", "now") == "now"  # another key: a save
+    expected = {"poll_interval": 30, "drop_last_update": "now",
+                "module_data": {"n": {"list": [1]}}}
+    assert settings.get() == live.doc("settings.json") == expected
+
+
+
+def test_in_process_if_match_string_is_one_tag_never_a_comma_separated_list(live):
+    # README, Versions (in process): "a list of tags may be given too: a string is one tag,
+    # never a header's comma-separated list". Over HTTP "a, b" is a list; in process a
+    # string holding a comma names no tag, so it never matches.
+    settings = live.server.settings
+    tag = settings.etag
+    for if_match in (f'"stale", {tag}', f"{tag}, *", f"{tag},"):
+        with pytest.raises(qabel_rest.PreconditionFailed):
+            settings.put("poll_interval", 5, if_match=if_match)
+    assert settings.get("poll_interval") == 30 and settings.etag == tag
+    assert settings.put("poll_interval", 5, if_match=['"stale"', tag]) == 5  # a list is
+
+
 def test_change_queued_when_the_document_closes_fails(live, monkeypatch):
     entered, gate = hold_first_save(monkeypatch)
     validated = count_validations(monkeypatch)
@@ -7598,6 +7740,12 @@ def test_feed_long_poll_is_woken_by_a_change_from_another_connection(live):
 
 def test_feed_long_poll_without_timeout_waits_by_default(live):
     since = feed_cursor(live)
+    asked, real = [], live.server._feed.events
+
+    def events(since=None, timeout=0, *args):
+        asked.append(timeout)
+        return real(since, timeout, *args)
+    live.server._feed.events = events  # the handler asks its server's feed: this one only
     waiter = FeedWaiter(live, since, timeout=None)  # the default: 30 s
     assert not waiter.done.wait(0.5)
     live.server.settings.put("poll_interval", 8)  # an in-process change wakes it too
@@ -7605,6 +7753,7 @@ def test_feed_long_poll_without_timeout_waits_by_default(live):
     assert response.status == 200
     assert response.json()["events"] == [
         feed_event("settings", ["poll_interval"], live.server.settings.etag)]
+    assert asked == [30]  # README: 30 s (waited out, the suite would take that long)
 
 
 def test_feed_long_poll_times_out_with_an_empty_list(live):

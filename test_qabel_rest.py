@@ -378,6 +378,27 @@ def test_every_response_is_json_with_exact_length_and_safe_headers(live):
         assert response.headers["Keep-Alive"] == "timeout=30"  # pools close idle first
 
 
+
+def test_a_304_carries_the_headers_every_answer_has(live):
+    # "Every answer is JSON with an exact Content-Length, Cache-Control: no-store and
+    # X-Content-Type-Options: nosniff"; a 304 has no body, so no Content-Type, and the
+    # Content-Length of the 200 it stands for (RFC 9110 8.6). no-store on a 304 keeps a
+    # cache from storing the answer it revalidated.
+    full = live.get("/settings")
+    tag = full.headers["ETag"]
+    for method in ("GET", "HEAD"):
+        response = live.call(method, "/settings", headers={"If-None-Match": tag})
+        assert response.status == 304 and response.body == b""
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Keep-Alive"] == "timeout=30"
+        assert response.headers["Content-Length"] == str(len(full.body))
+        assert response.headers["ETag"] == tag
+        assert "Content-Type" not in response.headers
+        assert response.headers["Date"] and "python" not in response.headers["Server"].lower()
+        assert not [h for h in response.headers if h.lower().startswith("access-control")]
+
+
 def test_date_header_is_the_current_second_and_follows_the_clock(live, monkeypatch):
     now = [1_800_000_000.25]
     monkeypatch.setattr(time, "time", lambda: now[0])
@@ -6640,6 +6661,45 @@ def test_a_read_whose_if_match_names_no_current_tag_is_412_before_if_none_match(
     assert live.file("synced.json") == body
 
 
+
+def test_a_read_whose_if_match_lists_star_among_tags_names_no_tag(live):
+    # If-Match is "a list of tags, or `*` alone (in a list it is no tag)", and a GET or HEAD
+    # of a document is 412 when its If-Match names no current tag (RFC 9110 13.1.1).
+    stale = live.put("/synced", "module_data.m.a", 1).headers["ETag"]
+    tag = live.put("/synced", "module_data.m.a", 2).headers["ETag"]
+    body = live.file("synced.json")
+    for method in ("GET", "HEAD"):
+        for if_match in (f"*, {stale}", f"{stale}, *", "*, *"):
+            read = live.call(method, "/synced", headers={"If-Match": if_match})
+            assert read.status == 412, (method, if_match)
+            assert read.body == (b"" if method == "HEAD" else b'{"error":"synced.json has '
+                                 b'changed: If-Match does not name its tag"}')
+        for if_match in (f"*, {tag}", f"{tag}, *"):  # the tag in the list is what matches
+            read = live.call(method, "/synced", headers={"If-Match": if_match})
+            assert read.status == 200 and read.headers["ETag"] == tag, (method, if_match)
+    assert live.file("synced.json") == body
+
+
+def test_a_change_whose_if_match_is_empty_names_no_tag_and_is_412(live):
+    # If-Match is a list of tags (RFC 9110 5.6.1: empty elements count for nothing), and a
+    # change is made "only if the document is still the version you read": an If-Match
+    # line with no tag in it names no version, so nothing changes (412), as on a GET.
+    before = live.file("settings.json")
+    tag = live.get("/settings").headers["ETag"]
+    merge = "application/merge-patch+json"
+    for if_match in ("", " ", ",", " , "):
+        headers = {"If-Match": if_match}
+        for response in (live.put("/settings", "poll_interval", 7, headers=headers),
+                         live.post("/settings", {"poll_interval": 7}, headers=headers),
+                         live.call("PATCH", "/settings", {"poll_interval": 7}, headers=headers,
+                                   content_type=merge)):
+            assert response.status == 412, (if_match, response)
+            assert response.json()["error"] == \
+                "settings.json has changed: If-Match does not name its tag"
+    assert live.file("settings.json") == before
+    assert live.get("/settings").headers["ETag"] == tag
+
+
 @pytest.mark.parametrize("call, status", [
     (lambda live, h: live.call("PUT", "/settings", b"{nope", headers=h), 400),
     (lambda live, h: live.put("/settings", "no_such_field", 1, headers=h), 405),
@@ -11135,6 +11195,21 @@ def test_the_api_description_declares_each_operations_statuses_and_parameters(li
     assert (since["name"], since["in"], since["schema"]) == ("since", "query", {"type": "string"})
     assert (timeout["name"], timeout["in"], timeout["schema"]) == (
         "timeout", "query", {"type": "number", "minimum": 0, "maximum": qabel_rest.MAX_WAIT})
+
+
+
+def test_openapi_declares_the_feeds_410_with_the_current_cursor(live):
+    # A cursor the run did not hand out is "410 Gone with {"error": ..., "cursor": CURRENT}":
+    # the description declares that body, cursor required, so a client knows to go on from it.
+    api = oa_document(live)
+    cursor = feed_cursor(live)
+    gone = live.get(feed_path("nope", 0))
+    assert gone.status == 410 and gone.json()["cursor"] == cursor
+    response = oa_resolve(api, api["paths"]["/events"]["get"]["responses"]["410"])
+    schema = oa_resolve(api, response["content"]["application/json"]["schema"])
+    assert {"error", "cursor"} <= set(schema["required"])
+    assert not oa_errors(gone.json(), schema)
+    assert oa_errors({"error": "gone"}, schema)  # no cursor: not the declared body
 
 
 def test_an_app_that_exits_after_server_close_is_not_held_by_a_save_that_never_ends(tmp_path):
